@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: `make run` serves the default model, `make test` tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PARITY_DIR ?= ../shared/parity
+
+.PHONY: venv run test test-slow parity bench-model clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(PY) -m service serve --host 127.0.0.1 --port $${PORT:-8000}
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	ATOKEN_SLOW_TESTS=1 $(PY) -m pytest -q
+
+parity: venv
+	$(PY) -m model.parity $(wildcard $(PARITY_DIR)/*/)
+
+bench-model: venv
+	$(PY) benchmarks/bench_model.py --out docs/benchmarks/model_cpu.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,51 @@
+"""Normalisation layers with the official epsilons; statistics always in float32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-6
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (eps 1e-6) that keeps bfloat16 inputs accurate by normalising in float32."""
+
+    def __init__(self, dim: int, bias: bool = True, eps: float = EPS):
+        super().__init__(dim, eps=eps, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        weight = self.weight.float()
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * weight`, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(dim: int, rms: bool, bias: bool) -> nn.Module:
+    return RMSNorm(dim) if rms else LayerNorm(dim, bias=bias)
+
+
+class QKRMSNorm(nn.Module):
+    """Per-head L2 normalisation of queries or keys times a learned gain and sqrt(head_dim)."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
+        self.scale = head_dim**0.5
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [N, H, D]
+        return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
