@@ -3,6 +3,7 @@
 Tensors in, tensors out; no file formats here (see `service/` for media).
 """
 
+from .api import ATokenizer, Reconstruction, Tokens
 from .autoencoder import AToken, EncoderOutput
 from .config import VARIANTS, ATokenConfig, FSQConfig, GaussianDecoderConfig, TransformerConfig, get_variant
 from .errors import ATokenError, CheckpointError, ConfigError, InvalidInputError, TokenLimitError, UnsupportedError
@@ -11,7 +12,7 @@ from .gs_decoder import GaussianDecoder
 from .sparse import SparseBatch
 
 __all__ = [
-    "AToken", "ATokenConfig", "ATokenError", "CheckpointError", "ConfigError", "EncoderOutput", "FSQConfig",
+    "AToken", "ATokenConfig", "ATokenizer", "Reconstruction", "Tokens", "ATokenError", "CheckpointError", "ConfigError", "EncoderOutput", "FSQConfig",
     "GaussianDecoder", "GaussianDecoderConfig", "Gaussians", "InvalidInputError", "SparseBatch",
     "TokenLimitError", "TransformerConfig", "UnsupportedError", "VARIANTS", "get_variant",
 ]

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from model.layers import attention as attn
+from model.layers.attention import Segments, segment_softmax_pool, varlen_attention
+from model.layers.pos_embed import LearnedPosTable
+from model.layers.rope import apply_rope, rope_angles
+
+
+def _qkv(n, h=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, h, d, generator=g) * 2 for _ in range(3)]
+
+
+@pytest.mark.parametrize("lengths", [(5,), (4, 4, 4), (3, 7, 3, 1, 7), (8, 8, 5)])
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_torch_backend_matches_reference(lengths, softcap):
+    q, k, v = _qkv(sum(lengths))
+    seg = Segments(tuple(lengths), q.device)
+    try:
+        attn.set_backend("reference")
+        ref = varlen_attention(q, k, v, seg, 0.25, softcap)
+        attn.set_backend("torch")
+        out = varlen_attention(q, k, v, seg, 0.25, softcap)
+    finally:
+        attn.set_backend("auto")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_changes_peaky_attention():
+    q, k, v = _qkv(12, seed=1)
+    seg = Segments((12,), q.device)
+    assert not torch.allclose(varlen_attention(q * 20, k, v, seg, 1.0, 0.0), varlen_attention(q * 20, k, v, seg, 1.0, 5.0))
+
+
+def test_no_leakage_between_segments():
+    q, k, v = _qkv(10)
+    seg = Segments((4, 6), q.device)
+    out = varlen_attention(q, k, v, seg, 0.25)
+    k2, v2 = k.clone(), v.clone()
+    k2[4:] += 5
+    v2[4:] -= 3
+    out2 = varlen_attention(q, k2, v2, seg, 0.25)
+    torch.testing.assert_close(out[:4], out2[:4])
+    assert not torch.allclose(out[4:], out2[4:])
+
+
+def test_pool_matches_dense_single_query_attention():
+    q1, k, v = _qkv(9)
+    q = q1[:2]
+    sample = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    out = segment_softmax_pool(q, k, v, sample, 2, 0.3)
+    for b in range(2):
+        ks, vs = k[sample == b], v[sample == b]
+        w = ((ks * q[b]).sum(-1) * 0.3).softmax(0)  # [n, H]
+        torch.testing.assert_close(out[b], (w[..., None] * vs).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_depends_only_on_position_differences():
+    head_dim = 72
+    pos = torch.randint(0, 20, (6, 4)).float()
+    q, k, _ = _qkv(6, h=1, d=head_dim)
+    def scores(p):
+        c, s = rope_angles(p, head_dim)
+        return apply_rope(q, c, s)[:, 0] @ apply_rope(k, c, s)[:, 0].T
+    torch.testing.assert_close(scores(pos), scores(pos + torch.tensor([3.0, 1.0, 7.0, 2.0])), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_frequency_layout():
+    # pair j rotates by pos[j // n] * 10000^(-(j % n) / D), n = D / 8
+    c, s = rope_angles(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), 16)
+    angles = torch.atan2(s, c)[0]
+    n = 2
+    for j in range(8):
+        expected = (j // n + 1) * 0.1 * 10000 ** (-(j % n) / 16)
+        assert abs(float(angles[j]) - expected) < 1e-5
+
+
+def test_pos_table_identity_at_native_size():
+    table = LearnedPosTable(8)
+    grid = table.grid(16, 16)
+    torch.testing.assert_close(grid.reshape(256, 8), table.position_embedding.weight.detach())
