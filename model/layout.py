@@ -61,7 +61,7 @@ class TokenLayout:
     def to_input_order(self, x: Tensor) -> Tensor:
         return x if self.inverse is None else x[self.inverse]
 
-    def rope(self, head_dim: int) -> tuple[Tensor, Tensor]:
+    def rope(self, head_dim: int) -> Tensor:
         cache = self.__dict__.setdefault("_rope", {})
         if head_dim not in cache:
             cache[head_dim] = rope_angles(self.positions, head_dim)

@@ -74,7 +74,9 @@ class SparseBatch:
         present = torch.bincount(coords[:, 0].long(), minlength=self.batch_size)
         if (present == 0).any():
             raise InvalidInputError(f"items {torch.nonzero(present == 0).flatten().tolist()} have no tokens")
-        if not torch.isfinite(feats).all():
+        # min/max propagate NaN and expose Inf in one pass, without a mask as large as feats.
+        lo_f, hi_f = torch.aminmax(feats)
+        if not (torch.isfinite(lo_f) and torch.isfinite(hi_f)):
             raise InvalidInputError("feats contain NaN or Inf")
         return self
 

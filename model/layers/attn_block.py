@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .attention import Segments, varlen_attention
@@ -23,15 +24,18 @@ class SelfAttention(nn.Module):
         self.qk_rms_norm = qk_rms_norm
 
     def forward(
-        self, x: Tensor, seg: Segments, rope: tuple[Tensor, Tensor] | None = None, softcap: float = 0.0
+        self, x: Tensor, seg: Segments, rope: Tensor | None = None, softcap: float = 0.0
     ) -> Tensor:
-        """x: [N, C]; rope: (cos, sin) each [N, head_dim/2] or None."""
+        """x: [N, C]; rope: [N, head_dim/2] complex rotations or None."""
         qkv = self.to_qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # [N, 3, H, D]
-        q, k, v = qkv.unbind(1)
+        v = qkv[:, 2]
         if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+            qk = torch.stack((self.q_rms_norm(qkv[:, 0]), self.k_rms_norm(qkv[:, 1])), 1)
+        else:
+            qk = qkv[:, :2]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, rope)  # [N, 2, H, D]
+        q, k = qk.unbind(1)
         out = varlen_attention(q, k, v, seg, scale=self.head_dim**-0.5, softcap=softcap)
         return self.to_out(out.flatten(1))
 
@@ -47,7 +51,7 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(channels, mlp_channels, bias)
 
     def forward(
-        self, x: Tensor, seg: Segments, rope: tuple[Tensor, Tensor] | None = None, softcap: float = 0.0
+        self, x: Tensor, seg: Segments, rope: Tensor | None = None, softcap: float = 0.0
     ) -> Tensor:
         x = x + self.attn(self.norm1(x), seg, rope, softcap)
         return x + self.mlp(self.norm2(x))

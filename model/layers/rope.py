@@ -12,27 +12,26 @@ from torch import Tensor
 AXES = 4
 
 
-def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos and sin of every rotation angle.
+def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
+    """Unit complex rotations of every (token, pair).
 
     positions: [N, 4] float32 (t, x, y, z)
-    returns:   cos, sin, each [N, head_dim/2] float32
+    returns:   [N, head_dim/2] complex64
     """
     n = head_dim // (2 * AXES)
     freqs = theta ** (-torch.arange(n, dtype=torch.float32, device=positions.device) / head_dim)  # [n]
     angles = positions.float()[:, :, None] * freqs[None, None, :]  # [N, 4, n]
-    angles = angles.reshape(positions.shape[0], AXES * n)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles).reshape(positions.shape[0], AXES * n)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs of every head.
+def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (2j, 2j+1) as complex numbers, in float32.
 
-    x:        [N, H, D]
-    cos, sin: [N, D/2]
+    x:   [N, ..., D] (e.g. [N, H, D] or [N, 2, H, D] for q and k together)
+    rot: [N, D/2] complex64
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # [N, H, D/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    # One copy: q/k arrive as a strided slice of the fused qkv projection.
+    xf = x.to(torch.float32, memory_format=torch.contiguous_format)
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # [N, ..., D/2]
+    shape = (rot.shape[0],) + (1,) * (x.ndim - 2) + (rot.shape[1],)
+    return torch.view_as_real(xc * rot.reshape(shape)).flatten(-2).to(x.dtype)

@@ -61,15 +61,14 @@ def test_rope_depends_only_on_position_differences():
     pos = torch.randint(0, 20, (6, 4)).float()
     q, k, _ = _qkv(6, h=1, d=head_dim)
     def scores(p):
-        c, s = rope_angles(p, head_dim)
-        return apply_rope(q, c, s)[:, 0] @ apply_rope(k, c, s)[:, 0].T
+        rot = rope_angles(p, head_dim)
+        return apply_rope(q, rot)[:, 0] @ apply_rope(k, rot)[:, 0].T
     torch.testing.assert_close(scores(pos), scores(pos + torch.tensor([3.0, 1.0, 7.0, 2.0])), rtol=1e-4, atol=1e-4)
 
 
 def test_rope_frequency_layout():
     # pair j rotates by pos[j // n] * 10000^(-(j % n) / D), n = D / 8
-    c, s = rope_angles(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), 16)
-    angles = torch.atan2(s, c)[0]
+    angles = rope_angles(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), 16).angle()[0]
     n = 2
     for j in range(8):
         expected = (j // n + 1) * 0.1 * 10000 ** (-(j % n) / 16)
@@ -80,3 +79,14 @@ def test_pos_table_identity_at_native_size():
     table = LearnedPosTable(8)
     grid = table.grid(16, 16)
     torch.testing.assert_close(grid.reshape(256, 8), table.position_embedding.weight.detach())
+
+
+def test_rope_rotates_interleaved_pairs():
+    x = torch.randn(3, 2, 8)
+    pos = torch.rand(3, 4)
+    rot = rope_angles(pos, 8)
+    out = apply_rope(x, rot)
+    c, s = rot.real[:, None], rot.imag[:, None]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    torch.testing.assert_close(out[..., 0::2], x0 * c - x1 * s)
+    torch.testing.assert_close(out[..., 1::2], x0 * s + x1 * c)
