@@ -1,0 +1,1 @@
+"""The AToken inference service: media layer, batching worker and HTTP API."""

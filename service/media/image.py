@@ -1,0 +1,137 @@
+"""Images: header-first limits, decoding to RGB, the resolution policy, and encoding.
+
+Resolution policy (documented in docs/media.md): keep the aspect ratio; scale down so the
+longer side is at most `max_side` (never up, except to reach `min_side`); round each side to
+the nearest multiple of 16 (at least 16). The model then sees no centre crop. `Resize` records
+the original size so a reconstruction is resized back to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .detect import IMAGE_FORMATS, sniff
+from .errors import CorruptMediaError, UnsupportedMediaError, check_limit
+from .limits import MediaLimits
+
+PATCH = 16
+# Our own limit (MediaLimits.max_pixels, read from the header before any pixel is decoded)
+# is the guard; Pillow's global one would refuse large but legitimate configured limits and
+# report bombs without the limit that applies.
+Image.MAX_IMAGE_PIXELS = None
+PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
+               "MPO": "jpeg"}
+ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Original and model sizes, (height, width)."""
+
+    original: tuple[int, int]
+    model: tuple[int, int]
+
+
+def plan_resize(height: int, width: int, limits: MediaLimits) -> Resize:
+    scale = min(1.0, limits.max_side / max(height, width))
+    if min(height, width) * scale < limits.min_side:
+        scale = limits.min_side / min(height, width)
+
+    def side(n: int) -> int:
+        return max(PATCH, int(round(n * scale / PATCH)) * PATCH)
+
+    return Resize((height, width), (side(height), side(width)))
+
+
+def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [h, w, 3] (Lanczos; identity when the size already matches)."""
+    if pixels.shape[:2] == tuple(size):
+        return pixels
+    image = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def probe_image(data: bytes, limits: MediaLimits) -> Image.Image:
+    """Open lazily and check bytes, format and declared pixel count before decoding."""
+    check_limit("upload", len(data), limits.max_bytes, "bytes")
+    modality, fmt = sniff(data)
+    if modality != "image" or fmt not in IMAGE_FORMATS:
+        raise UnsupportedMediaError(f"expected an image, got {modality} ({fmt})")
+    try:
+        image = Image.open(BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise CorruptMediaError(f"cannot read image header: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptMediaError(f"corrupt image header: {exc}") from None
+    if PIL_FORMATS.get(image.format or "") != fmt:
+        raise UnsupportedMediaError(f"content looks like {fmt} but decodes as {image.format}")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise CorruptMediaError(f"image declares an empty size {width}x{height}")
+    check_limit("image size", width * height, limits.max_pixels, "pixels")
+    return image
+
+
+def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
+                 background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Bytes -> uint8 [H, W, 3]: EXIF orientation applied, any mode converted to RGB,
+    alpha composited over `background`; GIFs give their first frame."""
+    image = probe_image(data, limits)
+    try:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image, background)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptMediaError(f"corrupt or truncated image: {exc}") from None
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        image = Image.alpha_composite(canvas, rgba)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def encode_image(pixels: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] -> PNG / JPEG / WebP bytes."""
+    fmt = fmt.lower()
+    if fmt not in ENCODE_FORMATS:
+        raise UnsupportedMediaError(f"image output format {fmt!r} unsupported; choose png, jpeg or webp")
+    buf = BytesIO()
+    options = {"quality": quality} if fmt != "png" else {"compress_level": 6}
+    Image.fromarray(pixels).save(buf, ENCODE_FORMATS[fmt], **options)
+    return buf.getvalue()
+
+
+def to_model_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1] (`x / 255 * 2 - 1`, as the official README)."""
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def from_model_range(values: np.ndarray) -> np.ndarray:
+    """float in [-1, 1] -> uint8 (rounded, clipped)."""
+    return np.clip((values + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def load_for_model(data: bytes, limits: MediaLimits = MediaLimits(),
+                   background: tuple[int, int, int] = (255, 255, 255)) -> tuple[np.ndarray, Resize]:
+    """Bytes -> float32 [h, w, 3] in [-1, 1] at the model size, and the resize record."""
+    pixels = decode_image(data, limits, background)
+    plan = plan_resize(*pixels.shape[:2], limits)
+    return to_model_range(resize_rgb(pixels, plan.model)), plan

@@ -1,0 +1,18 @@
+"""Limits checked before anything large is decoded. The service fills these from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_bytes: int = 64 * 2**20
+    max_pixels: int = 4096 * 4096  # per image or video frame, read from the header
+    max_side: int = 1024  # images/frames are resized so the longer side is at most this
+    min_side: int = 16
+    max_frames: int = 128  # decoded video frames after sampling
+    max_duration_s: float = 120.0
+    max_vertices: int = 2_000_000
+    max_faces: int = 4_000_000
+    max_voxels: int = 64**3
