@@ -1,0 +1,69 @@
+"""Arrays in JSON ({"dtype", "shape", "data"} with data as base64 or nested lists) and in the
+binary formats clients ask for with Accept: safetensors and .npy."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from .errors import BadRequest
+
+DTYPES = {"float32", "float16", "int32", "int64", "uint16", "uint8", "int16"}
+SAFETENSORS = "application/vnd.safetensors"
+NPY = "application/x-npy"
+
+
+def array_to_json(arr: np.ndarray, fmt: str = "base64") -> dict:
+    arr = np.ascontiguousarray(arr)
+    out = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+    if fmt == "list":
+        out["data"] = arr.tolist()
+    else:
+        out["data"] = base64.b64encode(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()).decode()
+    return out
+
+
+def array_from_json(obj, name: str) -> np.ndarray:
+    if not isinstance(obj, dict) or not {"dtype", "shape", "data"} <= set(obj):
+        raise BadRequest(f"{name} must be an object with dtype, shape and data")
+    dtype, shape = obj["dtype"], obj["shape"]
+    if dtype not in DTYPES:
+        raise BadRequest(f"{name}: dtype {dtype!r} unsupported; one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise BadRequest(f"{name}: shape must be a list of non-negative integers")
+    try:
+        if isinstance(obj["data"], str):
+            raw = base64.b64decode(obj["data"], validate=True)
+            arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+        else:
+            arr = np.asarray(obj["data"], dtype=dtype)
+        return arr.reshape(shape)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"{name}: data does not match dtype {dtype} and shape {shape} ({exc})") from None
+
+
+def to_safetensors(arrays: dict[str, np.ndarray], metadata: dict) -> bytes:
+    return st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                   metadata={"json": json.dumps(metadata)})
+
+
+def from_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    try:
+        arrays = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+    except Exception as exc:  # noqa: BLE001
+        raise BadRequest(f"body is not a valid safetensors file: {exc}") from None
+    return arrays, meta
+
+
+def to_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()

@@ -1,0 +1,149 @@
+"""Request-level dependencies in one place: the runtime, API keys, uploads and options."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from .arrays import SAFETENSORS
+from .errors import BadRequest, InvalidParameter, PayloadTooLarge, Unauthorized
+from .fetch import check_url, fetch
+from .pipeline import Options
+from .runtime import Runtime
+
+OPTION_NAMES = ("tokens", "format", "fps", "max_frames", "start", "end", "background", "array_format", "dense",
+                "preview")
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def require_api_key(request: Request) -> None:
+    keys = request.app.state.runtime.settings.keys
+    if not keys:
+        return
+    supplied = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if not supplied and auth.lower().startswith("bearer "):
+        supplied = auth[7:].strip()
+    if not supplied:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+    # Compare against every key (constant time each), so timing reveals neither key nor position.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(supplied.encode(), key.encode())
+    if not matched:
+        raise Unauthorized("wrong API key")
+
+
+async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes], dict[str, str]]:
+    """Media bytes from multipart `file` fields, JSON `urls`, or the raw body; plus form options."""
+    settings = runtime.settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fields: dict[str, str] = {}
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=settings.max_files + 1, max_fields=64)
+        files = [v for k, v in form.multi_items() if k == "file"]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        stray = [k for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "file"]
+        if stray:
+            raise BadRequest(f"upload files in the form field 'file' (got {stray})")
+        uploads = []
+        for f in files:
+            if not isinstance(f, UploadFile):
+                raise BadRequest("the form field 'file' must hold a file")
+            data = await f.read(settings.max_upload_bytes + 1)
+            if len(data) > settings.max_upload_bytes:
+                raise PayloadTooLarge(f"file {f.filename!r} exceeds {settings.max_upload_bytes} bytes",
+                                      limit=settings.max_upload_bytes)
+            uploads.append(data)
+    elif ctype == "application/json":
+        body = await _json(request)
+        urls = body.get("urls") or ([body["url"]] if "url" in body else [])
+        if not isinstance(urls, list) or not urls:
+            raise BadRequest("a JSON body needs 'urls': [...] (or upload files as multipart or raw bytes)")
+        fields = {k: str(v) for k, v in body.items() if k in OPTION_NAMES}
+        uploads = []
+        for url in urls:
+            check_url(str(url), settings.allow_url_fetch, settings.allowlist)
+        for url in urls:
+            uploads.append(await fetch(str(url), settings.max_upload_bytes))
+    else:
+        uploads = [await request.body()]
+    if not uploads or all(len(u) == 0 for u in uploads):
+        raise BadRequest("no media: send multipart field 'file' or the raw bytes as the body")
+    if len(uploads) > settings.max_files:
+        raise PayloadTooLarge(f"{len(uploads)} files, over the limit of {settings.max_files} per request",
+                              limit=settings.max_files)
+    return uploads, fields
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the JSON body must be an object")
+    return body
+
+
+def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, dict[str, str]]:
+    """Options from query parameters and form fields (form wins)."""
+    raw = {k: v for k, v in request.query_params.items() if k in OPTION_NAMES}
+    raw.update({k: v for k, v in fields.items() if k in OPTION_NAMES})
+    opts = Options()
+    try:
+        if "tokens" in raw:
+            if raw["tokens"] not in ("continuous", "discrete"):
+                raise InvalidParameter("tokens must be 'continuous' or 'discrete'")
+            opts.tokens = raw["tokens"]
+        if "format" in raw:
+            opts.format = raw["format"].lower()
+        if "fps" in raw:
+            opts.fps = float(raw["fps"])
+        if "max_frames" in raw:
+            opts.max_frames = int(raw["max_frames"])
+        if "start" in raw:
+            opts.start = float(raw["start"])
+        if "end" in raw:
+            opts.end = float(raw["end"])
+        if "background" in raw:
+            opts.background = _colour(raw["background"])
+        if "array_format" in raw:
+            if raw["array_format"] not in ("base64", "list"):
+                raise InvalidParameter("array_format must be 'base64' or 'list'")
+            opts.array_format = raw["array_format"]
+    except ValueError as exc:
+        raise InvalidParameter(f"bad option value: {exc}") from None
+    if opts.fps is not None and opts.fps <= 0 or opts.max_frames is not None and opts.max_frames <= 0:
+        raise InvalidParameter("fps and max_frames must be positive")
+    return opts, raw
+
+
+def _colour(text: str) -> tuple[int, int, int]:
+    text = text.strip().lstrip("#")
+    if len(text) == 6:
+        return tuple(int(text[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
+        raise InvalidParameter("background must be 'RRGGBB' or 'r,g,b'")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def flag(raw: dict[str, str], name: str) -> bool:
+    return raw.get(name, "false").lower() in ("1", "true", "yes", "on")
+
+
+def wants(request: Request, media_type: str) -> bool:
+    return media_type in request.headers.get("accept", "")
+
+
+def is_safetensors(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() in (SAFETENSORS,
+                                                                                       "application/x-safetensors")

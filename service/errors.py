@@ -1,0 +1,120 @@
+"""Every error the service answers with, and the one table that maps error types to HTTP
+status codes. Bodies are JSON: {"error": {"code", "message", "limit"?}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model.errors import (ATokenError, CheckpointError, ConfigError, InvalidInputError, TokenLimitError,
+                          UnsupportedError)
+
+from .media.errors import CorruptMediaError, MediaError, MediaTooLargeError, UnsupportedMediaError
+
+
+class ServiceError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, *, limit: Any = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class BadRequest(ServiceError):
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "too_large"
+
+
+class UnsupportedType(ServiceError):
+    code = "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    code = "invalid_parameter"
+
+
+class NotAcceptable(ServiceError):
+    code = "not_acceptable"
+
+
+class Overloaded(ServiceError):
+    code = "overloaded"
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+
+
+class WorkerUnavailable(ServiceError):
+    code = "worker_unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    code = "deadline_exceeded"
+
+
+# The one table: most specific classes first.
+STATUS: list[tuple[type[Exception], int, str | None]] = [
+    (BadRequest, 400, None),
+    (Unauthorized, 401, None),
+    (NotAcceptable, 406, None),
+    (PayloadTooLarge, 413, None),
+    (MediaTooLargeError, 413, None),
+    (TokenLimitError, 413, "too_many_tokens"),
+    (UnsupportedType, 415, None),
+    (UnsupportedMediaError, 415, None),
+    (InvalidParameter, 422, None),
+    (CorruptMediaError, 422, None),
+    (MediaError, 422, None),
+    (UnsupportedError, 422, "unsupported_by_model"),
+    (InvalidInputError, 422, "invalid_input"),
+    (CheckpointError, 500, "checkpoint_error"),
+    (ConfigError, 500, "config_error"),
+    (ATokenError, 422, "model_error"),
+    (Overloaded, 429, None),
+    (NotReady, 503, None),
+    (WorkerUnavailable, 503, None),
+    (DeadlineExceeded, 504, None),
+]
+
+MODEL_ERRORS = {cls.__name__: cls for cls in (InvalidInputError, TokenLimitError, UnsupportedError, ATokenError)}
+
+
+def status_for(exc: Exception) -> tuple[int, str]:
+    for cls, status, code in STATUS:
+        if isinstance(exc, cls):
+            return status, code or getattr(exc, "code", "error")
+    return 500, "internal_error"
+
+
+def error_body(exc: Exception) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) for any exception."""
+    status, code = status_for(exc)
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    if status == 500 and code == "internal_error":
+        message = "internal error"
+    body: dict[str, Any] = {"code": code, "message": message}
+    limit = getattr(exc, "limit", None)
+    if limit is not None:
+        body["limit"] = limit
+    headers = {}
+    retry = getattr(exc, "retry_after", None)
+    if retry is not None:
+        headers["Retry-After"] = str(int(retry))
+    return status, {"error": body}, headers
+
+
+def from_worker(name: str, message: str) -> Exception:
+    """Rebuild a typed error reported by the worker (which may live in another process)."""
+    cls = MODEL_ERRORS.get(name)
+    if cls is TokenLimitError:
+        return InvalidParameter(message)
+    return cls(message) if cls else RuntimeError(f"{name}: {message}")

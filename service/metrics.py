@@ -1,0 +1,41 @@
+"""Prometheus metrics, one registry per app (so tests can run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("atoken_requests", "HTTP requests", ["route", "modality", "status"], registry=r)
+        self.latency = Histogram("atoken_request_latency_seconds", "End-to-end request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("atoken_queue_time_seconds", "Time jobs wait for a batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("atoken_queue_depth", "Jobs waiting for the model", registry=r)
+        self.queue_drain = Gauge("atoken_queue_drain_seconds",
+                                 "Estimated seconds to finish the queued work (autoscaling signal)", registry=r)
+        self.batch_size = Histogram("atoken_batch_size", "Jobs per model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_tokens = Histogram("atoken_batch_tokens", "Token passes per model batch",
+                                      buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 65536), registry=r)
+        self.batch_seconds = Histogram("atoken_batch_seconds", "Model time per batch", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.worker_restarts = Gauge("atoken_worker_restarts", "Times the model worker was restarted", registry=r)
+        self.ready = Gauge("atoken_ready", "1 when requests will be served", registry=r)
+
+    def on_batch(self, size: int, tokens: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(tokens)
+        self.batch_seconds.observe(seconds)
+
+    def render(self, scheduler) -> bytes:
+        self.queue_depth.set(scheduler.queue_depth)
+        self.queue_drain.set(scheduler.drain_seconds())
+        self.worker_restarts.set(scheduler.restarts)
+        self.ready.set(1 if scheduler.ready else 0)
+        return generate_latest(self.registry)

@@ -1,0 +1,61 @@
+"""Model outputs -> files: PNG/JPEG/WebP, MP4/WebM, PLY (Gaussians) or NPZ (voxel features)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import torch
+
+from model.gaussians import Gaussians
+
+from .errors import InvalidParameter
+from .media import image as img
+from .media import video as vid
+from .media.ply import gaussians_to_ply
+from .media.volume import to_npz
+from .pipeline import tubelets_to_frames
+
+FORMATS = {"image": ("png", "jpeg", "webp"), "video": ("mp4", "webm"), "3D": ("ply", "npz")}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4",
+               "webm": "video/webm", "ply": "application/octet-stream", "npz": "application/octet-stream"}
+
+
+def choose_format(kind: str, requested: str | None, has_gaussians: bool) -> str:
+    allowed = FORMATS[kind]
+    if requested is None:
+        return "ply" if kind == "3D" and has_gaussians else ("npz" if kind == "3D" else allowed[0])
+    fmt = "jpeg" if requested == "jpg" else requested
+    if fmt not in allowed:
+        raise InvalidParameter(f"format {requested!r} does not fit a {kind} output; choose one of {allowed}")
+    if fmt == "ply" and not has_gaussians:
+        raise InvalidParameter("PLY output needs a Gaussian decoder; this server has none (use format=npz)")
+    return fmt
+
+
+def gaussians_from_dict(d: dict) -> Gaussians:
+    return Gaussians(**d)
+
+
+def render(kind: str, tubelets: torch.Tensor, coords: torch.Tensor, media: dict, gaussians: dict | None,
+           fmt: str) -> bytes:
+    if kind == "3D":
+        if fmt == "ply":
+            g = gaussians_from_dict(gaussians)
+            return gaussians_to_ply(g.xyz.numpy(), g.features_dc[:, 0].numpy(), g.opacity[:, 0].numpy(),
+                                    g.scaling.numpy(), g.rotation.numpy())
+        feats = ((tubelets[:, :768].clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).numpy()
+        return to_npz(coords[:, 2:].numpy(), feats)
+    frames = tubelets_to_frames(tubelets, coords, kind, media)
+    if kind == "image":
+        return img.encode_image(frames[0], fmt)
+    return vid.encode_video(frames, float(media.get("fps") or 25.0), fmt)
+
+
+def zip_files(files: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, data in files:
+            z.writestr(name, data)
+    return buf.getvalue()

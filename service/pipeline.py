@@ -1,0 +1,168 @@
+"""Stages around the model: uploads -> model inputs (pre-processing) and model outputs ->
+files and JSON (post-processing). Pure functions of bytes and arrays; the HTTP layer runs
+them in a bounded thread pool and the CLI calls them directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from model.api import Tokens
+from model.patchify import frames_to_sparse, unpatchify_frames, voxels_to_sparse
+from model.sparse import SparseBatch
+
+from .arrays import array_from_json, array_to_json
+from .errors import BadRequest, InvalidParameter, UnsupportedType
+from .media import image as img
+from .media import video as vid
+from .media.detect import sniff
+from .media.errors import UnsupportedMediaError
+from .media.limits import MediaLimits
+from .media.volume import load_npz
+from .worker.jobs import JobResult
+
+Modality = Literal["image", "video", "mesh", "volume"]
+KIND_OF = {"image": "image", "video": "video", "mesh": "3D", "volume": "3D"}
+
+
+@dataclass
+class Options:
+    tokens: Literal["continuous", "discrete"] = "continuous"
+    format: str | None = None  # output: png/jpeg/webp, mp4/webm, ply
+    fps: float | None = None
+    max_frames: int | None = None
+    start: float = 0.0
+    end: float | None = None
+    background: tuple[int, int, int] = (255, 255, 255)
+    array_format: Literal["base64", "list"] = "base64"
+
+
+@dataclass
+class Item:
+    modality: str
+    kind: str  # model kind: image | video | 3D
+    batch: SparseBatch  # this item alone (batch index 0)
+    media: dict = field(default_factory=dict)  # sizes, fps, frames: what is needed to write outputs
+    reference: np.ndarray | None = None  # uint8 [T, h, w, 3] at the model size, for round-trip PSNR
+
+
+def preprocess(data: bytes, options: Options, limits: MediaLimits) -> Item:
+    """Upload bytes -> one model item. Modality comes from the content, never the file name."""
+    if not data:
+        raise BadRequest("empty upload")
+    try:
+        modality, fmt = sniff(data)
+    except UnsupportedMediaError as exc:
+        raise UnsupportedType(str(exc)) from None
+    if modality == "image":
+        return _image_item(data, options, limits)
+    if modality == "video":
+        return _video_item(data, options, limits)
+    if modality == "volume" and fmt == "npz":
+        coords, feats = load_npz(data, limits)
+        batch = voxels_to_sparse([(torch.from_numpy(coords), torch.from_numpy(feats))])
+        return Item("volume", "3D", batch, {"voxels": int(coords.shape[0])})
+    if modality in ("mesh", "volume"):
+        from .media import asset3d  # imported lazily: trimesh and the ray caster are heavy
+
+        coords, feats, media = asset3d.load_3d(data, fmt, limits)
+        batch = voxels_to_sparse([(torch.from_numpy(coords), torch.from_numpy(feats))])
+        return Item(modality, "3D", batch, media)
+    raise UnsupportedType(f"unsupported content ({modality}/{fmt})")
+
+
+def _image_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
+    pixels = img.decode_image(data, limits, options.background)
+    plan = img.plan_resize(*pixels.shape[:2], limits)
+    model_pixels = img.resize_rgb(pixels, plan.model)
+    batch, _ = frames_to_sparse([torch.from_numpy(img.to_model_range(model_pixels))])
+    media = {"height": plan.original[0], "width": plan.original[1], "model_height": plan.model[0],
+             "model_width": plan.model[1], "frames": 1}
+    return Item("image", "image", batch, media, model_pixels[None])
+
+
+def _video_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
+    sampling = vid.Sampling(options.fps, options.max_frames, options.start, options.end)
+    decoded = vid.decode_video(data, limits, sampling)
+    frames = decoded.frames
+    count = frames.shape[0]
+    # Repeat the last frame up to a multiple of 4 so no frame is dropped (the official rule
+    # drops a trailing partial tubelet); the output is trimmed back to `count` frames.
+    pad = (-count) % vid.TUBELET if count >= vid.TUBELET else vid.TUBELET - count
+    padded = np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
+    batch, _ = frames_to_sparse([torch.from_numpy(img.to_model_range(padded))])
+    media = {"height": decoded.resize.original[0], "width": decoded.resize.original[1],
+             "model_height": decoded.resize.model[0], "model_width": decoded.resize.model[1],
+             "frames": count, "fps": decoded.fps, "source_fps": decoded.info.fps, "codec": decoded.info.codec}
+    return Item("video", "video", batch, media, frames)
+
+
+# ---------------------------------------------------------------- model outputs -> arrays
+def tubelets_to_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, media: dict) -> np.ndarray:
+    """Reconstructed tubelets -> uint8 [T, H, W, 3] at the input's original size."""
+    frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)  # [T, 3, h, w]
+    frames = frames[:1] if kind == "image" else frames[: media.get("frames", frames.shape[0])]
+    pixels = img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
+    size = (media.get("height", pixels.shape[1]), media.get("width", pixels.shape[2]))
+    if pixels.shape[1:3] != tuple(size):
+        pixels = np.stack([img.resize_rgb(f, size) for f in pixels])
+    return pixels
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, count: int) -> np.ndarray:
+    frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)
+    frames = frames[:1] if kind == "image" else frames[:count]
+    return img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
+
+
+def round_trip_psnr(item: Item, result: JobResult) -> float | None:
+    if item.reference is None or result.tubelets is None:
+        return None
+    rec = model_size_frames(result.tubelets, item.batch.coords, item.kind, item.reference.shape[0])
+    return psnr(rec, item.reference)
+
+
+# ---------------------------------------------------------------- the token JSON contract
+def tokens_to_json(item_index: int, item: Item, tokens: Tokens, fmt: str) -> dict:
+    coords = tokens.coords[:, 1:].numpy().astype(np.int32)  # (t, x, y, z); the batch column is implicit
+    out = {"index": item_index, "modality": item.modality, "kind": item.kind, "media": item.media,
+           "num_tokens": int(coords.shape[0]), "coords": array_to_json(coords, fmt)}
+    if tokens.indices is not None:
+        idx = tokens.indices.numpy()
+        dtype = np.uint16 if idx.max(initial=0) < 2**16 else np.int32
+        out["indices"] = array_to_json(idx.astype(dtype), fmt)
+    else:
+        out["latents"] = array_to_json(tokens.latents.numpy().astype(np.float32), fmt)
+    return out
+
+
+def tokens_from_json(entry: dict, position: int) -> tuple[Tokens, str, dict]:
+    """One item of /tokenize's JSON -> (tokens, kind, media)."""
+    if not isinstance(entry, dict):
+        raise BadRequest(f"items[{position}] must be an object")
+    kind = entry.get("kind")
+    if kind not in ("image", "video", "3D"):
+        raise InvalidParameter(f"items[{position}].kind must be image, video or 3D, got {kind!r}")
+    coords = array_from_json(entry.get("coords"), f"items[{position}].coords")
+    if coords.ndim != 2 or coords.shape[1] != 4:
+        raise InvalidParameter(f"items[{position}].coords must be [n, 4] (t, x, y, z), got {list(coords.shape)}")
+    coords5 = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32),
+                         torch.from_numpy(coords.astype(np.int32))], 1)
+    media = entry.get("media") or {}
+    if not isinstance(media, dict):
+        raise BadRequest(f"items[{position}].media must be an object")
+    if "indices" in entry:
+        idx = array_from_json(entry["indices"], f"items[{position}].indices")
+        return Tokens(coords5, (kind,), indices=torch.from_numpy(idx.astype(np.int64))), kind, media
+    if "latents" in entry:
+        lat = array_from_json(entry["latents"], f"items[{position}].latents")
+        return Tokens(coords5, (kind,), latents=torch.from_numpy(lat.astype(np.float32))), kind, media
+    raise InvalidParameter(f"items[{position}] needs 'latents' (continuous) or 'indices' (discrete)")

@@ -1,0 +1,55 @@
+"""Liveness, readiness, metrics and model information."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..deps import get_runtime, require_api_key
+from ..runtime import Runtime
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The worker is alive (or being restarted)")
+def healthz(runtime: Runtime = Depends(get_runtime)):
+    alive = runtime.scheduler.worker_alive() or not runtime.scheduler.ready
+    body = {"status": "ok" if runtime.scheduler.worker_alive() else "starting", "worker_alive": alive,
+            "restarts": runtime.scheduler.restarts}
+    return JSONResponse(body, status_code=200)
+
+
+@router.get("/readyz", summary="Model loaded, warmed up, canary round trip passed")
+def readyz(runtime: Runtime = Depends(get_runtime)):
+    s = runtime.scheduler
+    if s.ready and s.worker_alive():
+        return {"status": "ready", "model": s.info.get("variant")}
+    body = {"error": {"code": "not_ready", "message": s.start_error or "the model worker is starting"}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def metrics(runtime: Runtime = Depends(get_runtime)):
+    return Response(runtime.metrics.render(runtime.scheduler), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/info", summary="Model, checkpoint, limits and versions", dependencies=[Depends(require_api_key)])
+def info(request: Request, runtime: Runtime = Depends(get_runtime)):
+    import fastapi
+
+    model = dict(runtime.model_info)
+    if model and not model.get("trained", True):
+        model["warning"] = "untrained model: outputs are not meaningful"
+    return {
+        "model": model,
+        "ready": runtime.scheduler.ready,
+        "worker": runtime.settings.worker,
+        "limits": runtime.settings.public_limits(),
+        "auth": bool(runtime.settings.keys),
+        "url_fetch": runtime.settings.allow_url_fetch,
+        "versions": {"service": request.app.version, "torch": torch.__version__, "fastapi": fastapi.__version__,
+                     "python": platform.python_version()},
+    }

@@ -1,0 +1,116 @@
+"""What one running service holds: settings, metrics, the scheduler, and the bounded thread
+pools for pre- and post-processing. Routes call `infer` and never touch the model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi import Request
+
+from .errors import Overloaded, from_worker
+from .metrics import Metrics
+from .pipeline import Item, Options, preprocess
+from .scheduler import Scheduler
+from .settings import Settings
+from .worker.backends import Backend, LocalBackend, ProcessBackend
+from .worker.jobs import Job, JobResult
+
+
+def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
+    if settings.worker == "thread":
+        return lambda: LocalBackend(settings.model_spec)
+    if settings.worker == "triton":
+        from .triton_backend import TritonBackend
+
+        return lambda: TritonBackend(settings.triton_url, settings.triton_protocol)
+    return lambda: ProcessBackend(settings.model_spec)
+
+
+@dataclass
+class Timing:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Queue-Time-Ms": f"{self.queue_ms:.1f}", "X-Compute-Time-Ms": f"{self.compute_ms:.1f}",
+                "X-Batch-Size": str(self.batch_size)}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    backend_factory: Callable[[], Backend]
+    metrics: Metrics = field(default_factory=Metrics)
+    inflight: int = 0
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(self.backend_factory, self.settings.batching, self.metrics.on_batch)
+        workers = max(2, min(8, os.cpu_count() or 2))
+        self.pre_pool = ThreadPoolExecutor(workers, thread_name_prefix="atoken-pre")
+        self.post_pool = ThreadPoolExecutor(workers, thread_name_prefix="atoken-post")
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.pre_pool.shutdown(wait=False, cancel_futures=True)
+        self.post_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def model_info(self) -> dict:
+        return self.scheduler.info
+
+    def admit(self) -> None:
+        """Cheap checks before reading or decoding anything: answer 429 early."""
+        if self.inflight >= self.settings.max_inflight_requests:
+            raise Overloaded(f"{self.inflight} requests in flight", limit=self.settings.max_inflight_requests,
+                             retry_after=self.scheduler.retry_after())
+        self.scheduler.check_capacity()
+
+    async def preprocess_all(self, uploads: list[bytes], options: Options) -> list[Item]:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.run_in_executor(self.pre_pool, preprocess, data, options, self.settings.limits)
+                 for data in uploads]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for i, r in enumerate(results):
+            if isinstance(r, Exception):
+                if len(uploads) > 1 and hasattr(r, "message"):
+                    r.message = f"item {i}: {r.message}"
+                raise r
+        return list(results)
+
+    async def postprocess(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.post_pool, fn, *args)
+
+    async def infer(self, request: Request, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
+        """Queue jobs, drop them if the client goes away, raise the first item error."""
+        submit = asyncio.ensure_future(self.scheduler.submit(jobs, self.settings.request_timeout_s))
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        done, _ = await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if submit not in done:
+            submit.cancel()  # the client left: its queued jobs are skipped
+            raise asyncio.CancelledError()
+        watch.cancel()
+        results = submit.result()
+        for i, r in enumerate(results):
+            if r.error:
+                err = from_worker(*r.error)
+                if len(results) > 1 and hasattr(err, "args") and err.args:
+                    err.args = (f"item {i}: {err.args[0]}",)
+                raise err
+        timing = Timing(max(r.extra.get("queue_ms", 0.0) for r in results),
+                        max(r.compute_ms for r in results),
+                        max(r.extra.get("batch_size", 0) for r in results))
+        self.metrics.queue_time.observe(timing.queue_ms / 1e3)
+        return results, timing
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)

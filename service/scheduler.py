@@ -1,0 +1,259 @@
+"""Dynamic batching between the HTTP front end and the model worker.
+
+Requests put jobs into one bounded FIFO queue. A dispatcher thread forms batches: it takes
+the oldest job, then keeps adding jobs in arrival order while the batch's compute cost (token
+passes) stays under the cap, waiting at most `max_wait_ms` after the oldest arrived. FIFO
+order means a large job delays small ones by at most one batch and is never overtaken
+forever. Expired or abandoned jobs are dropped before they reach the model. When the worker
+dies, the jobs it held fail with WorkerUnavailable, readiness drops, and it is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import DeadlineExceeded, NotReady, Overloaded, WorkerUnavailable
+from .worker.backends import Backend, WorkerDied
+from .worker.jobs import Job, JobResult
+
+log = logging.getLogger("atoken.scheduler")
+
+
+@dataclass
+class Pending:
+    job: Job
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # monotonic seconds
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    started: float | None = None
+
+    def resolve(self, result: JobResult | None = None, error: Exception | None = None) -> None:
+        def _set() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_tokens: int = 8192  # token passes per batch
+    max_wait_ms: float = 5.0
+    max_queue_jobs: int = 256
+    max_queue_tokens: int = 262144
+    default_rate: float = 2000.0  # token passes per second, until measured
+
+
+class Scheduler:
+    def __init__(self, backend_factory: Callable[[], Backend], config: BatchingConfig,
+                 on_batch: Callable[[int, int, float], None] | None = None):
+        self.backend_factory = backend_factory
+        self.config = config
+        self.on_batch = on_batch
+        self.backend: Backend | None = None
+        self.info: dict = {}
+        self.ready = False
+        self.restarts = 0
+        self.batches = 0
+        self.start_error: str | None = None
+        self.running_batch = 0  # jobs in the batch the worker holds now
+        self._queue: deque[Pending] = deque()
+        self._queued_cost = 0
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._rate = config.default_rate  # EMA of token passes per second
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._dispatch_loop, name="atoken-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._running = False
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued_cost = 0
+            self._cond.notify_all()
+        for p in pending:
+            p.resolve(error=WorkerUnavailable("the service is shutting down"))
+        if self._thread:
+            self._thread.join(10)
+        if self.backend:
+            self.backend.stop()
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready:
+                return True
+            time.sleep(0.05)
+        return self.ready
+
+    def worker_alive(self) -> bool:
+        return self.backend is not None and self.backend.alive()
+
+    # ------------------------------------------------------------------ admission
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queued_cost(self) -> int:
+        return self._queued_cost
+
+    def drain_seconds(self, extra_cost: int = 0) -> float:
+        """Estimated time to finish everything queued (and `extra_cost` more), for 429s and autoscaling."""
+        return (self._queued_cost + extra_cost) / max(self._rate, 1.0)
+
+    def retry_after(self, extra_cost: int = 0) -> int:
+        return max(1, math.ceil(self.drain_seconds(extra_cost)))
+
+    def check_capacity(self, jobs: int = 1, cost: int = 0) -> None:
+        """Raise Overloaded when these jobs would not fit in the queue (cheap; call early)."""
+        if not self.ready:
+            raise NotReady("the model worker is not ready", retry_after=5)
+        cfg = self.config
+        if len(self._queue) + jobs > cfg.max_queue_jobs or self._queued_cost + cost > cfg.max_queue_tokens:
+            raise Overloaded(
+                f"queue full ({len(self._queue)} jobs, {self._queued_cost} token passes queued)",
+                retry_after=self.retry_after(cost), limit=cfg.max_queue_jobs,
+            )
+
+    async def submit(self, jobs: list[Job], timeout_s: float) -> list[JobResult]:
+        """Queue the jobs and wait for all results; cancelled callers drop their queued work."""
+        self.check_capacity(len(jobs), sum(j.cost for j in jobs))
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+        pending = [Pending(j, loop.create_future(), loop, deadline) for j in jobs]
+        with self._cond:
+            for p in pending:
+                self._queue.append(p)
+                self._queued_cost += p.job.cost
+            self._cond.notify_all()
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout_s))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"request did not finish within its deadline of {timeout_s:g} s",
+                                   limit=timeout_s) from None
+        finally:
+            for p in pending:
+                p.cancelled = True  # anything still queued is skipped
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch_loop(self) -> None:
+        while self._running:
+            if self.backend is None or not self.backend.alive():
+                self._start_backend()
+                continue
+            batch = self._form_batch()
+            if batch:
+                self._run_batch(batch)
+
+    def _start_backend(self) -> None:
+        self.ready = False
+        try:
+            backend = self.backend_factory()
+            self.info = backend.start()
+            self.backend = backend
+            self.start_error = None
+            self.ready = True
+            log.info("model worker ready: %s", self.info.get("variant"))
+        except Exception as exc:  # noqa: BLE001 - keep serving health endpoints; retry
+            self.start_error = f"{type(exc).__name__}: {exc}"
+            log.error("model worker failed to start: %s", self.start_error)
+            with self._cond:
+                self._cond.wait(2.0)
+
+    def _take_expired(self, now: float) -> list[Pending]:
+        dropped = []
+        while self._queue and (self._queue[0].cancelled or self._queue[0].deadline <= now):
+            p = self._queue.popleft()
+            self._queued_cost -= p.job.cost
+            dropped.append(p)
+        return dropped
+
+    def _form_batch(self) -> list[Pending]:
+        cfg = self.config
+        with self._cond:
+            while self._running and not self._queue:
+                self._cond.wait(0.5)
+            if not self._running:
+                return []
+            first_arrival = self._queue[0].enqueued
+            while True:
+                now = time.monotonic()
+                self._fail_dropped(self._take_expired(now))
+                queued = sum(p.job.cost for p in self._queue)
+                wait = cfg.max_wait_ms / 1e3 - (now - first_arrival)
+                if not self._queue or queued >= cfg.max_batch_tokens or wait <= 0:
+                    break
+                self._cond.wait(wait)
+            batch, cost = [], 0
+            while self._queue:
+                p = self._queue[0]
+                if p.cancelled or p.deadline <= time.monotonic():
+                    self._fail_dropped([self._queue.popleft()])
+                    self._queued_cost -= p.job.cost
+                    continue
+                if batch and cost + p.job.cost > cfg.max_batch_tokens:
+                    break
+                batch.append(self._queue.popleft())
+                cost += p.job.cost
+                self._queued_cost -= p.job.cost
+            return batch
+
+    def _fail_dropped(self, dropped: list[Pending]) -> None:
+        for p in dropped:
+            if not p.cancelled:
+                p.resolve(error=DeadlineExceeded("the request's deadline passed while it was queued"))
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        start = time.monotonic()
+        for p in batch:
+            p.started = start
+        self.running_batch = len(batch)
+        try:
+            results = self.backend.run([p.job for p in batch])
+        except WorkerDied as exc:
+            self.running_batch = 0
+            self.ready = False
+            self.restarts += 1
+            log.error("model worker died: %s; restarting", exc)
+            for p in batch:
+                p.resolve(error=WorkerUnavailable(f"the model worker died while running this request ({exc}); "
+                                                  "it is being restarted, retry shortly", retry_after=5))
+            self.backend = None
+            return
+        self.running_batch = 0
+        elapsed = time.monotonic() - start
+        cost = sum(p.job.cost for p in batch)
+        if elapsed > 0:
+            self._rate = 0.8 * self._rate + 0.2 * (cost / elapsed)
+        self.batches += 1
+        if self.on_batch:
+            self.on_batch(len(batch), cost, elapsed)
+        for p, r in zip(batch, results):
+            r.extra["queue_ms"] = (start - p.enqueued) * 1e3
+            r.extra["batch_size"] = len(batch)
+            p.resolve(r)

@@ -1,0 +1,97 @@
+"""Settings from environment variables (prefix ATOKEN_), e.g. ATOKEN_MAX_UPLOAD_BYTES=1000000."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .media.limits import MediaLimits
+from .scheduler import BatchingConfig
+from .worker.loader import ModelSpec
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATOKEN_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # The model (empty checkpoint: the default model that ships with the project).
+    checkpoint: str | None = None
+    config: str | None = Field(None, description="official YAML config or variant name for the checkpoint")
+    gs_checkpoint: str | None = None
+    gs_config: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0
+    worker: str = Field("process", description="process | thread | triton")
+    triton_url: str | None = None
+    triton_protocol: str = "http"
+
+    # Batching and backpressure.
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 5.0
+    max_queue_jobs: int = 256
+    max_queue_tokens: int = 262144
+    request_timeout_s: float = 120.0
+    max_inflight_requests: int = 64
+
+    # Limits (also shown in /info).
+    max_upload_bytes: int = 64 * 2**20
+    max_request_bytes: int = 256 * 2**20
+    max_files: int = 16
+    max_pixels: int = 4096 * 4096
+    max_side: int = 512
+    min_side: int = 16
+    max_frames: int = 64
+    max_duration_s: float = 120.0
+    max_vertices: int = 2_000_000
+    max_faces: int = 4_000_000
+
+    # Security.
+    api_keys: str = ""  # comma-separated
+    api_key_file: str | None = None  # one key per line (e.g. a mounted Kubernetes secret)
+    allow_url_fetch: bool = False
+    url_allowlist: str = ""  # comma-separated host names
+
+    @field_validator("worker")
+    @classmethod
+    def _worker(cls, v: str) -> str:
+        if v not in ("process", "thread", "triton"):
+            raise ValueError("worker must be process, thread or triton")
+        return v
+
+    @cached_property
+    def keys(self) -> tuple[str, ...]:
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_key_file:
+            keys += [ln.strip() for ln in Path(self.api_key_file).read_text().splitlines() if ln.strip()]
+        return tuple(keys)
+
+    @property
+    def allowlist(self) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in self.url_allowlist.split(",") if h.strip())
+
+    @property
+    def limits(self) -> MediaLimits:
+        return MediaLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels, max_side=self.max_side,
+                           min_side=self.min_side, max_frames=self.max_frames, max_duration_s=self.max_duration_s,
+                           max_vertices=self.max_vertices, max_faces=self.max_faces)
+
+    @property
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(self.max_batch_tokens, self.max_wait_ms, self.max_queue_jobs, self.max_queue_tokens)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.checkpoint, self.config, self.gs_checkpoint, self.gs_config, self.dtype, self.device,
+                         self.threads)
+
+    def public_limits(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",
+            "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_batch_tokens", "max_queue_jobs",
+            "request_timeout_s")}

@@ -1,0 +1,1 @@
+"""The model worker: owns the model, runs batches of jobs."""

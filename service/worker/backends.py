@@ -1,0 +1,170 @@
+"""Where batches run: in this process (a thread owns the model) or in a child process that
+can die and be restarted without taking the front end down."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from typing import Protocol
+
+import torch
+
+from model.patchify import frames_to_sparse
+
+from .engine import Engine
+from .jobs import Job, JobResult
+from .loader import ModelSpec, load_tokenizer
+
+log = logging.getLogger("atoken.worker")
+
+
+class WorkerDied(RuntimeError):
+    """The worker process exited while it held a batch."""
+
+
+class Backend(Protocol):
+    info: dict
+
+    def start(self) -> dict: ...
+
+    def run(self, jobs: list[Job]) -> list[JobResult]: ...
+
+    def alive(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+def describe(tokenizer) -> dict:
+    info = asdict(tokenizer.info)
+    cfg = tokenizer.config
+    info.update(
+        latent_channels=cfg.latent_channels, embed_dim=cfg.embed_dim, max_tokens=cfg.max_tokens,
+        discrete=tokenizer.supports_discrete, gaussians=tokenizer.gs_decoder is not None,
+        codebook_size=cfg.quantizer.codebook_size if cfg.quantizer else None,
+        num_codebooks=cfg.quantizer.num_codebooks if cfg.quantizer else None,
+        encoder=asdict(cfg.encoder), decoder=asdict(cfg.decoder),
+    )
+    return info
+
+
+def canary(engine: Engine) -> None:
+    """Warm up and prove a round trip works: a 32x32 gradient through encode and decode."""
+    ramp = torch.linspace(-1, 1, 32)
+    image = torch.stack([ramp[:, None].expand(32, 32), ramp[None, :].expand(32, 32), -ramp[:, None].expand(32, 32)], -1)
+    batch, _ = frames_to_sparse([image])
+    out = engine.run([Job(0, "reconstruct", batch=batch), Job(1, "embed", batch=batch)])
+    if out[0].error or out[0].tubelets is None or not torch.isfinite(out[0].tubelets).all():
+        raise RuntimeError(f"canary round trip failed: {out[0].error}")
+
+
+class LocalBackend:
+    """The model in this process; batches run on the calling thread (the dispatcher's)."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.engine: Engine | None = None
+        self.info: dict = {}
+
+    def start(self) -> dict:
+        tok = load_tokenizer(self.spec)
+        self.engine = Engine(tok)
+        canary(self.engine)
+        self.info = describe(tok)
+        return self.info
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        return self.engine.run(jobs)
+
+    def alive(self) -> bool:
+        return self.engine is not None
+
+    def stop(self) -> None:
+        self.engine = None
+
+
+def _child_main(conn, spec: ModelSpec) -> None:
+    try:
+        tok = load_tokenizer(spec)
+        engine = Engine(tok)
+        canary(engine)
+        conn.send(("ready", describe(tok)))
+    except Exception as exc:  # noqa: BLE001
+        conn.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        conn.send(("results", engine.run(msg)))
+
+
+class ProcessBackend:
+    """The model in a child process (spawned, so no state leaks from the front end)."""
+
+    def __init__(self, spec: ModelSpec, start_timeout: float = 300.0):
+        self.spec = spec
+        self.start_timeout = start_timeout
+        self.proc: mp.process.BaseProcess | None = None
+        self.conn = None
+        self.info: dict = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> dict:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_main, args=(child, self.spec), name="atoken-worker", daemon=True)
+        proc.start()
+        child.close()
+        deadline = time.monotonic() + self.start_timeout
+        while not parent.poll(0.1):
+            if not proc.is_alive():
+                raise WorkerDied(f"worker exited during start-up (exit code {proc.exitcode})")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise WorkerDied(f"worker not ready after {self.start_timeout:.0f} s")
+        status, payload = parent.recv()
+        if status != "ready":
+            proc.join(5)
+            raise RuntimeError(f"worker failed to load the model: {payload}")
+        self.proc, self.conn, self.info = proc, parent, payload
+        return payload
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        if not self.alive():
+            raise WorkerDied("worker is not running")
+        try:
+            self.conn.send(jobs)
+            while not self.conn.poll(0.05):
+                if not self.proc.is_alive():
+                    raise WorkerDied(f"worker exited mid-batch (exit code {self.proc.exitcode})")
+            status, payload = self.conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise WorkerDied(f"lost the worker: {exc}") from None
+        return payload
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.proc = None

@@ -1,0 +1,102 @@
+"""Run a batch of jobs on one model: one packed encoder pass for every job that needs the
+encoder, one packed decoder pass for every job that needs the decoder. A job whose input
+breaks the batch is retried alone so that it fails alone."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from model.api import ATokenizer, Tokens
+from model.errors import ATokenError
+from model.gaussians import Gaussians
+from model.sparse import SparseBatch, cat
+
+from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult
+
+GAUSSIAN_FIELDS = ("xyz_raw", "features_dc", "scaling_raw", "opacity_raw", "rotation_raw")
+
+
+def gaussians_to_dict(g: Gaussians) -> dict:
+    out = {k: getattr(g, k) for k in GAUSSIAN_FIELDS}
+    out.update(scaling_bias=g.scaling_bias, opacity_bias=g.opacity_bias, filter_3d=g.filter_3d)
+    return out
+
+
+class Engine:
+    def __init__(self, tokenizer: ATokenizer):
+        self.tok = tokenizer
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        start = time.perf_counter()
+        try:
+            results = self._run_packed(jobs)
+        except Exception:  # noqa: BLE001 - isolate: one bad job must not fail its batch
+            results = [self._run_alone(job) for job in jobs] if len(jobs) > 1 else [self._run_alone(jobs[0])]
+        elapsed = (time.perf_counter() - start) * 1e3
+        for r in results:
+            r.compute_ms = elapsed
+        return results
+
+    def _run_alone(self, job: Job) -> JobResult:
+        try:
+            return self._run_packed([job])[0]
+        except ATokenError as exc:
+            return JobResult(job.id, error=(type(exc).__name__, str(exc)))
+        except Exception as exc:  # noqa: BLE001
+            return JobResult(job.id, error=("InternalError", f"{type(exc).__name__}: {exc}"))
+
+    def _run_packed(self, jobs: list[Job]) -> list[JobResult]:
+        results = {job.id: JobResult(job.id) for job in jobs}
+        enc_jobs = [j for j in jobs if j.op in ENCODER_OPS]
+        decode_inputs: dict[int, Tokens] = {j.id: j.tokens for j in jobs if j.op == "decode"}
+        if enc_jobs:
+            self._encode(enc_jobs, results, decode_inputs)
+        dec_jobs = [j for j in jobs if j.op in DECODER_OPS]
+        if dec_jobs:
+            self._decode(dec_jobs, results, decode_inputs)
+        return [results[j.id] for j in jobs]
+
+    def _encode(self, jobs: list[Job], results: dict[int, JobResult], decode_inputs: dict[int, Tokens]) -> None:
+        packed = cat([j.batch for j in jobs])
+        model = self.tok.model
+        with torch.inference_mode():
+            enc = model.encode(SparseBatch(packed.feats.to(self.tok.device), packed.coords.to(self.tok.device),
+                                           packed.kinds))
+            mean = enc.mean
+            discrete = [j.mode == "discrete" for j in jobs]
+            indices = model.quantize(mean)[1] if any(discrete) else None
+        rows = packed.coords[:, 0]
+        for b, job in enumerate(jobs):
+            mask = (rows == b).to(mean.device)
+            r = results[job.id]
+            coords = job.batch.coords.to(torch.int32)
+            if job.op == "embed":
+                r.embedding = enc.embedding[b].float().cpu()
+                if job.dense:
+                    r.features = enc.features[mask].float().cpu()
+                continue
+            if discrete[b]:
+                tokens = Tokens(coords, job.batch.kinds, indices=indices[mask].cpu())
+            else:
+                tokens = Tokens(coords, job.batch.kinds, latents=mean[mask].float().cpu(),
+                                logvar=enc.logvar[mask].float().cpu())
+            r.tokens = tokens
+            r.embedding = enc.embedding[b].float().cpu()
+            decode_inputs[job.id] = tokens
+
+    def _decode(self, jobs: list[Job], results: dict[int, JobResult], decode_inputs: dict[int, Tokens]) -> None:
+        latent_batches = [self.tok.latent_batch(decode_inputs[j.id]) for j in jobs]
+        packed = cat(latent_batches)
+        with torch.inference_mode():
+            rec = self.tok.model.decode(packed).float().cpu()
+        rows = packed.coords[:, 0].cpu()
+        for b, job in enumerate(jobs):
+            r = results[job.id]
+            r.tubelets = rec[rows == b]
+            if job.gaussians and decode_inputs[job.id].kinds[0] == "3D":
+                item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))
+                g = self.tok.decode_gaussians(item)[0]
+                r.gaussians = gaussians_to_dict(g)

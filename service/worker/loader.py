@@ -1,0 +1,47 @@
+"""Which model to serve, and loading it: a configured checkpoint, else the default model that
+ships with the project, else an untrained `tiny` (said loudly in /info and the logs)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.api import ATokenizer
+from model.config import GS_VARIANTS
+
+log = logging.getLogger("atoken.worker")
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_CHECKPOINT = ASSETS / "default.safetensors"
+DEFAULT_GS_CHECKPOINT = ASSETS / "default_gs.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    checkpoint: str | None = None
+    config: str | None = None  # official YAML or a variant name
+    gs_checkpoint: str | None = None
+    gs_config: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0  # 0 = torch's default
+
+
+def load_tokenizer(spec: ModelSpec) -> ATokenizer:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if spec.checkpoint:
+        tok = ATokenizer.load(spec.checkpoint, spec.config, spec.gs_checkpoint, spec.gs_config, spec.dtype,
+                              spec.device)
+    elif DEFAULT_CHECKPOINT.is_file():
+        gs = DEFAULT_GS_CHECKPOINT if DEFAULT_GS_CHECKPOINT.is_file() else None
+        tok = ATokenizer.load(DEFAULT_CHECKPOINT, gs_checkpoint=gs, dtype=spec.dtype, device=spec.device)
+    else:
+        log.warning("no checkpoint configured and no default model shipped: serving an UNTRAINED tiny model")
+        tok = ATokenizer.from_variant(spec.config or "tiny", seed=0, gs=GS_VARIANTS["gs-tiny"])
+        tok.to(device=spec.device, dtype=spec.dtype)
+    if not tok.info.trained:
+        log.warning("model %s is untrained: outputs are not meaningful", tok.info.variant)
+    return tok
