@@ -27,32 +27,42 @@ VERSION = "0.1.0"
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over the request limit, whether or not they declare a length."""
+    """ASGI middleware: read the body up to the request limit (declared length or not) and
+    answer 413 before the app sees it; otherwise replay it to the app unchanged."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, PayloadTooLarge(
                 f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}", limit=self.max_bytes))
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes",
-                                          limit=self.max_bytes)
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _send_error(send, PayloadTooLarge(
+                    f"request body exceeds the limit of {self.max_bytes} bytes", limit=self.max_bytes))
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        return await self.app(scope, limited_receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls: wait for the client's disconnect
+
+        return await self.app(scope, replay, send)
 
 
 async def _send_error(send, exc: Exception) -> None:

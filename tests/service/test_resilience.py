@@ -1,0 +1,115 @@
+"""Overload, deadlines, a killed worker, auth and request limits, each on its own server."""
+
+import concurrent.futures as cf
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests import assets
+from tests.service.server import LiveServer
+
+JPG = assets.image("rocket.jpg")
+VIDEO = assets.video("bikes.mp4")
+
+
+def _files(path):
+    return [("file", (path.name, path.read_bytes(), "application/octet-stream"))]
+
+
+def test_overload_answers_429_with_retry_after():
+    with LiveServer(worker="process", max_queue_jobs=1, max_inflight_requests=2, max_side=512) as live:
+        with live.client() as c, cf.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: c.post("/reconstruct", files=_files(JPG)), range(12)))
+        codes = [r.status_code for r in results]
+        assert 429 in codes and 200 in codes, codes
+        busy = next(r for r in results if r.status_code == 429)
+        assert int(busy.headers["Retry-After"]) >= 1
+        assert busy.json()["error"]["code"] == "overloaded"
+        # ... and it keeps serving afterwards.
+        with live.client() as c:
+            assert c.post("/encode", files=_files(JPG)).status_code == 200
+
+
+def test_deadline_answers_504():
+    with LiveServer(worker="process", request_timeout_s=0.05, max_side=512) as live, live.client() as c:
+        r = c.post("/reconstruct?max_frames=32", files=_files(VIDEO))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        assert r.json()["error"]["limit"] == 0.05
+
+
+def test_killed_worker_gives_503_then_recovers():
+    with LiveServer(worker="process", max_side=256, max_frames=64) as live:
+        scheduler = live.runtime.scheduler
+        pid = scheduler.backend.pid
+        outcome = {}
+
+        def slow_request():
+            with live.client() as c:
+                outcome["r"] = c.post("/reconstruct?max_frames=64", files=_files(VIDEO))
+
+        t = threading.Thread(target=slow_request)
+        t.start()
+        deadline = time.monotonic() + 30
+        while scheduler.running_batch == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert scheduler.running_batch > 0, "the request never reached the worker"
+        os.kill(pid, signal.SIGKILL)
+        t.join(60)
+        r = outcome["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_unavailable"
+        assert "died" in r.json()["error"]["message"]
+        live.wait_ready(120)
+        assert scheduler.backend.pid != pid and scheduler.restarts == 1
+        with live.client() as c:
+            assert c.post("/encode", files=_files(JPG)).status_code == 200
+            assert "atoken_worker_restarts 1.0" in c.get("/metrics").text
+
+
+def test_api_keys(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("from-file-key\n")
+    with LiveServer(worker="thread", api_keys="k1,k2", api_key_file=str(key_file)) as live, live.client() as c:
+        assert c.post("/encode", files=_files(JPG)).status_code == 401
+        assert c.post("/encode", files=_files(JPG), headers={"authorization": "Bearer nope"}).status_code == 401
+        assert c.post("/encode", files=_files(JPG), headers={"authorization": "Bearer k2"}).status_code == 200
+        assert c.post("/encode", files=_files(JPG), headers={"x-api-key": "from-file-key"}).status_code == 200
+        assert c.get("/info").status_code == 401
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_request_body_limit_and_url_policy():
+    with LiveServer(worker="thread", max_request_bytes=50_000) as live, live.client() as c:
+        r = c.post("/encode", content=JPG.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 413 and r.json()["error"]["limit"] == 50_000
+
+        def chunks():  # no Content-Length: counted while streaming
+            data = JPG.read_bytes()
+            for i in range(0, len(data), 8192):
+                yield data[i:i + 8192]
+
+        r = c.post("/encode", content=chunks(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 413
+        r = c.post("/encode", json={"urls": ["http://example.com/a.png"]})
+        assert r.status_code == 422 and "disabled" in r.json()["error"]["message"]
+
+
+def test_url_fetch_from_an_allowlisted_loopback_host(tmp_path):
+    import http.server
+    import socketserver
+
+    (tmp_path / "rocket.jpg").write_bytes(JPG.read_bytes())
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    with socketserver.TCPServer(("127.0.0.1", 0), handler) as files:
+        threading.Thread(target=files.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{files.server_address[1]}/rocket.jpg"
+        with LiveServer(worker="thread", allow_url_fetch=True, url_allowlist="127.0.0.1") as live, live.client() as c:
+            assert c.post("/encode", json={"urls": [url]}).status_code == 200
+            other = url.replace("127.0.0.1", "localhost")
+            r = c.post("/encode", json={"urls": [other]})
+            assert r.status_code == 422 and "allowlist" in r.json()["error"]["message"]
+        files.shutdown()
