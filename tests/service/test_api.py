@@ -180,3 +180,15 @@ def test_metrics_exported(client):
 def test_unknown_route_is_json(client):
     r = client.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_mesh_upload_reconstructs_to_gaussians(client):
+    r = client.post("/reconstruct", files=_files(assets.mesh("airplane.ply")))
+    assert r.status_code == 200, r.text
+    from service.media.ply import ply_to_gaussians
+
+    g = ply_to_gaussians(r.content)
+    assert len(g["xyz"]) % 32 == 0 and np.abs(g["xyz"]).max() <= 0.5 + 1e-6
+    tok = client.post("/tokenize", files=_files(assets.mesh("cow.obj"))).json()
+    assert tok["items"][0]["kind"] == "3D" and tok["items"][0]["media"]["source"] == "mesh"
+    assert client.post("/decode", json=tok).content.startswith(b"ply")

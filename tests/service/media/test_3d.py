@@ -1,0 +1,136 @@
+import io
+import json
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from service.media.asset3d import load_3d
+from service.media.detect import sniff
+from service.media.errors import CorruptMediaError, MediaTooLargeError
+from service.media.limits import MediaLimits
+from service.media.mesh import load_mesh
+from service.media.pack3d import intrinsics_from_fov, occupied_voxels, pack_views, w2c_from_c2w_opengl
+from service.media.ply import gaussians_to_ply, ply_to_gaussians
+from service.media.render import default_cameras, render_views
+from tests import assets
+
+LIMITS = MediaLimits()
+
+
+def _bunny_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in ("bunny10k_textured.obj", "bunny10k_textured.mtl", "TextureDouble_A.png"):
+            z.write(assets.mesh(name), f"bunny/{name}")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,fmt", [("airplane.ply", "ply"), ("ant.ply", "ply"), ("cow.obj", "obj"),
+                                      ("colored_airplane.ply", "ply")])
+def test_real_meshes_pack_into_the_grid(name, fmt):
+    data = assets.mesh(name).read_bytes()
+    assert sniff(data) == ("mesh", fmt)
+    coords, feats, media = load_3d(data, fmt, LIMITS)
+    assert coords.shape[1] == 3 and feats.shape == (len(coords), 768)
+    assert coords.min() >= 0 and coords.max() < 64 and len(np.unique(coords, axis=0)) == len(coords)
+    # Normalised to fill the unit cube: the longest side spans (nearly) the whole grid.
+    assert (coords.max(0) - coords.min(0)).max() >= 60
+    assert 0 <= feats.min() and feats.max() <= 1 and feats.mean() > 0.05  # surfaces seen, not background
+    assert media["views"] == 16
+
+
+def test_vertex_colours_reach_the_features():
+    mesh = load_mesh(assets.mesh("colored_airplane.ply").read_bytes(), "ply")
+    assert mesh.vertex_colors is not None
+    _, feats, _ = load_3d(assets.mesh("colored_airplane.ply").read_bytes(), "ply", LIMITS)
+    rgb = feats.reshape(-1, 256, 3).mean(1)
+    assert rgb.std(0).max() > 0.02  # not a single grey
+
+
+def test_textured_obj_in_a_zip():
+    data = _bunny_zip()
+    assert sniff(data) == ("mesh", "zip")
+    mesh = load_mesh(data, "zip")
+    assert mesh.texture is not None and mesh.texture.shape == (512, 512, 3)
+    views = render_views(mesh.normalized())
+    hit = views.depths >= 0
+    assert hit.mean() > 0.1
+    colours = views.images[hit]
+    assert colours.std(0).max() > 20  # the texture atlas is colourful
+
+
+def test_renders_are_consistent_with_the_unprojection():
+    """Depth maps unproject onto the mesh surface: voxels from depth overlap voxels from vertices."""
+    mesh = load_mesh(assets.mesh("cow.obj").read_bytes(), "obj").normalized()
+    views = render_views(mesh)
+    coords, _ = pack_views(views.images, views.depths, np.stack([intrinsics_from_fov(views.fov)] * 16),
+                           w2c_from_c2w_opengl(views.c2w))
+    from_vertices = occupied_voxels(mesh.vertices)
+    surface = {tuple(c) for c in coords}
+    near = sum(any((v[0] + dx, v[1] + dy, v[2] + dz) in surface for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                   for dz in (-1, 0, 1)) for v in from_vertices[:500])
+    assert near / min(500, len(from_vertices)) > 0.9
+
+
+def test_user_rendered_views_match_our_own_pipeline():
+    mesh = load_mesh(assets.mesh("airplane.ply").read_bytes(), "ply").normalized()
+    views = render_views(mesh)
+    buf = io.BytesIO()
+    from PIL import Image
+    frames = []
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(len(views.c2w)):
+            png = io.BytesIO()
+            Image.fromarray(views.images[i]).save(png, "PNG")
+            z.writestr(f"{i:03d}.png", png.getvalue())
+            npy = io.BytesIO()
+            np.save(npy, views.depths[i])
+            z.writestr(f"{i:03d}_depth.npy", npy.getvalue())
+            frames.append({"file_path": f"{i:03d}.png", "transform_matrix": views.c2w[i].tolist(),
+                           "camera_angle_x": views.fov})
+        z.writestr("transforms.json", json.dumps({"frames": frames}))
+    data = buf.getvalue()
+    assert sniff(data) == ("volume", "views")
+    c1, f1, _ = load_3d(data, "views", LIMITS)
+    c2, f2, _ = load_3d(assets.mesh("airplane.ply").read_bytes(), "ply", LIMITS)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_allclose(f1, f2, atol=1e-6)
+
+
+def test_cameras_look_at_the_origin():
+    c2w = default_cameras()
+    assert c2w.shape == (16, 4, 4)
+    np.testing.assert_allclose(np.linalg.norm(c2w[:, :3, 3], axis=1), 2.0)
+    forward = -c2w[:, :3, 2]
+    np.testing.assert_allclose(np.einsum("ni,ni->n", forward, -c2w[:, :3, 3] / 2.0), 1.0, atol=1e-9)
+
+
+def test_bad_meshes_fail_fast_with_typed_errors():
+    nan_obj = b"v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n"
+    start = time.perf_counter()
+    with pytest.raises(CorruptMediaError, match="NaN"):
+        load_mesh(nan_obj, "obj")
+    with pytest.raises(CorruptMediaError, match="no triangles"):
+        load_mesh(b"v 0 0 0\nv 1 0 0\nv 0 1 0\n", "obj")
+    with pytest.raises(MediaTooLargeError) as err:
+        load_mesh(assets.mesh("cow.obj").read_bytes(), "obj", MediaLimits(max_vertices=1000))
+    assert err.value.limit == 1000
+    with pytest.raises(CorruptMediaError):
+        load_mesh(b"ply\nformat binary_little_endian 1.0\nelement vertex 99999999\nend_header\n\x00", "ply")
+    assert time.perf_counter() - start < 2.0
+
+
+def test_gaussian_ply_round_trip():
+    rng = np.random.default_rng(0)
+    m = 100
+    q = rng.normal(size=(m, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    g = dict(xyz=rng.uniform(-0.5, 0.5, (m, 3)), features_dc=rng.normal(size=(m, 3)),
+             opacity=rng.uniform(0.01, 0.99, m), scale=rng.uniform(1e-3, 0.05, (m, 3)), rotation=q)
+    data = gaussians_to_ply(**g)
+    assert data.startswith(b"ply\nformat binary_little_endian 1.0\nelement vertex 100\n")
+    back = ply_to_gaussians(data)
+    for key in g:
+        np.testing.assert_allclose(back[key], np.asarray(g[key]).reshape(back[key].shape), rtol=1e-5, atol=1e-6)
