@@ -188,7 +188,7 @@ def test_mesh_upload_reconstructs_to_gaussians(client):
     from service.media.ply import ply_to_gaussians
 
     g = ply_to_gaussians(r.content)
-    assert len(g["xyz"]) % 32 == 0 and np.abs(g["xyz"]).max() <= 0.5 + 1e-6
+    assert len(g["xyz"]) % 32 == 0 and np.abs(g["xyz"]).max() <= 0.5 + 0.75 / 64 + 1e-6  # offsets reach 0.75 voxel
     tok = client.post("/tokenize", files=_files(assets.mesh("cow.obj"))).json()
     assert tok["items"][0]["kind"] == "3D" and tok["items"][0]["media"]["source"] == "mesh"
     assert client.post("/decode", json=tok).content.startswith(b"ply")
