@@ -113,12 +113,10 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
     async def _observe(request: Request, call_next):
         start = time.perf_counter()
         inference_route = request.url.path in ("/encode", "/tokenize", "/decode", "/reconstruct")
-        if inference_route:
-            runtime.inflight += 1
         try:
             response = await call_next(request)
         finally:
-            if inference_route:
+            if getattr(request.state, "admitted", False):
                 runtime.inflight -= 1
         if inference_route:
             modality = getattr(request.state, "modality", "none")

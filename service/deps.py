@@ -16,7 +16,7 @@ from .pipeline import Options
 from .runtime import Runtime
 
 OPTION_NAMES = ("tokens", "format", "fps", "max_frames", "start", "end", "background", "array_format", "dense",
-                "preview")
+                "preview", "score")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -119,6 +119,11 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
             if raw["array_format"] not in ("base64", "list"):
                 raise InvalidParameter("array_format must be 'base64' or 'list'")
             opts.array_format = raw["array_format"]
+        if "preview" in raw:
+            if raw["preview"] not in ("none", "grid", "turntable"):
+                raise InvalidParameter("preview must be 'none', 'grid' or 'turntable'")
+            opts.preview = raw["preview"]
+        opts.score = flag(raw, "score")
     except ValueError as exc:
         raise InvalidParameter(f"bad option value: {exc}") from None
     if opts.fps is not None and opts.fps <= 0 or opts.max_frames is not None and opts.max_frames <= 0:

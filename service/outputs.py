@@ -59,3 +59,22 @@ def zip_files(files: list[tuple[str, bytes]]) -> bytes:
         for name, data in files:
             z.writestr(name, data)
     return buf.getvalue()
+
+
+def preview_file(gaussians: dict, mode: str) -> tuple[str, bytes]:
+    """A PNG grid of 4 views or a 24-frame MP4 turntable of the Gaussians."""
+    from .media.splat.preview import preview_grid, turntable
+
+    g = gaussians_from_dict(gaussians)
+    if mode == "grid":
+        return "preview.png", img.encode_image(preview_grid(g, views=4, size=256), "png")
+    return "turntable.mp4", vid.encode_video(turntable(g, frames=24, size=256), 12.0)
+
+
+def score_3d(gaussians: dict, views) -> tuple[float, float]:
+    """PSNR and SSIM of splat renders against the input's renders, on 4 of its cameras."""
+    from .media.splat.preview import psnr, render_gaussian_views, ssim
+
+    pick = list(range(0, len(views.c2w), max(1, len(views.c2w) // 4)))[:4]
+    ours = render_gaussian_views(gaussians_from_dict(gaussians), views.c2w[pick], views.images.shape[1], views.fov)
+    return psnr(ours, views.images[pick]), ssim(ours, views.images[pick])

@@ -38,6 +38,8 @@ class Options:
     end: float | None = None
     background: tuple[int, int, int] = (255, 255, 255)
     array_format: Literal["base64", "list"] = "base64"
+    preview: Literal["none", "grid", "turntable"] = "none"  # 3D reconstructions
+    score: bool = False  # 3D: PSNR/SSIM of splat renders against the input's renders
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Item:
     batch: SparseBatch  # this item alone (batch index 0)
     media: dict = field(default_factory=dict)  # sizes, fps, frames: what is needed to write outputs
     reference: np.ndarray | None = None  # uint8 [T, h, w, 3] at the model size, for round-trip PSNR
+    views: object | None = None  # 3D: the renders (media.render.Views) the volume was packed from
 
 
 def preprocess(data: bytes, options: Options, limits: MediaLimits) -> Item:
@@ -68,9 +71,9 @@ def preprocess(data: bytes, options: Options, limits: MediaLimits) -> Item:
     if modality in ("mesh", "volume"):
         from .media import asset3d  # imported lazily: trimesh and the ray caster are heavy
 
-        coords, feats, media = asset3d.load_3d(data, fmt, limits)
+        coords, feats, media, views = asset3d.load_3d(data, fmt, limits)
         batch = voxels_to_sparse([(torch.from_numpy(coords), torch.from_numpy(feats))])
-        return Item(modality, "3D", batch, media)
+        return Item(modality, "3D", batch, media, views=views)
     raise UnsupportedType(f"unsupported content ({modality}/{fmt})")
 
 

@@ -66,13 +66,15 @@ class Runtime:
     def model_info(self) -> dict:
         return self.scheduler.info
 
-    def admit(self) -> None:
-        """Cheap checks before reading or decoding anything: answer 429 early."""
-        # `inflight` already counts this request.
-        if self.inflight > self.settings.max_inflight_requests:
+    def admit(self, request: Request) -> None:
+        """Cheap checks before reading or decoding anything: answer 429 early. An admitted
+        request counts as in flight until its response is ready (the middleware releases it)."""
+        if self.inflight >= self.settings.max_inflight_requests:
             raise Overloaded(f"{self.inflight} requests in flight", limit=self.settings.max_inflight_requests,
                              retry_after=self.scheduler.retry_after())
         self.scheduler.check_capacity()
+        self.inflight += 1  # no await between the check and the count: atomic on the event loop
+        request.state.admitted = True
 
     async def preprocess_all(self, uploads: list[bytes], options: Options) -> list[Item]:
         loop = asyncio.get_running_loop()

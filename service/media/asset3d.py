@@ -17,20 +17,23 @@ from .image import decode_image
 from .limits import MediaLimits
 from .mesh import load_mesh
 from .pack3d import intrinsics_from_fov, pack_views, w2c_from_c2w_opengl
-from .render import render_views
+from .render import Views, render_views
 from .volume import check_volume, load_npz
 
 
-def load_3d(data: bytes, fmt: str, limits: MediaLimits) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_3d(data: bytes, fmt: str, limits: MediaLimits) -> tuple[np.ndarray, np.ndarray, dict, "Views | None"]:
+    """-> (coords, feats, media description, the renders the volume was packed from, if any)."""
     if fmt == "npz":
         coords, feats = load_npz(data, limits)
-        return coords, feats, {"voxels": int(len(coords))}
+        return coords, feats, {"voxels": int(len(coords))}, None
     if fmt == "views":
         images, depths, c2w, fovs = read_views_zip(data, limits)
         coords, feats = pack_views(images, depths, np.stack([intrinsics_from_fov(f) for f in fovs]),
                                    w2c_from_c2w_opengl(c2w))
         coords, feats = check_volume(coords, feats, limits)
-        return coords, feats, {"voxels": int(len(coords)), "views": int(len(images)), "source": "views"}
+        media = {"voxels": int(len(coords)), "views": int(len(images)), "source": "views"}
+        views = Views(np.stack([_square(im) for im in images]), depths, c2w, float(fovs[0]))
+        return coords, feats, media, views
     mesh = load_mesh(data, fmt, limits).normalized()
     views = render_views(mesh)
     coords, feats = pack_views(views.images, views.depths, np.stack([intrinsics_from_fov(views.fov)] * len(views.c2w)),
@@ -38,7 +41,13 @@ def load_3d(data: bytes, fmt: str, limits: MediaLimits) -> tuple[np.ndarray, np.
     coords, feats = check_volume(coords, feats, limits)
     media = {"voxels": int(len(coords)), "views": int(len(views.c2w)), "source": "mesh",
              "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}
-    return coords, feats, media
+    return coords, feats, media, views
+
+
+def _square(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((256, 256), Image.Resampling.LANCZOS))
 
 
 def read_views_zip(data: bytes, limits: MediaLimits):

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from ..arrays import NPY, SAFETENSORS, array_to_json, from_safetensors, to_npy, to_safetensors
 from ..deps import flag, get_runtime, is_safetensors, parse_options, read_uploads, require_api_key, wants
 from ..errors import BadRequest, InvalidParameter, NotAcceptable
-from ..outputs import MEDIA_TYPES, choose_format, render, zip_files
+from ..outputs import MEDIA_TYPES, choose_format, preview_file, render, score_3d, zip_files
 from ..pipeline import Item, round_trip_psnr, tokens_from_json, tokens_to_json
 from ..runtime import Runtime
 from ..worker.jobs import Job
@@ -36,7 +36,7 @@ def _model_ref(runtime: Runtime) -> dict:
 
 
 async def _items(request: Request, runtime: Runtime):
-    runtime.admit()
+    runtime.admit(request)
     uploads, fields = await read_uploads(request, runtime)
     options, raw = parse_options(request, fields)
     items = await runtime.preprocess_all(uploads, options)
@@ -111,13 +111,16 @@ async def tokenize(request: Request, runtime: Runtime = Depends(get_runtime)):
 
 
 async def _media_response(runtime: Runtime, outputs: list[tuple[str, object, object, dict, dict | None]],
-                          fmt: str | None, headers: dict) -> Response:
-    """outputs: (kind, tubelets, coords, media, gaussians) per item."""
+                          fmt: str | None, headers: dict, preview: str = "none") -> Response:
+    """outputs: (kind, tubelets, coords, media, gaussians) per item; 3D previews ride along in a zip."""
     files = []
     for i, (kind, tubelets, coords, media, gaussians) in enumerate(outputs):
         chosen = choose_format(kind, fmt, gaussians is not None)
         data = await runtime.postprocess(render, kind, tubelets, coords, media, gaussians, chosen)
         files.append((f"item{i}.{chosen}", data, MEDIA_TYPES[chosen]))
+        if preview != "none" and gaussians is not None:
+            name, extra = await runtime.postprocess(preview_file, gaussians, preview)
+            files.append((f"item{i}_{name}", extra, "application/octet-stream"))
     if len(files) == 1:
         name, data, mtype = files[0]
         headers["Content-Disposition"] = f'inline; filename="{name}"'
@@ -137,8 +140,14 @@ async def reconstruct(request: Request, runtime: Runtime = Depends(get_runtime))
     scores = [round_trip_psnr(item, r) for item, r in zip(items, results)]
     if any(s is not None for s in scores):
         headers["X-Round-Trip-PSNR"] = ",".join("" if s is None else f"{s:.2f}" for s in scores)
+    if options.score:
+        scored = [await runtime.postprocess(score_3d, r.gaussians, item.views) if item.views is not None
+                  and r.gaussians is not None else None for item, r in zip(items, results)]
+        if any(s is not None for s in scored):
+            headers["X-Render-PSNR"] = ",".join("" if s is None else f"{s[0]:.2f}" for s in scored)
+            headers["X-Render-SSIM"] = ",".join("" if s is None else f"{s[1]:.4f}" for s in scored)
     outputs = [(item.kind, r.tubelets, item.batch.coords, item.media, r.gaussians) for item, r in zip(items, results)]
-    return await _media_response(runtime, outputs, options.format, headers)
+    return await _media_response(runtime, outputs, options.format, headers, options.preview)
 
 
 @router.post("/decode", summary="Tokens (as /tokenize returned them) back to media",
@@ -146,7 +155,7 @@ async def reconstruct(request: Request, runtime: Runtime = Depends(get_runtime))
                  "application/json": {"schema": {"type": "object"}},
                  SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}})
 async def decode(request: Request, runtime: Runtime = Depends(get_runtime)):
-    runtime.admit()
+    runtime.admit(request)
     options, _ = parse_options(request, {})
     if is_safetensors(request):
         entries = _entries_from_safetensors(await request.body())

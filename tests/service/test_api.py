@@ -192,3 +192,13 @@ def test_mesh_upload_reconstructs_to_gaussians(client):
     tok = client.post("/tokenize", files=_files(assets.mesh("cow.obj"))).json()
     assert tok["items"][0]["kind"] == "3D" and tok["items"][0]["media"]["source"] == "mesh"
     assert client.post("/decode", json=tok).content.startswith(b"ply")
+
+
+def test_3d_preview_and_render_scores(client):
+    r = client.post("/reconstruct?preview=grid&score=true", files=_files(assets.mesh("ant.ply")))
+    assert r.status_code == 200, r.text
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert names == ["item0.ply", "item0_preview.png"]
+    png = zipfile.ZipFile(io.BytesIO(r.content)).read("item0_preview.png")
+    assert Image.open(io.BytesIO(png)).size == (512, 512)
+    assert float(r.headers["X-Render-PSNR"]) > 0 and 0 < float(r.headers["X-Render-SSIM"]) <= 1

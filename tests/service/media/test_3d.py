@@ -32,7 +32,7 @@ def _bunny_zip() -> bytes:
 def test_real_meshes_pack_into_the_grid(name, fmt):
     data = assets.mesh(name).read_bytes()
     assert sniff(data) == ("mesh", fmt)
-    coords, feats, media = load_3d(data, fmt, LIMITS)
+    coords, feats, media, views = load_3d(data, fmt, LIMITS)
     assert coords.shape[1] == 3 and feats.shape == (len(coords), 768)
     assert coords.min() >= 0 and coords.max() < 64 and len(np.unique(coords, axis=0)) == len(coords)
     # Normalised to fill the unit cube: the longest side spans (nearly) the whole grid.
@@ -44,7 +44,7 @@ def test_real_meshes_pack_into_the_grid(name, fmt):
 def test_vertex_colours_reach_the_features():
     mesh = load_mesh(assets.mesh("colored_airplane.ply").read_bytes(), "ply")
     assert mesh.vertex_colors is not None
-    _, feats, _ = load_3d(assets.mesh("colored_airplane.ply").read_bytes(), "ply", LIMITS)
+    _, feats, _, _ = load_3d(assets.mesh("colored_airplane.ply").read_bytes(), "ply", LIMITS)
     rgb = feats.reshape(-1, 256, 3).mean(1)
     assert rgb.std(0).max() > 0.02  # not a single grey
 
@@ -93,8 +93,8 @@ def test_user_rendered_views_match_our_own_pipeline():
         z.writestr("transforms.json", json.dumps({"frames": frames}))
     data = buf.getvalue()
     assert sniff(data) == ("volume", "views")
-    c1, f1, _ = load_3d(data, "views", LIMITS)
-    c2, f2, _ = load_3d(assets.mesh("airplane.ply").read_bytes(), "ply", LIMITS)
+    c1, f1, _, _ = load_3d(data, "views", LIMITS)
+    c2, f2, _, _ = load_3d(assets.mesh("airplane.ply").read_bytes(), "ply", LIMITS)
     np.testing.assert_array_equal(c1, c2)
     np.testing.assert_allclose(f1, f2, atol=1e-6)
 
