@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv run test test-slow parity bench-model clean
+.PHONY: venv run test test-slow parity bench-model bench-splat bench-service clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ parity: venv
 
 bench-model: venv
 	$(PY) benchmarks/bench_model.py --out docs/benchmarks/model_cpu.md
+
+bench-splat: venv
+	$(PY) benchmarks/bench_splat.py --out docs/benchmarks/splat.md
+
+bench-service: venv
+	$(PY) benchmarks/loadtest.py --out docs/benchmarks/service.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

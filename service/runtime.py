@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from fastapi import Request
 
 from .errors import Overloaded, from_worker
@@ -55,6 +56,10 @@ class Runtime:
         self.post_pool = ThreadPoolExecutor(workers, thread_name_prefix="atoken-post")
 
     def start(self) -> None:
+        if self.settings.worker == "process":
+            # The model runs in its own process; the front end's tensor work (patchify) is light
+            # and must not compete with it for cores.
+            torch.set_num_threads(1)
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -78,9 +83,14 @@ class Runtime:
 
     async def preprocess_all(self, uploads: list[bytes], options: Options) -> list[Item]:
         loop = asyncio.get_running_loop()
-        tasks = [loop.run_in_executor(self.pre_pool, preprocess, data, options, self.settings.limits)
-                 for data in uploads]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        self.scheduler.preparing += 1
+        try:
+            tasks = [loop.run_in_executor(self.pre_pool, preprocess, data, options, self.settings.limits)
+                     for data in uploads]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.scheduler.preparing -= 1
+            self.scheduler.notify()
         for i, r in enumerate(results):
             if isinstance(r, Exception):
                 if len(uploads) > 1 and hasattr(r, "message"):

@@ -71,6 +71,7 @@ class Scheduler:
         self.batches = 0
         self.start_error: str | None = None
         self.running_batch = 0  # jobs in the batch the worker holds now
+        self.preparing = 0  # admitted requests still being decoded: batch-mates on their way
         self._queue: deque[Pending] = deque()
         self._queued_cost = 0
         self._cond = threading.Condition()
@@ -140,6 +141,10 @@ class Scheduler:
                 retry_after=self.retry_after(cost), limit=cfg.max_queue_jobs,
             )
 
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     async def submit(self, jobs: list[Job], timeout_s: float) -> list[JobResult]:
         """Queue the jobs and wait for all results; cancelled callers drop their queued work."""
         self.check_capacity(len(jobs), sum(j.cost for j in jobs))
@@ -206,7 +211,8 @@ class Scheduler:
                 self._fail_dropped(self._take_expired(now))
                 queued = sum(p.job.cost for p in self._queue)
                 wait = cfg.max_wait_ms / 1e3 - (now - first_arrival)
-                if not self._queue or queued >= cfg.max_batch_tokens or wait <= 0:
+                # Waiting only pays when more work is on its way; a lone request goes at once.
+                if not self._queue or queued >= cfg.max_batch_tokens or wait <= 0 or self.preparing == 0:
                     break
                 self._cond.wait(wait)
             batch, cost = [], 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 import traceback
@@ -118,6 +119,9 @@ class ProcessBackend:
 
     def start(self) -> dict:
         ctx = mp.get_context("spawn")
+        # The worker shares the cores with the front end: idle OpenMP threads should sleep,
+        # not spin (the child reads this when it first loads torch).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_child_main, args=(child, self.spec), name="atoken-worker", daemon=True)
         proc.start()
