@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	# The local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# Test meshes only (their data files, never imported): no VTK, no Qt.
-	$(PY) -m pip install -q --no-deps pyvista==0.49.1 pymeshlab==2025.7.post1
+	# Test data and tools that would drag in what we do not need: meshes shipped by pyvista and
+	# pymeshlab (data files only, never imported: no VTK, no Qt), and the tritonserver binary
+	# inside nvidia-pytriton (its own pins, numpy<2, concern its Python API, which we do not use).
+	$(PY) -m pip install -q --no-deps pyvista==0.49.1 pymeshlab==2025.7.post1 nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 venv: $(STAMP)

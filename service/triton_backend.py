@@ -1,0 +1,82 @@
+"""Run the front end's batches on a Triton Inference Server instead of the in-process worker.
+
+Same Backend interface, same jobs and results (service/triton_io.py does the conversion), so
+the API, the errors and the outputs do not change. Each job is one Triton request; they are
+sent concurrently so Triton's dynamic batcher can group them.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .triton_io import OUTPUTS, job_to_inputs, outputs_to_result, pack_json, unpack_json
+from .worker.backends import WorkerDied
+from .worker.jobs import Job, JobResult
+
+MODEL = "atoken"
+DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+          np.dtype(np.uint8): "UINT8"}
+
+
+class TritonBackend:
+    def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 64):
+        if not url:
+            raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
+        self.url, self.protocol, self.model = url, protocol, model
+        self.concurrency = concurrency
+        self.info: dict = {}
+        self.pool = ThreadPoolExecutor(8, thread_name_prefix="atoken-triton")
+        if protocol == "grpc":
+            import tritonclient.grpc as client
+        else:
+            import tritonclient.http as client
+        self._client_mod = client
+        self._local = threading.local()  # the HTTP client is gevent-based: one per thread
+
+    @property
+    def client(self):
+        if not hasattr(self._local, "client"):
+            self._local.client = self._client_mod.InferenceServerClient(url=self.url)
+        return self._local.client
+
+    def start(self) -> dict:
+        if not self.client.is_server_ready() or not self.client.is_model_ready(self.model):
+            raise WorkerDied(f"Triton at {self.url} has no ready model {self.model!r}")
+        meta = {"op": "info", "mode": "continuous", "dense": False, "gaussians": False, "kind": "image"}
+        arrays = {"META": pack_json(meta),
+                  "FEATS": np.zeros((1, 1, 1), np.float32), "COORDS": np.zeros((1, 1, 5), np.int32),
+                  "INDICES": np.zeros((1, 1, 0), np.int64)}
+        out = self._infer(arrays)
+        self.info = unpack_json(out["ERROR"])["info"]
+        self.info["backend"] = f"triton ({self.protocol}://{self.url})"
+        return self.info
+
+    def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        c = self._client_mod
+        inputs = []
+        for name, value in arrays.items():
+            tensor = c.InferInput(name, list(value.shape), DTYPES[value.dtype])
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        outputs = [c.InferRequestedOutput(name) for name in OUTPUTS]
+        try:
+            result = self.client.infer(self.model, inputs, outputs=outputs)
+        except Exception as exc:  # noqa: BLE001 - connection or server failure
+            raise WorkerDied(f"Triton request failed: {exc}") from None
+        return {name: result.as_numpy(name) for name in OUTPUTS}
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        futures = [self.pool.submit(self._infer, job_to_inputs(job)) for job in jobs]
+        return [outputs_to_result(job, f.result()) for job, f in zip(jobs, futures)]
+
+    def alive(self) -> bool:
+        try:
+            return bool(self.client.is_server_live())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=False)

@@ -1,0 +1,93 @@
+"""Conformance: a real Triton Inference Server (from the nvidia-pytriton wheel, CPU, loopback)
+gives the same tokens, embeddings and reconstructions as the in-process worker."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from service.pipeline import Options, preprocess
+from service.settings import Settings
+from service.worker.backends import LocalBackend
+from service.worker.jobs import Job
+from tests import assets
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or
+                                importlib.util.find_spec("tritonclient") is None,
+                                reason="nvidia-pytriton / tritonclient not installed")
+
+
+@pytest.fixture(scope="module")
+def triton():
+    from service.triton_launch import TritonServer
+
+    with TritonServer(env={"ATOKEN_MAX_SIDE": "128"}) as server:
+        yield server
+
+
+def _items():
+    limits = Settings(max_side=128).limits
+    files = [assets.image("chelsea.png"), assets.image("rocket.jpg"), assets.video("carphone_pristine.mp4")]
+    items = [preprocess(f.read_bytes(), Options(max_frames=8), limits) for f in files]
+    npz = np.random.default_rng(0)
+    import io
+
+    buf = io.BytesIO()
+    coords = np.unique(npz.integers(10, 30, (40, 3)), axis=0)
+    np.savez(buf, coords=coords, feats=npz.integers(0, 255, (len(coords), 768)).astype(np.uint8))
+    items.append(preprocess(buf.getvalue(), Options(), limits))
+    return items
+
+
+def test_triton_matches_in_process(triton):
+    from service.triton_backend import TritonBackend
+
+    local = LocalBackend(Settings().model_spec)
+    local.start()
+    remote = TritonBackend(triton.url)
+    info = remote.start()
+    assert info["variant"] == local.info["variant"]
+    items = _items()
+    jobs = []
+    for i, item in enumerate(items):
+        jobs += [Job(3 * i, "embed", batch=item.batch), Job(3 * i + 1, "tokenize", batch=item.batch),
+                 Job(3 * i + 2, "reconstruct", batch=item.batch, gaussians=True)]
+    ours, theirs = local.run(jobs), remote.run(jobs)
+    for a, b in zip(ours, theirs):
+        assert a.error is None and b.error is None, (a.error, b.error)
+        torch.testing.assert_close(b.embedding, a.embedding, rtol=1e-4, atol=1e-5)
+        if a.tokens is not None:
+            torch.testing.assert_close(b.tokens.latents, a.tokens.latents, rtol=1e-4, atol=1e-4)
+            assert torch.equal(b.tokens.coords, a.tokens.coords)
+        if a.tubelets is not None:
+            torch.testing.assert_close(b.tubelets, a.tubelets, rtol=1e-4, atol=2e-4)
+        if a.gaussians is not None:
+            torch.testing.assert_close(b.gaussians["xyz_raw"], a.gaussians["xyz_raw"], rtol=1e-4, atol=1e-5)
+    # decode of the tokens Triton produced, on both sides
+    tok = theirs[1].tokens
+    dec = [Job(999, "decode", tokens=tok)]
+    torch.testing.assert_close(remote.run(dec)[0].tubelets, local.run(dec)[0].tubelets, rtol=1e-4, atol=2e-4)
+    # errors travel back typed: a job with coords outside the grid fails alone
+    bad = items[0].batch
+    bad_job = Job(1000, "embed", batch=type(bad)(bad.feats, bad.coords.clone().fill_(5000), bad.kinds))
+    results = remote.run([bad_job, Job(1001, "embed", batch=items[1].batch)])
+    assert results[0].error[0] == "InvalidInputError" and results[1].error is None
+    remote.stop()
+
+
+def test_http_api_through_triton_equals_process_worker(triton):
+    from tests.service.server import LiveServer
+
+    files = [("file", ("rocket.jpg", assets.image("rocket.jpg").read_bytes(), "image/jpeg"))]
+    with LiveServer(worker="triton", triton_url=triton.url, max_side=128) as live, live.client() as c:
+        via_triton = c.post("/encode", files=files)
+        rec_triton = c.post("/reconstruct", files=files)
+        info = c.get("/info").json()
+    with LiveServer(worker="thread", max_side=128) as live, live.client() as c:
+        local = c.post("/encode", files=files)
+        rec_local = c.post("/reconstruct", files=files)
+    assert via_triton.status_code == 200 and "triton" in info["model"]["backend"]
+    np.testing.assert_allclose(via_triton.json()["items"][0]["embedding"], local.json()["items"][0]["embedding"],
+                               rtol=1e-4, atol=1e-5)
+    assert abs(float(rec_triton.headers["X-Round-Trip-PSNR"]) - float(rec_local.headers["X-Round-Trip-PSNR"])) < 0.01
