@@ -61,6 +61,12 @@ class DeadlineExceeded(ServiceError):
     code = "deadline_exceeded"
 
 
+class ClientClosedRequest(ServiceError):
+    """Nobody is listening any more; logged and counted as 499, as nginx does."""
+
+    code = "client_closed_request"
+
+
 # The one table: most specific classes first.
 STATUS: list[tuple[type[Exception], int, str | None]] = [
     (BadRequest, 400, None),
@@ -83,6 +89,7 @@ STATUS: list[tuple[type[Exception], int, str | None]] = [
     (NotReady, 503, None),
     (WorkerUnavailable, 503, None),
     (DeadlineExceeded, 504, None),
+    (ClientClosedRequest, 499, None),
 ]
 
 MODEL_ERRORS = {cls.__name__: cls for cls in (InvalidInputError, TokenLimitError, UnsupportedError, ATokenError)}

@@ -27,6 +27,8 @@ class Metrics:
                                        registry=r)
         self.worker_restarts = Gauge("atoken_worker_restarts", "Times the model worker was restarted", registry=r)
         self.ready = Gauge("atoken_ready", "1 when requests will be served", registry=r)
+        self.dropped = Gauge("atoken_dropped_jobs", "Queued jobs skipped: client gone or deadline passed",
+                             registry=r)
 
     def on_batch(self, size: int, tokens: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -38,4 +40,5 @@ class Metrics:
         self.queue_drain.set(scheduler.drain_seconds())
         self.worker_restarts.set(scheduler.restarts)
         self.ready.set(1 if scheduler.ready else 0)
+        self.dropped.set(scheduler.dropped)
         return generate_latest(self.registry)

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import anyio
 import torch
 from fastapi import Request
 
-from .errors import Overloaded, from_worker
+from .errors import ClientClosedRequest, Overloaded, from_worker
 from .metrics import Metrics
 from .pipeline import Item, Options, preprocess
 from .scheduler import Scheduler
@@ -108,7 +109,7 @@ class Runtime:
         done, _ = await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
         if submit not in done:
             submit.cancel()  # the client left: its queued jobs are skipped
-            raise asyncio.CancelledError()
+            raise ClientClosedRequest("the client closed the connection before the answer was ready")
         watch.cancel()
         results = submit.result()
         for i, r in enumerate(results):
@@ -125,5 +126,9 @@ class Runtime:
 
 
 async def _wait_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.1)
+    """Return when the client goes away. (Starlette's `is_disconnected` cancels its read before
+    middleware-wrapped `receive` can deliver the disconnect, so read with a short window.)"""
+    while True:
+        with anyio.move_on_after(0.25):
+            if (await request.receive()).get("type") == "http.disconnect":
+                return

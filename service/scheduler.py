@@ -72,6 +72,7 @@ class Scheduler:
         self.start_error: str | None = None
         self.running_batch = 0  # jobs in the batch the worker holds now
         self.preparing = 0  # admitted requests still being decoded: batch-mates on their way
+        self.dropped = 0  # queued jobs skipped because their caller left or their deadline passed
         self._queue: deque[Pending] = deque()
         self._queued_cost = 0
         self._cond = threading.Condition()
@@ -230,6 +231,7 @@ class Scheduler:
             return batch
 
     def _fail_dropped(self, dropped: list[Pending]) -> None:
+        self.dropped += len(dropped)
         for p in dropped:
             if not p.cancelled:
                 p.resolve(error=DeadlineExceeded("the request's deadline passed while it was queued"))

@@ -90,3 +90,20 @@ def test_rope_rotates_interleaved_pairs():
     x0, x1 = x[..., 0::2], x[..., 1::2]
     torch.testing.assert_close(out[..., 0::2], x0 * c - x1 * s)
     torch.testing.assert_close(out[..., 1::2], x0 * s + x1 * c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not attn.flash_available(), reason="needs flash-attn and a CUDA device")
+def test_flash_backend_matches_torch_backend_on_gpu():
+    lengths = (5, 64, 17, 64, 1)
+    q, k, v = (t.cuda().bfloat16() for t in _qkv(sum(lengths), h=4, d=64))
+    seg = Segments(lengths, q.device)
+    try:
+        for softcap in (0.0, 30.0):
+            attn.set_backend("flash")
+            fast = varlen_attention(q, k, v, seg, 0.125, softcap)
+            attn.set_backend("torch")
+            ref = varlen_attention(q, k, v, seg, 0.125, softcap)
+            torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    finally:
+        attn.set_backend("auto")

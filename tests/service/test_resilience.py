@@ -113,3 +113,33 @@ def test_url_fetch_from_an_allowlisted_loopback_host(tmp_path):
             r = c.post("/encode", json={"urls": [other]})
             assert r.status_code == 422 and "allowlist" in r.json()["error"]["message"]
         files.shutdown()
+
+
+def test_work_of_a_disconnected_client_is_dropped():
+    """A request queued behind a long batch whose client leaves never reaches the model."""
+    with LiveServer(worker="process", max_side=256, max_frames=64, max_batch_tokens=3600, max_wait_ms=1) as live:
+        scheduler = live.runtime.scheduler
+        done = {}
+
+        def long_request():
+            with live.client() as c:
+                done["video"] = c.post("/reconstruct?max_frames=64", files=_files(VIDEO)).status_code
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.monotonic() + 30
+        while scheduler.running_batch == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        batches_before = scheduler.batches
+        with pytest.raises(httpx.TimeoutException):
+            with live.client(timeout=0.3) as c:  # gives up while its job waits in the queue
+                c.post("/encode", files=_files(JPG))
+        t.join(60)
+        deadline = time.monotonic() + 10
+        while scheduler.dropped == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done["video"] == 200
+        assert scheduler.dropped == 1
+        assert scheduler.batches == batches_before + 1  # only the video's batch ran
+        with live.client() as c:
+            assert "atoken_dropped_jobs 1.0" in c.get("/metrics").text

@@ -134,3 +134,30 @@ def test_gaussian_ply_round_trip():
     back = ply_to_gaussians(data)
     for key in g:
         np.testing.assert_allclose(back[key], np.asarray(g[key]).reshape(back[key].shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "stl", "off", "obj", "ply"])
+def test_every_mesh_format_loads_the_same_geometry(fmt):
+    import trimesh
+
+    source = trimesh.load(io.BytesIO(assets.mesh("cow.obj").read_bytes()), file_type="obj", force="mesh")
+    data = source.export(file_type=fmt)
+    data = data.encode() if isinstance(data, str) else data
+    assert sniff(data) == ("mesh", fmt)
+    mesh = load_mesh(data, fmt)
+    assert len(mesh.faces) == len(source.faces)
+    np.testing.assert_allclose(mesh.vertices.min(0), source.vertices.min(0), atol=1e-4)
+
+
+def test_gltf_scene_with_two_nodes_is_flattened():
+    import trimesh
+
+    a = trimesh.creation.box(extents=(1, 1, 1))
+    b = trimesh.creation.icosphere(subdivisions=2)
+    scene = trimesh.Scene()
+    scene.add_geometry(a, node_name="box", transform=trimesh.transformations.translation_matrix((3, 0, 0)))
+    scene.add_geometry(b, node_name="ball")
+    data = scene.export(file_type="glb")
+    mesh = load_mesh(data, "glb")
+    assert len(mesh.faces) == len(a.faces) + len(b.faces)
+    assert mesh.vertices[:, 0].max() == pytest.approx(3.5)  # the node transform was applied
