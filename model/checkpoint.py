@@ -82,9 +82,14 @@ def load_into(module: nn.Module, state: Mapping[str, Tensor], source: str = "che
     module.load_state_dict(dict(state), strict=True)
 
 
-def save_safetensors(module: nn.Module, path: str | Path, metadata: Mapping[str, Any]) -> None:
-    """Our checkpoint format: the state dict plus JSON metadata (config, model card)."""
+def save_safetensors(module: nn.Module, path: str | Path, metadata: Mapping[str, Any],
+                     dtype: torch.dtype | None = None) -> None:
+    """Our checkpoint format: the state dict plus JSON metadata (config, model card). With
+    `dtype`, floating tensors are stored in it (e.g. float16 to halve a shipped file); loading
+    casts them back to the model's dtype."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     # The model (empty checkpoint: the default model that ships with the project).
     checkpoint: str | None = None
     config: str | None = Field(None, description="official YAML config or variant name for the checkpoint")
+    variant: str | None = Field(None, description="no checkpoint: serve this variant with random weights")
     gs_checkpoint: str | None = None
     gs_config: str | None = None
     dtype: str = "float32"
@@ -87,8 +88,8 @@ class Settings(BaseSettings):
 
     @property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.checkpoint, self.config, self.gs_checkpoint, self.gs_config, self.dtype, self.device,
-                         self.threads)
+        return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config, self.dtype,
+                         self.device, self.threads)
 
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (

@@ -22,6 +22,7 @@ DEFAULT_GS_CHECKPOINT = ASSETS / "default_gs.safetensors"
 class ModelSpec:
     checkpoint: str | None = None
     config: str | None = None  # official YAML or a variant name
+    variant: str | None = None  # no checkpoint: serve this variant randomly initialised (tests, benchmarks)
     gs_checkpoint: str | None = None
     gs_config: str | None = None
     dtype: str = "float32"
@@ -35,12 +36,16 @@ def load_tokenizer(spec: ModelSpec) -> ATokenizer:
     if spec.checkpoint:
         tok = ATokenizer.load(spec.checkpoint, spec.config, spec.gs_checkpoint, spec.gs_config, spec.dtype,
                               spec.device)
+    elif spec.variant:
+        log.warning("serving variant %s with random weights (ATOKEN_VARIANT)", spec.variant)
+        tok = ATokenizer.from_variant(spec.variant, seed=0, gs=GS_VARIANTS["gs-tiny"])
+        tok.to(device=spec.device, dtype=spec.dtype)
     elif DEFAULT_CHECKPOINT.is_file():
         gs = DEFAULT_GS_CHECKPOINT if DEFAULT_GS_CHECKPOINT.is_file() else None
         tok = ATokenizer.load(DEFAULT_CHECKPOINT, gs_checkpoint=gs, dtype=spec.dtype, device=spec.device)
     else:
         log.warning("no checkpoint configured and no default model shipped: serving an UNTRAINED tiny model")
-        tok = ATokenizer.from_variant(spec.config or "tiny", seed=0, gs=GS_VARIANTS["gs-tiny"])
+        tok = ATokenizer.from_variant("tiny", seed=0, gs=GS_VARIANTS["gs-tiny"])
         tok.to(device=spec.device, dtype=spec.dtype)
     if not tok.info.trained:
         log.warning("model %s is untrained: outputs are not meaningful", tok.info.variant)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or
 def triton():
     from service.triton_launch import TritonServer
 
-    with TritonServer(env={"ATOKEN_MAX_SIDE": "128"}) as server:
+    with TritonServer(env={"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny"}) as server:
         yield server
 
 
@@ -43,7 +43,7 @@ def _items():
 def test_triton_matches_in_process(triton):
     from service.triton_backend import TritonBackend
 
-    local = LocalBackend(Settings().model_spec)
+    local = LocalBackend(Settings(variant="tiny").model_spec)
     local.start()
     remote = TritonBackend(triton.url)
     info = remote.start()

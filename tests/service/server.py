@@ -14,7 +14,9 @@ from service.settings import Settings
 
 class LiveServer:
     def __init__(self, **overrides):
-        self.settings = Settings(**overrides)
+        # Tests serve a randomly initialised tiny model (with a Gaussian decoder) unless told
+        # otherwise, so they do not depend on the shipped default.
+        self.settings = Settings(**{"variant": "tiny", **overrides})
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)

@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 
 def _run(*args, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ATOKEN_MAX_SIDE": "128"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny"}
     return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
 

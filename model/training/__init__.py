@@ -1,0 +1,1 @@
+"""Training and evaluation of AToken checkpoints with what ships offline."""

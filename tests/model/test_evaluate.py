@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from model.metrics import psnr, ssim
+from model.training.evaluate import DISCRETE_BPP, PatchPCA, jpeg_at, native, square_256
+from tests import assets
+
+
+def _img():
+    from PIL import Image
+
+    return np.asarray(Image.open(assets.image("coffee.png")).convert("RGB"))
+
+
+def test_views_follow_the_stated_geometry():
+    img = _img()  # 400 x 600
+    assert square_256(img).shape == (256, 256, 3)
+    assert native(img).shape == (400, 592, 3)
+
+
+def test_jpeg_baseline_respects_the_bit_budget():
+    view = square_256(_img())
+    decoded, rate = jpeg_at(view, DISCRETE_BPP)
+    assert rate <= DISCRETE_BPP and decoded.shape == view.shape
+    assert 15 < psnr(view, decoded) < 40
+
+
+def test_pca_baseline_is_a_real_projection():
+    pca = PatchPCA(components=48)
+    view = square_256(_img())
+    once = pca(view)
+    assert pca.basis.shape == (48, 768)
+    np.testing.assert_allclose(pca.basis @ pca.basis.T, np.eye(48), atol=1e-4)
+    assert psnr(view, once) > 18 and ssim(view, once) > 0.4
+    assert psnr(once, pca(once)) > 45  # projecting twice changes (almost) nothing
+
+
+@pytest.mark.slow
+def test_full_evaluation_of_the_shipped_default(tmp_path):
+    from model.training.evaluate import evaluate, to_markdown
+    from service.worker.loader import DEFAULT_CHECKPOINT
+
+    result = evaluate(DEFAULT_CHECKPOINT, frames=8)
+    text = to_markdown(result)
+    assert "image 256x256" in text and "video (per frame)" in text
