@@ -16,10 +16,12 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz", summary="The worker is alive (or being restarted)")
 def healthz(runtime: Runtime = Depends(get_runtime)):
-    alive = runtime.scheduler.worker_alive() or not runtime.scheduler.ready
-    body = {"status": "ok" if runtime.scheduler.worker_alive() else "starting", "worker_alive": alive,
-            "restarts": runtime.scheduler.restarts}
-    return JSONResponse(body, status_code=200)
+    """200 while the front end supervises a live or restarting worker: a liveness probe must not
+    kill the pod during a worker restart that the front end handles itself."""
+    s = runtime.scheduler
+    alive = s.worker_alive()
+    status = "ok" if alive else ("failing" if s.start_error else "starting")
+    return {"status": status, "worker_alive": alive, "restarts": s.restarts, "last_error": s.start_error}
 
 
 @router.get("/readyz", summary="Model loaded, warmed up, canary round trip passed")

