@@ -74,3 +74,22 @@ def test_packed_batch_equals_one_at_a_time():
             torch.testing.assert_close(whole["reconstruction"][mask], alone["reconstruction"], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(whole["embedding"][b], alone["embedding"][0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(whole["posterior"][mask], alone["posterior"], rtol=1e-5, atol=1e-5)
+
+
+@needs_cases
+def test_bfloat16_tracks_the_official_float32_outputs():
+    """bf16 is the CPU fast path: the goldens hold to ~1e-2 relative (README of the cases)."""
+    from model.parity import load_case_model
+    from model.sparse import SparseBatch
+
+    model, _ = load_case_model(PARITY_DIR / "soc_small")
+    model = model.to(torch.bfloat16)
+    g = load_file(str(PARITY_DIR / "soc_small" / "batch_128x128_64x96.safetensors"))
+    batch = SparseBatch(g["sparse.feats"], g["sparse.coords"], ("image", "image"))
+    with torch.no_grad():
+        enc = model.encode(batch)
+        rec = model.decode(batch.with_feats(g["dec.latent"]))
+    for ours, golden in ((enc.posterior, g["enc.posterior"]), (rec, g["dec.rec_feats"]),
+                         (enc.embedding, g["enc.image_feat"])):
+        rel = ((ours.float() - golden).norm() / golden.norm()).item()
+        assert rel < 2e-2, rel
