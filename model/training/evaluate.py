@@ -95,6 +95,55 @@ def jpeg_at(img: np.ndarray, bpp: float) -> tuple[np.ndarray, float]:
     return best
 
 
+def augmented_copies(img: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
+    """Random crops (60-90% of the side), flips and colour jitter, each resized to 224x224."""
+    rng = np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    out = []
+    for _ in range(count):
+        side = int(min(h, w) * rng.uniform(0.6, 0.9))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = img[y:y + side, x:x + side].astype(np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = np.clip((crop - crop.mean()) * rng.uniform(0.8, 1.2) + crop.mean() * rng.uniform(0.85, 1.15), 0, 255)
+        out.append(np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((224, 224), Image.Resampling.BICUBIC)))
+    return out
+
+
+def retrieval_recall(embed, images: list[np.ndarray], copies: int = 8, seed: int = 0) -> float:
+    """Recall@1 of finding each augmented copy's source among the originals by cosine similarity."""
+    originals = torch.stack([embed(np.asarray(Image.fromarray(im).resize((224, 224), Image.Resampling.BICUBIC)))
+                             for im in images])
+    originals = torch.nn.functional.normalize(originals, dim=-1)
+    hits = total = 0
+    for i, im in enumerate(images):
+        for aug in augmented_copies(im, copies, seed + i):
+            q = torch.nn.functional.normalize(embed(aug), dim=-1)
+            hits += int((originals @ q).argmax()) == i
+            total += 1
+    return hits / total
+
+
+def model_embedder(tok: ATokenizer):
+    def embed(img: np.ndarray) -> torch.Tensor:
+        batch, _ = frames_to_sparse([torch.from_numpy(img.astype(np.float32) / 127.5 - 1)])
+        return tok.embed(batch)[0][0]
+    return embed
+
+
+def teacher_embedder():
+    from .teacher import EfficientNetLite0
+
+    teacher = EfficientNetLite0()
+
+    def embed(img: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            return teacher.features(x)[0]
+    return embed
+
+
 def lpips_score(lp: LPIPS, a: np.ndarray, b: np.ndarray) -> float:
     t = lambda x: torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
     with torch.no_grad():
@@ -127,8 +176,12 @@ def evaluate(checkpoint: Path, frames: int = 32) -> dict:
             add("video (per frame)", "PCA, 48 values / patch", video[t], pca(video[t]), with_lpips=False)
     summary = {key: {m: np.nanmean(np.array(v), axis=0).tolist() for m, v in methods.items()}
                for key, methods in rows.items()}
+    pictures = [img for _, img in held_out_images()]
+    retrieval = {"AToken embedding (this checkpoint)": retrieval_recall(model_embedder(tok), pictures),
+                 "EfficientNet-Lite0 features (teacher)": retrieval_recall(teacher_embedder(), pictures)}
     return {"checkpoint": str(checkpoint), "variant": tok.info.variant, "card": tok.info.card,
-            "summary": summary, "jpeg_bpp": float(np.mean(bpps))}
+            "summary": summary, "jpeg_bpp": float(np.mean(bpps)), "retrieval": retrieval,
+            "retrieval_chance": 1 / len(pictures)}
 
 
 def to_markdown(result: dict) -> str:
@@ -140,6 +193,13 @@ def to_markdown(result: dict) -> str:
         for method, (p, s, lp) in methods.items():
             lp_text = "" if np.isnan(lp) else f"{lp:.4f}"
             lines.append(f"| {key} | {method} | {p:.2f} | {s:.4f} | {lp_text} |")
+    lines += ["", "## Understanding", "",
+              f"Nearest-neighbour retrieval between augmented copies (8 random crops/flips/colour jitters of each "
+              f"held-out picture, matched by cosine similarity against the originals; "
+              f"chance {result['retrieval_chance']:.0%}). Agreement with the teacher's classes needs the "
+              "distillation stage, which is not trained yet.", "",
+              "| embedding | recall@1 |", "| --- | ---: |"]
+    lines += [f"| {name} | {value:.1%} |" for name, value in result["retrieval"].items()]
     lines += ["", f"JPEG baseline: best quality at or under {DISCRETE_BPP:.3f} bpp "
               f"(the So/D token rate); mean achieved {result['jpeg_bpp']:.3f} bpp.", "", PAPER, ""]
     for key, methods in result["summary"].items():
