@@ -9,7 +9,7 @@ from service.worker.loader import DEFAULT_CHECKPOINT
 from tests import assets
 from tests.service.server import LiveServer
 
-MIN_PSNR = 20.0  # dB on a held-out photograph; see docs/eval.md for the measured figures
+MIN_PSNR = 23.0  # dB on the held-out cat; 25.4 measured for the shipped default (docs/eval.md)
 
 
 def test_default_checkpoint_is_trained_small_and_documented():
