@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import zipfile
 
-import numpy as np
 import torch
 
 from model.gaussians import Gaussians

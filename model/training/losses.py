@@ -3,7 +3,6 @@ the LPIPS network's features, and KL of the posterior with a tiny weight."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

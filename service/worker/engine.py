@@ -5,7 +5,6 @@ breaks the batch is retried alone so that it fails alone."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import torch
 

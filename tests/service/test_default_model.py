@@ -1,7 +1,6 @@
 """The default model that ships with the project: trained, small, served without configuration,
 and it reconstructs a held-out photograph recognisably."""
 
-import json
 
 from model.api import ATokenizer
 from model.training.data import HELD_OUT_IMAGES
