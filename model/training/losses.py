@@ -26,3 +26,12 @@ def kl_loss(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) per token, averaged."""
     logvar = logvar.clamp(-30.0, 20.0)
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    """KL(teacher || student) on temperature-softened class distributions, scaled by T^2
+    (the paper distils SigLIP2 similarities this way at T=2; here the teacher's ImageNet classes)."""
+    t = temperature
+    teacher = (teacher_logits / t).log_softmax(-1)
+    student = (student_logits / t).log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..api import ATokenizer
 from ..autoencoder import AToken
@@ -28,7 +29,7 @@ from ..config import get_variant
 from ..layout import TokenLayout
 from ..patchify import frames_to_sparse
 from .data import HELD_OUT_CLIPS, HELD_OUT_IMAGES, ImageCrops, training_images
-from .losses import gram_loss, kl_loss
+from .losses import distillation_loss, gram_loss, kl_loss
 from .lpips import LPIPS
 
 FRAME0 = 16 * 16 * 3  # the real frame of an image tubelet (the other 3 are zero padding)
@@ -47,6 +48,8 @@ class TrainConfig:
     lpips_weight: float = 0.5
     gram_weight: float = 1.0
     kl_weight: float = 1e-8
+    distill_weight: float = 0.0  # > 0: distil the teacher's classes into the pooled embedding
+    distill_temperature: float = 2.0
     seed: int = 0
     bf16: bool = True
     save_every: int = 500
@@ -75,8 +78,18 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.model = AToken(get_variant(cfg.variant))
         self.lpips = LPIPS("alexnet")
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "position" not in n]
-        other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "position" not in n)]
+        self.teacher = self.distill_head = None
+        if cfg.distill_weight > 0:
+            from .teacher import EfficientNetLite0
+
+            self.teacher = EfficientNetLite0()
+            # Training-only classifier on the pooled embedding; kept beside the checkpoint.
+            self.distill_head = torch.nn.Linear(self.model.cfg.embed_dim, 1000)
+        params = list(self.model.named_parameters())
+        if self.distill_head is not None:
+            params += [(f"distill_head.{n}", p) for n, p in self.distill_head.named_parameters()]
+        decay = [p for n, p in params if p.ndim >= 2 and "position" not in n]
+        other = [p for n, p in params if not (p.ndim >= 2 and "position" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.data = ImageCrops(training_images(), cfg.size, cfg.seed)
@@ -88,6 +101,8 @@ class Trainer:
     def resume(self) -> None:
         state = torch.load(self.out / "state.pt", weights_only=True)
         self.model.load_state_dict(state["model"])
+        if self.distill_head is not None:
+            self.distill_head.load_state_dict(state["distill_head"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
@@ -116,6 +131,15 @@ class Trainer:
         gr = gram_loss(feats_rec, feats_truth)
         kl = kl_loss(enc.mean.float(), enc.logvar.float())
         loss = l1 + 0.1 * pad + cfg.lpips_weight * lp + cfg.gram_weight * gr + cfg.kl_weight * kl
+        extra = {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(F.interpolate(truth, size=224, mode="bilinear", align_corners=False))
+            student_logits = self.distill_head(enc.pooled.float())
+            dist = distillation_loss(student_logits, teacher_logits, cfg.distill_temperature)
+            loss = loss + cfg.distill_weight * dist
+            agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+            extra = {"distill": dist.item(), "agree": agree.item()}
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.opt.zero_grad(set_to_none=True)
@@ -125,7 +149,7 @@ class Trainer:
         with torch.no_grad():
             mse = (images.clamp(-1, 1) - truth).pow(2).mean().item() / 4  # in [0, 1] units
         return {"loss": loss.item(), "l1": l1.item(), "lpips": lp.item(), "gram": gr.item(), "kl": kl.item(),
-                "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+                "psnr": 10 * math.log10(1 / max(mse, 1e-12)), **extra}
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +159,10 @@ class Trainer:
                      "held_out_images": list(HELD_OUT_IMAGES), "held_out_clips": list(HELD_OUT_CLIPS),
                      "augmentation": "random square crops at random scale, flips, brightness/contrast/saturation"},
             "stage": "images (curriculum stage 1)",
-            "objective": "L1 + LPIPS(alexnet) + Gram(LPIPS features) + 1e-8 KL; decoder fed a posterior sample",
+            "objective": "L1 + LPIPS(alexnet) + Gram(LPIPS features) + 1e-8 KL; decoder fed a posterior sample"
+                         + (f"; distillation of EfficientNet-Lite0 classes into the pooled embedding (T="
+                            f"{self.cfg.distill_temperature}, weight {self.cfg.distill_weight})"
+                            if self.cfg.distill_weight > 0 else ""),
             "train_config": asdict(self.cfg), "steps": self.step, "seconds": round(self.elapsed, 1),
             "machine": f"{platform.machine()}, torch {torch.__version__}",
             "last_losses": self.history[-1] if self.history else {},
@@ -146,6 +173,11 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "elapsed": self.elapsed, "noise_rng": self.gen.get_state(),
                  "data_rng": json.dumps(self.data.rng.bit_generator.state), "history": json.dumps(self.history)}
+        if self.distill_head is not None:
+            state["distill_head"] = self.distill_head.state_dict()
+            from safetensors.torch import save_file
+
+            save_file(self.distill_head.state_dict(), str(self.out / "distill_head.safetensors"))
         torch.save(state, self.out / "state.pt")
         (self.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
 

