@@ -72,7 +72,9 @@ def preview_file(gaussians: dict, mode: str) -> tuple[str, bytes]:
 
 def score_3d(gaussians: dict, views) -> tuple[float, float]:
     """PSNR and SSIM of splat renders against the input's renders, on 4 of its cameras."""
-    from .media.splat.preview import psnr, render_gaussian_views, ssim
+    from model.metrics import psnr, ssim
+
+    from .media.splat.preview import render_gaussian_views
 
     pick = list(range(0, len(views.c2w), max(1, len(views.c2w) // 4)))[:4]
     ours = render_gaussian_views(gaussians_from_dict(gaussians), views.c2w[pick], views.images.shape[1], views.fov)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from model.api import Tokens
+from model.metrics import psnr
 from model.patchify import frames_to_sparse, unpatchify_frames, voxels_to_sparse
 from model.sparse import SparseBatch
 
@@ -104,26 +105,20 @@ def _video_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
 
 
 # ---------------------------------------------------------------- model outputs -> arrays
+def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, count: int | None) -> np.ndarray:
+    """Reconstructed tubelets -> uint8 [T, h, w, 3] at the model size (images: frame 0 only)."""
+    frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)  # [T, 3, h, w]
+    frames = frames[:1] if kind == "image" else frames[:count]
+    return img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
+
+
 def tubelets_to_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, media: dict) -> np.ndarray:
     """Reconstructed tubelets -> uint8 [T, H, W, 3] at the input's original size."""
-    frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)  # [T, 3, h, w]
-    frames = frames[:1] if kind == "image" else frames[: media.get("frames", frames.shape[0])]
-    pixels = img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
+    pixels = model_size_frames(tubelets, coords, kind, media.get("frames"))
     size = (media.get("height", pixels.shape[1]), media.get("width", pixels.shape[2]))
     if pixels.shape[1:3] != tuple(size):
         pixels = np.stack([img.resize_rgb(f, size) for f in pixels])
     return pixels
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, count: int) -> np.ndarray:
-    frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)
-    frames = frames[:1] if kind == "image" else frames[:count]
-    return img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
 
 
 def round_trip_psnr(item: Item, result: JobResult) -> float | None:
@@ -134,14 +129,18 @@ def round_trip_psnr(item: Item, result: JobResult) -> float | None:
 
 
 # ---------------------------------------------------------------- the token JSON contract
+def compact_indices(indices: torch.Tensor) -> np.ndarray:
+    """FSQ indices in the smallest integer type that holds them (uint16 for 4096-code books)."""
+    idx = indices.numpy()
+    return idx.astype(np.uint16 if idx.max(initial=0) < 2**16 else np.int32)
+
+
 def tokens_to_json(item_index: int, item: Item, tokens: Tokens, fmt: str) -> dict:
     coords = tokens.coords[:, 1:].numpy().astype(np.int32)  # (t, x, y, z); the batch column is implicit
     out = {"index": item_index, "modality": item.modality, "kind": item.kind, "media": item.media,
            "num_tokens": int(coords.shape[0]), "coords": array_to_json(coords, fmt)}
     if tokens.indices is not None:
-        idx = tokens.indices.numpy()
-        dtype = np.uint16 if idx.max(initial=0) < 2**16 else np.int32
-        out["indices"] = array_to_json(idx.astype(dtype), fmt)
+        out["indices"] = array_to_json(compact_indices(tokens.indices), fmt)
     else:
         out["latents"] = array_to_json(tokens.latents.numpy().astype(np.float32), fmt)
     return out

@@ -210,7 +210,7 @@ class Scheduler:
             while True:
                 now = time.monotonic()
                 self._fail_dropped(self._take_expired(now))
-                queued = sum(p.job.cost for p in self._queue)
+                queued = self._queued_cost
                 wait = cfg.max_wait_ms / 1e3 - (now - first_arrival)
                 # Waiting only pays when more work is on its way; a lone request goes at once.
                 if not self._queue or queued >= cfg.max_batch_tokens or wait <= 0 or self.preparing == 0:

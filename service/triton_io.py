@@ -12,10 +12,10 @@ import torch
 from model.api import Tokens
 from model.sparse import SparseBatch
 
+from .worker.engine import GAUSSIAN_FIELDS
 from .worker.jobs import Job, JobResult
 
 OUTPUTS = ("EMBEDDING", "FEATURES", "LATENTS", "LOGVAR", "INDICES_OUT", "TUBELETS", "GAUSSIANS", "ERROR")
-GAUSSIAN_FIELDS = ("xyz_raw", "features_dc", "scaling_raw", "opacity_raw", "rotation_raw")
 
 
 def pack_json(obj) -> np.ndarray:

@@ -106,6 +106,8 @@ class TritonServer:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if getattr(self, "log", None):
+            self.log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":

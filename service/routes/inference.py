@@ -12,7 +12,7 @@ from ..arrays import NPY, SAFETENSORS, array_to_json, from_safetensors, to_npy, 
 from ..deps import flag, get_runtime, is_safetensors, parse_options, read_uploads, require_api_key, wants
 from ..errors import BadRequest, InvalidParameter, NotAcceptable
 from ..outputs import MEDIA_TYPES, choose_format, preview_file, render, score_3d, zip_files
-from ..pipeline import Item, round_trip_psnr, tokens_from_json, tokens_to_json
+from ..pipeline import Item, compact_indices, round_trip_psnr, tokens_from_json, tokens_to_json
 from ..runtime import Runtime
 from ..worker.jobs import Job
 
@@ -90,7 +90,7 @@ async def tokenize(request: Request, runtime: Runtime = Depends(get_runtime)):
         for i, (entry, r) in enumerate(zip(entries, results)):
             arrays[f"item{i}.coords"] = r.tokens.coords[:, 1:].numpy().astype(np.int32)
             if r.tokens.indices is not None:
-                arrays[f"item{i}.indices"] = r.tokens.indices.numpy().astype(np.int32)
+                arrays[f"item{i}.indices"] = compact_indices(r.tokens.indices)
             else:
                 arrays[f"item{i}.latents"] = r.tokens.latents.numpy()
             meta_items.append({k: v for k, v in entry.items() if k not in ("coords", "latents", "indices")})

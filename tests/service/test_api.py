@@ -143,7 +143,6 @@ def test_bad_parameters_and_tokens(client):
     assert client.post("/decode", json=doc).status_code == 400
     doc = client.post("/tokenize", files=_files(PNG)).json()
     doc["items"][0]["coords"]["data"] = [[0, 0, 0, -1]] * doc["items"][0]["num_tokens"]
-    doc["items"][0]["coords"]["data"] = [[0, 0, 0, -1]] * doc["items"][0]["num_tokens"]
     r = client.post("/decode", json=doc)
     assert r.status_code == 422 and "non-negative" in r.json()["error"]["message"]
 

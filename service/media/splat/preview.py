@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from model.gaussians import SH_C0, Gaussians
-from model.metrics import psnr, ssim  # noqa: F401 - re-exported for the service
 
 from ..pack3d import w2c_from_c2w_opengl
 from ..render import IMAGE_SIZE, FOV, default_cameras, look_at_c2w

@@ -13,7 +13,8 @@ import torch
 from model.gaussians import Gaussians
 from service.media.render import default_cameras
 from service.media.splat import project_gaussians, rasterize_reference, render, tile_intersections
-from service.media.splat.preview import pixel_intrinsics, preview_grid, psnr, render_gaussian_views, ssim
+from model.metrics import psnr, ssim
+from service.media.splat.preview import pixel_intrinsics, preview_grid, render_gaussian_views
 from tests.conftest import ROOT
 
 
