@@ -56,6 +56,7 @@ def test_killed_worker_gives_503_then_recovers():
         deadline = time.monotonic() + 30
         while scheduler.running_batch == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
+        os.kill(pid, signal.SIGSTOP)  # the batch cannot finish between the check and the kill
         assert scheduler.running_batch > 0, "the request never reached the worker"
         os.kill(pid, signal.SIGKILL)
         t.join(60)
@@ -115,7 +116,10 @@ def test_url_fetch_from_an_allowlisted_loopback_host(tmp_path):
 
 
 def test_work_of_a_disconnected_client_is_dropped():
-    """A request queued behind a long batch whose client leaves never reaches the model."""
+    """A request queued behind a running batch whose client leaves never reaches the model.
+
+    The worker is paused (SIGSTOP) while it runs the first batch, so the second request is
+    certainly still queued when its client gives up, however fast the machine is."""
     with LiveServer(worker="process", max_side=256, max_frames=64, max_batch_tokens=3600, max_wait_ms=1) as live:
         scheduler = live.runtime.scheduler
         done = {}
@@ -128,11 +132,20 @@ def test_work_of_a_disconnected_client_is_dropped():
         t.start()
         deadline = time.monotonic() + 30
         while scheduler.running_batch == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        batches_before = scheduler.batches
-        with pytest.raises(httpx.TimeoutException):
-            with live.client(timeout=0.3) as c:  # gives up while its job waits in the queue
-                c.post("/encode", files=_files(JPG))
+            time.sleep(0.001)
+        assert scheduler.running_batch > 0, "the request never reached the worker"
+        os.kill(scheduler.backend.pid, signal.SIGSTOP)
+        try:
+            batches_before = scheduler.batches
+            with pytest.raises(httpx.TimeoutException):
+                with live.client(timeout=2.0) as c:  # gives up while its job waits in the queue
+                    c.post("/encode", files=_files(JPG))
+            deadline = time.monotonic() + 10
+            while not all(p.cancelled for p in scheduler._queue) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(scheduler._queue) == 1 and scheduler._queue[0].cancelled
+        finally:
+            os.kill(scheduler.backend.pid, signal.SIGCONT)
         t.join(60)
         deadline = time.monotonic() + 10
         while scheduler.dropped == 0 and time.monotonic() < deadline:
