@@ -189,6 +189,10 @@ VARIANTS: dict[str, ATokenConfig] = {
 GS_VARIANTS: dict[str, GaussianDecoderConfig] = {
     "gs-official": GaussianDecoderConfig(),
     "gs-tiny": GaussianDecoderConfig(model_channels=192, num_blocks=2, num_heads=3, mlp_channels=768),
+    # The shipped default's decoder: gs-tiny with 8 Gaussians per voxel, so that training through
+    # the CPU rasteriser stays affordable.
+    "gs-small": GaussianDecoderConfig(model_channels=192, num_blocks=2, num_heads=3, mlp_channels=768,
+                                      num_gaussians=8),
 }
 
 

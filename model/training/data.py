@@ -4,6 +4,7 @@ flips, colour jitter)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -100,3 +101,76 @@ class ImageCrops:
         grey = crop.mean(-1, keepdims=True)
         crop = grey + (crop - grey) * self.rng.uniform(0.8, 1.2)
         return np.clip(crop, 0, 255)
+
+
+@functools.lru_cache(maxsize=2)
+def training_clips(max_side: int = 360) -> list[np.ndarray]:
+    """Every frame of the training clips as uint8 [T, H, W, 3], shrunk to at most `max_side`
+    on the long side (the crops are small, so full 720p frames would only cost memory)."""
+    clips = []
+    for name in TRAIN_CLIPS:
+        frames = clip_frames(clip_path(name), every=1, limit=256)
+        h, w = frames[0].shape[:2]
+        scale = min(1.0, max_side / max(h, w))
+        if scale < 1:
+            size = (round(w * scale), round(h * scale))
+            frames = [np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in frames]
+        clips.append(np.stack(frames))
+    return clips
+
+
+class VideoCrops:
+    """Random clips [B, frames, size, size, 3] in [-1, 1]: windows of the training clips (random
+    start, frame step 1-2, crop, scale, flip, colour jitter), and, for `still_fraction` of them,
+    synthetic camera motion over a still (a crop window that pans and zooms frame by frame)."""
+
+    def __init__(self, clips: list[np.ndarray], stills: list[np.ndarray], size: int, frames: int, seed: int,
+                 still_fraction: float = 0.3):
+        self.clips, self.stills = clips, stills
+        self.size, self.frames, self.still_fraction = size, frames, still_fraction
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int) -> torch.Tensor:
+        out = np.empty((batch, self.frames, self.size, self.size, 3), np.float32)
+        for b in range(batch):
+            out[b] = self._jitter(self._pan() if self.rng.random() < self.still_fraction else self._window())
+        return torch.from_numpy(out / 127.5 - 1.0)
+
+    def _window(self) -> np.ndarray:
+        clip = self.clips[self.rng.integers(len(self.clips))]
+        step = int(self.rng.integers(1, 3)) if len(clip) > 2 * (self.frames - 1) else 1
+        start = self.rng.integers(0, len(clip) - step * (self.frames - 1))
+        frames = clip[start:start + step * self.frames:step]
+        h, w = frames.shape[1:3]
+        side = int(self.rng.integers(min(self.size, h, w), min(h, w) + 1))
+        y, x = self.rng.integers(0, h - side + 1), self.rng.integers(0, w - side + 1)
+        return np.stack([self._resize(f[y:y + side, x:x + side]) for f in frames])
+
+    def _pan(self) -> np.ndarray:
+        img = self.stills[self.rng.integers(len(self.stills))]
+        h, w = img.shape[:2]
+        low = min(self.size, h, w)  # a small still is panned over at its full size
+        side0 = self.rng.uniform(low, max(low, min(h, w) * 0.8))
+        zoom = self.rng.uniform(0.97, 1.03)  # per frame
+        speed = self.rng.uniform(-3, 3, 2) * side0 / self.size  # source pixels per frame
+        cy, cx = self.rng.uniform(side0 / 2, h - side0 / 2), self.rng.uniform(side0 / 2, w - side0 / 2)
+        out = []
+        for t in range(self.frames):
+            side = min(side0 * zoom**t, min(h, w))  # never wider than the picture
+            y = int(np.clip(cy + speed[0] * t - side / 2, 0, h - side))
+            x = int(np.clip(cx + speed[1] * t - side / 2, 0, w - side))
+            out.append(self._resize(img[y:y + int(side), x:x + int(side)]))
+        return np.stack(out)
+
+    def _resize(self, crop: np.ndarray) -> np.ndarray:
+        if crop.shape[0] == self.size and crop.shape[1] == self.size:
+            return crop
+        return np.asarray(Image.fromarray(crop).resize((self.size, self.size), Image.Resampling.BILINEAR))
+
+    def _jitter(self, frames: np.ndarray) -> np.ndarray:
+        frames = frames.astype(np.float32)
+        if self.rng.random() < 0.5:
+            frames = frames[:, :, ::-1]
+        mean = frames.mean()
+        frames = (frames - mean) * self.rng.uniform(0.85, 1.15) + mean * self.rng.uniform(0.85, 1.15)
+        return np.clip(frames, 0, 255)

