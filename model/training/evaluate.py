@@ -152,7 +152,7 @@ def teacher_agreement(tok: ATokenizer, head: Path, images: list[np.ndarray], cop
     with torch.no_grad():
         for v in views:
             batch, _ = frames_to_sparse([torch.from_numpy(v.astype(np.float32) / 127.5 - 1)])
-            student = linear(tok.embed(batch)[1].float())[0]
+            student = linear(tok.model.encode(batch).pooled.float())[0]  # the head was trained on this
             x = torch.from_numpy(v.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
             target = int(teacher(x)[0].argmax())
             top1 += int(student.argmax()) == target
