@@ -58,10 +58,12 @@ def clip_frames(path: Path, every: int = 8, limit: int = 64) -> list[np.ndarray]
     return frames
 
 
-def training_images() -> list[np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def training_images() -> tuple[np.ndarray, ...]:
+    """Decoded once per process (the trainer, the PCA fit and the video stills all use them)."""
     pictures = [load_rgb(p) for p in image_files() if p.name not in HELD_OUT_IMAGES]
     stills = [f for clip in TRAIN_CLIPS for f in clip_frames(clip_path(clip))]
-    return [p for p in pictures if p is not None] + stills
+    return tuple(p for p in pictures if p is not None) + tuple(stills)
 
 
 def held_out_images() -> list[tuple[str, np.ndarray]]:

@@ -30,6 +30,7 @@ from ..patchify import frames_to_sparse
 from .data import HELD_OUT_CLIPS, clip_frames, clip_path, held_out_images
 from .lpips import LPIPS
 from .pca import TokenPCA
+from .teacher import EfficientNetLite0
 
 PATCH = 16
 DISCRETE_BPP = 8 * 12 / (PATCH * PATCH)
@@ -111,11 +112,7 @@ def model_embedder(tok: ATokenizer):
     return embed
 
 
-def teacher_embedder():
-    from .teacher import EfficientNetLite0
-
-    teacher = EfficientNetLite0()
-
+def teacher_embedder(teacher):
     def embed(img: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
@@ -134,17 +131,14 @@ def head_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.replace(".safetensors", ".head.safetensors"))
 
 
-def teacher_agreement(tok: ATokenizer, head: Path, images: list[np.ndarray], copies: int = 8) -> dict:
+def teacher_agreement(tok: ATokenizer, teacher, head: Path, images: list[np.ndarray], copies: int = 8) -> dict:
     """Top-1 agreement and top-5 recall of the embedding-based classifier with the teacher, on
     the held-out pictures and augmented copies of them."""
     from safetensors.torch import load_file
 
-    from .teacher import EfficientNetLite0
-
     weights = load_file(str(head))
     linear = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
     linear.load_state_dict(weights)
-    teacher = EfficientNetLite0()
     views = [v for i, im in enumerate(images)
              for v in [np.asarray(Image.fromarray(im).resize((224, 224), Image.Resampling.BICUBIC))]
              + augmented_copies(im, copies, 100 + i)]
@@ -217,10 +211,11 @@ def evaluate(checkpoint: Path, frames: int = 32, head: Path | None = None, gs: P
     summary = {key: {m: np.nanmean(np.array(v), axis=0).tolist() for m, v in methods.items()}
                for key, methods in rows.items()}
     pictures = [img for _, img in held_out_images()]
+    teacher = EfficientNetLite0()
     retrieval = {"AToken embedding (this checkpoint)": retrieval_recall(model_embedder(tok), pictures),
-                 "EfficientNet-Lite0 features (teacher)": retrieval_recall(teacher_embedder(), pictures)}
+                 "EfficientNet-Lite0 features (teacher)": retrieval_recall(teacher_embedder(teacher), pictures)}
     head = head or head_path(checkpoint)
-    agreement = teacher_agreement(tok, head, pictures) if head.exists() else None
+    agreement = teacher_agreement(tok, teacher, head, pictures) if head.exists() else None
     return {"checkpoint": str(checkpoint), "variant": tok.info.variant, "card": tok.info.card,
             "summary": summary, "jpeg_bpp": {k: float(np.mean(v)) for k, v in bpps.items()},
             "retrieval": retrieval, "retrieval_chance": 1 / len(pictures), "agreement": agreement,

@@ -1,12 +1,13 @@
-"""Train an AToken tokenizer on offline data (the image stage of the paper's curriculum).
+"""Train an AToken tokenizer on offline data: images, then images and video (curriculum
+stages 1-2), or, with --distill-only, the pooling head alone against the teacher.
 
-    python -m model.training.train --variant tiny --minutes 40 --out runs/default
+    python -m model.training.train --variant tiny --warm-start pca --steps 5000 --out runs/x
 
-Objective: L1 + LPIPS + Gram (on the LPIPS network's features) + 1e-8 KL, decoder fed a
-posterior sample. Deterministic for a seed; checkpoints every --save-every steps
+Objective: L1 (+ optional L2) + LPIPS + Gram (on the LPIPS network's features) + 1e-8 KL,
+decoder fed a posterior sample. Deterministic for a seed; checkpoints every --save-every steps
 (`model.safetensors` with the config and a model card, `state.pt` for --resume); a progress
-line with losses, speed and ETA. Runs on CPU (bfloat16 autocast where the CPU has fast bf16)
-or unchanged on a GPU.
+line with losses, speed and ETA. `--device auto` trains on CUDA when there is one (optionally
+under bfloat16 autocast), else on the CPU; the recipe is the same.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from ..layout import TokenLayout
 from ..patchify import frames_to_sparse
 from .data import HELD_OUT_CLIPS, HELD_OUT_IMAGES, TRAIN_CLIPS, ImageCrops, VideoCrops, training_clips, training_images
 from .losses import distillation_loss, gram_loss, kl_loss
+from .cli import add_config_flags, config_from, resolve_device
 from .lpips import LPIPS
 from .pca import TokenPCA
 from .warm_start import pca_warm_start
@@ -61,13 +63,13 @@ class TrainConfig:
     kl_weight: float = 1e-8
     distill_weight: float = 0.0  # > 0: distil the teacher's classes into the pooled embedding
     distill_temperature: float = 2.0
-    distill_trunk: bool = True  # False: distillation trains the pooling head only, not the trunk
     distill_only: bool = False  # a separate stage: only the pooling head (and its classifier) learn
     init_from: str = ""  # start from this checkpoint's weights (e.g. a finished reconstruction run)
     seed: int = 0
     bf16: bool = True
     save_every: int = 500
     threads: int = 0
+    device: str = "auto"  # auto: CUDA when available, else CPU
 
 
 def to_frames(tubelets: torch.Tensor, batch: int, size: int) -> torch.Tensor:
@@ -100,14 +102,16 @@ class Trainer:
             self.model.load_state_dict(ATokenizer.load(cfg.init_from).model.state_dict())
         if cfg.distill_only and cfg.distill_weight <= 0:
             raise ValueError("--distill-only needs --distill-weight > 0")
-        self.lpips = LPIPS("alexnet")
+        self.device = resolve_device(cfg.device)
+        self.model.to(self.device)
+        self.lpips = LPIPS("alexnet").to(self.device)
         self.teacher = self.distill_head = None
         if cfg.distill_weight > 0:
             from .teacher import EfficientNetLite0
 
-            self.teacher = EfficientNetLite0()
+            self.teacher = EfficientNetLite0().to(self.device)
             # Training-only classifier on the pooled embedding; kept beside the checkpoint.
-            self.distill_head = torch.nn.Linear(self.model.cfg.embed_dim, 1000)
+            self.distill_head = torch.nn.Linear(self.model.cfg.embed_dim, 1000).to(self.device)
         params = list(self.model.named_parameters())
         if cfg.distill_only:
             params = [(f"encoder.head.{n}", p) for n, p in self.model.encoder.head.named_parameters()]
@@ -125,7 +129,7 @@ class Trainer:
         self.data = ImageCrops(stills, cfg.size, cfg.seed)
         self.video = (VideoCrops(training_clips(), stills, cfg.size, cfg.video_frames, cfg.seed + 2)
                       if cfg.video_from >= 0 else None)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.history: list[dict] = []
         self.elapsed = 0.0
@@ -154,9 +158,8 @@ class Trainer:
         cfg = self.cfg
         video = self.is_video_step()
         items = self.video.sample(cfg.video_batch) if video else self.data.sample(cfg.batch)
-        batch, _ = frames_to_sparse(list(items))
-        layout = TokenLayout.build(batch.coords, batch.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        batch, layout = self._packed(items)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             enc = self.model.encode(batch, layout)
             z = enc.sample(self.gen)
             rec = self.model.decode(batch.with_feats(z), layout)
@@ -178,8 +181,7 @@ class Trainer:
         if self.teacher is not None and not video:
             with torch.no_grad():
                 teacher_logits = self.teacher(F.interpolate(truth, size=224, mode="bilinear", align_corners=False))
-            pooled = enc.pooled if cfg.distill_trunk else self._pooled_on_detached_trunk(enc, layout)
-            student_logits = self.distill_head(pooled.float())
+            student_logits = self.distill_head(enc.pooled.float())
             dist = distillation_loss(student_logits, teacher_logits, cfg.distill_temperature)
             loss = loss + cfg.distill_weight * dist
             agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
@@ -200,11 +202,10 @@ class Trainer:
         """The trunk frozen: the pooling head learns the teacher's classes from its features."""
         cfg = self.cfg
         images = self.data.sample(cfg.batch)
-        batch, _ = frames_to_sparse(list(images))
-        layout = TokenLayout.build(batch.coords, batch.batch_size)
+        batch, layout = self._packed(images)
         with torch.no_grad():
             x = self.model.encoder(layout.to_segment_order(batch.feats), layout)
-            truth = images.permute(0, 3, 1, 2)
+            truth = images.to(self.device).permute(0, 3, 1, 2)
             teacher_logits = self.teacher(F.interpolate(truth, size=224, mode="bilinear", align_corners=False))
         student_logits = self.distill_head(self.model.encoder.head(x, layout.sample, layout.batch_size))
         loss = distillation_loss(student_logits, teacher_logits, cfg.distill_temperature)
@@ -216,11 +217,11 @@ class Trainer:
         agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
         return {"distill": loss.item(), "agree": agree.item()}
 
-    def _pooled_on_detached_trunk(self, enc, layout) -> torch.Tensor:
-        """The pooling head on the encoder's features with the trunk cut from the graph."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            x = layout.to_segment_order(enc.features.detach())
-            return self.model.encoder.head(x, layout.sample, layout.batch_size)
+    def _packed(self, items: torch.Tensor):
+        """Equal-size images or clips -> (packed batch on the training device, its layout)."""
+        batch, _ = frames_to_sparse(list(items))
+        batch = replace(batch, feats=batch.feats.to(self.device), coords=batch.coords.to(self.device))
+        return batch, TokenLayout.build(batch.coords, batch.batch_size)
 
     def card(self) -> dict:
         cfg = self.cfg
@@ -229,8 +230,7 @@ class Trainer:
                                                 lp=f"{cfg.lpips_weight:g}", gr=f"{cfg.gram_weight:g}")
         if cfg.distill_weight > 0:
             objective += (f"; distillation of EfficientNet-Lite0 classes into the pooled embedding "
-                          f"(T={cfg.distill_temperature}, weight {cfg.distill_weight}"
-                          f"{'' if cfg.distill_trunk else ', pooling head only'})")
+                          f"(T={cfg.distill_temperature}, weight {cfg.distill_weight})")
         stage = ("images (curriculum stage 1)" if self.video is None else
                  f"images, then images and video alternating from step {cfg.video_from} (stages 1-2)")
         if cfg.distill_only:
@@ -310,25 +310,17 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        kind = type(value)
-        if kind is bool:
-            parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    add_config_flags(parser, TrainConfig())
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ship", type=Path, default=None, help="afterwards, store the model here (float16)")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    trainer = Trainer(cfg, args.out)
+    trainer = Trainer(config_from(args, TrainConfig), args.out)
     if args.resume:
         trainer.resume()
     trainer.run()
     if args.ship:
         ship(args.out, args.ship)
-
 
 
 def ship(run_dir: Path, dest: Path) -> None:

@@ -30,6 +30,7 @@ from ..checkpoint import save_safetensors
 from ..config import GS_VARIANTS
 from ..gs_decoder import GaussianDecoder
 from ..patchify import voxel_features, voxels_to_sparse
+from .cli import add_config_flags, config_from, resolve_device
 from .lpips import LPIPS
 
 # Meshes that ship inside pyvista (examples/) and pymeshlab (tests/sample_meshes/). The ones
@@ -54,6 +55,7 @@ class Train3DConfig:
     seed: int = 0
     save_every: int = 200
     threads: int = 0
+    device: str = "auto"  # auto: CUDA when available, else CPU (mesh preparation stays on the CPU)
 
 
 def mesh_path(name: str) -> Path:
@@ -115,12 +117,13 @@ def render_asset_views(gaussians, asset: Asset, picks: list[int], size: int) -> 
     from service.media.splat import render
     from service.media.splat.preview import pixel_intrinsics
 
-    K = pixel_intrinsics(asset.fov, size)
+    dev = gaussians.xyz_raw.device
+    K = pixel_intrinsics(asset.fov, size).to(dev)
     colors = gaussians.rgb
     out = []
     for w2c in w2c_from_c2w_opengl(asset.c2w[picks]):
         img, _ = render(gaussians.xyz, gaussians.rotation, gaussians.scaling, gaussians.opacity[:, 0], colors,
-                        torch.from_numpy(w2c).float(), K, size, size, torch.zeros(3))
+                        torch.from_numpy(w2c).float().to(dev), K, size, size, torch.zeros(3, device=dev))
         out.append(img.permute(2, 0, 1))
     return torch.stack(out)
 
@@ -141,8 +144,9 @@ class Trainer3D:
         from service.media.splat import set_backend
 
         set_backend("torch")
-        self.decoder = GaussianDecoder(GS_VARIANTS[cfg.gs_variant])
-        self.lpips = LPIPS("alexnet")
+        self.device = resolve_device(cfg.device)
+        self.decoder = GaussianDecoder(GS_VARIANTS[cfg.gs_variant]).to(self.device)
+        self.lpips = LPIPS("alexnet").to(self.device)
         rng = np.random.default_rng(cfg.seed)
         start = time.monotonic()
         self.assets = [prepare_asset(tok, name, random_rotation(rng) if r else None)
@@ -163,8 +167,9 @@ class Trainer3D:
         cfg = self.cfg
         asset = self.assets[self.rng.integers(len(self.assets))]
         picks = sorted(self.rng.choice(len(asset.c2w), cfg.views_per_step, replace=False).tolist())
-        gaussians = self.decoder.decode(asset.feats, asset.coords)[0]
-        ours, truth = render_asset_views(gaussians, asset, picks, cfg.size), target_views(asset, picks, cfg.size)
+        gaussians = self.decoder.decode(asset.feats.to(self.device), asset.coords.to(self.device))[0]
+        ours = render_asset_views(gaussians, asset, picks, cfg.size)
+        truth = target_views(asset, picks, cfg.size).to(self.device)
         l1 = (ours - truth).abs().mean()
         lp = self.lpips(ours * 2 - 1, truth * 2 - 1).mean()
         loss = l1 + cfg.lpips_weight * lp
@@ -234,16 +239,13 @@ class Trainer3D:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = Train3DConfig()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_config_flags(parser, Train3DConfig())
     parser.add_argument("--tokenizer", type=Path, required=True, help="the frozen tokenizer checkpoint")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ship", type=Path, help="afterwards, store the decoder here (float16)")
     args = parser.parse_args(argv)
-    cfg = Train3DConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    trainer = Trainer3D(cfg, args.tokenizer, args.out)
+    trainer = Trainer3D(config_from(args, Train3DConfig), args.tokenizer, args.out)
     if args.resume:
         trainer.resume()
     trainer.run()

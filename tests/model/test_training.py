@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import math
 import pickle
 
 import numpy as np
@@ -163,3 +164,27 @@ def test_video_steps_alternate_with_image_steps(tmp_path):
     second = trainer.train_step()
     assert "psnr_image" in first and "psnr_video" in second
     assert second["psnr_video"] > 15  # the PCA warm start already reconstructs still-ish clips
+
+
+def test_flags_come_from_the_config_fields():
+    import argparse
+
+    from model.training.cli import add_config_flags, config_from
+    from model.training.train import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, TrainConfig())
+    cfg = config_from(parser.parse_args(["--no-bf16", "--steps", "3", "--l2-weight", "2.5", "--warm-start", "pca"]),
+                      TrainConfig)
+    assert (cfg.bf16, cfg.steps, cfg.l2_weight, cfg.warm_start) == (False, 3, 2.5, "pca")
+
+
+@needs_lpips
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_step_runs_on_cuda(tmp_path):
+    from model.training.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(steps=1, batch=2, size=32, warmup=1, device="cuda", warm_start="pca"), tmp_path)
+    losses = trainer.train_step()
+    assert next(trainer.model.parameters()).is_cuda and math.isfinite(losses["loss"])

@@ -35,7 +35,8 @@ def rasterize_reference(
     image = colors.new_zeros(height, width, channels)
     alpha_img = colors.new_zeros(height, width)
     offsets = tile_offsets.tolist()
-    ys, xs = torch.meshgrid(torch.arange(TILE, dtype=means2d.dtype), torch.arange(TILE, dtype=means2d.dtype),
+    grid = torch.arange(TILE, dtype=means2d.dtype, device=means2d.device)
+    ys, xs = torch.meshgrid(grid, grid,
                             indexing="ij")
     for tile in range(len(offsets) - 1):
         start, end = offsets[tile], offsets[tile + 1]
