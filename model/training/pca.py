@@ -36,8 +36,9 @@ class TokenPCA:
             data = VideoCrops(training_clips(), training_images(), 128, 2 * tube, seed).sample(96).numpy()
         rows = np.concatenate([to_patches(d, tube) for d in data])
         self.mean = rows.mean(0)
-        _, _, vt = np.linalg.svd(rows - self.mean, full_matrices=False)
+        _, sv, vt = np.linalg.svd(rows - self.mean, full_matrices=False)
         self.basis = vt[:components]  # [K, tube*768], orthonormal rows
+        self.scales = sv[:components] / np.sqrt(len(rows))  # [K] std of each coefficient
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] (tube=1) or [T, H, W, 3] -> the rank-K reconstruction, same shape."""

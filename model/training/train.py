@@ -33,8 +33,9 @@ from .data import HELD_OUT_CLIPS, HELD_OUT_IMAGES, TRAIN_CLIPS, ImageCrops, Vide
 from .losses import distillation_loss, gram_loss, kl_loss
 from .cli import add_config_flags, config_from, resolve_device
 from .lpips import LPIPS
+from .context import fit_context_decoder
 from .pca import TokenPCA
-from .warm_start import pca_warm_start
+from .warm_start import context_parameters, pca_warm_start
 
 FRAME0 = 16 * 16 * 3  # the real frame of an image tubelet (the other 3 are zero padding)
 # The layers that map pixels to the residual stream and back (the PCA path after a warm start).
@@ -54,8 +55,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     lpips_weight: float = 0.5
     gram_weight: float = 1.0
-    warm_start: str = "none"  # "pca": start from the PCA autoencoder (see warm_start.py)
+    warm_start: str = "none"  # "pca": the PCA autoencoder; "pca-context": decoded with neighbours (warm_start.py)
     io_lr_scale: float = 1.0  # learning-rate factor for IO_PARAMETERS (small keeps a warm start's path)
+    l1_weight: float = 1.0
     l2_weight: float = 0.0  # squared error beside L1: PSNR is a squared-error measure
     video_from: int = -1  # from this step on, every other step is a video step; -1 = images only
     video_batch: int = 4
@@ -94,10 +96,12 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model = AToken(get_variant(cfg.variant))
-        if cfg.warm_start == "pca":
-            pca_warm_start(self.model, TokenPCA(self.model.cfg.latent_channels, tube=1, seed=cfg.seed))
+        if cfg.warm_start in ("pca", "pca-context"):
+            pca = TokenPCA(self.model.cfg.latent_channels, tube=1, seed=cfg.seed)
+            context = fit_context_decoder(pca, seed=cfg.seed + 1) if cfg.warm_start == "pca-context" else None
+            pca_warm_start(self.model, pca, context)
         elif cfg.warm_start != "none":
-            raise ValueError(f"unknown warm start {cfg.warm_start!r} (none or pca)")
+            raise ValueError(f"unknown warm start {cfg.warm_start!r} (none, pca or pca-context)")
         if cfg.init_from:
             self.model.load_state_dict(ATokenizer.load(cfg.init_from).model.state_dict())
         if cfg.distill_only and cfg.distill_weight <= 0:
@@ -117,10 +121,11 @@ class Trainer:
             params = [(f"encoder.head.{n}", p) for n, p in self.model.encoder.head.named_parameters()]
         if self.distill_head is not None:
             params += [(f"distill_head.{n}", p) for n, p in self.distill_head.named_parameters()]
+        io_names = IO_PARAMETERS + (context_parameters(self.model) if cfg.warm_start == "pca-context" else ())
         groups: dict[tuple[bool, bool], list] = {}
         for n, p in params:
             decays = p.ndim >= 2 and "position" not in n
-            groups.setdefault((decays, any(k in n for k in IO_PARAMETERS)), []).append(p)
+            groups.setdefault((decays, any(k in n for k in io_names)), []).append(p)
         self.opt = torch.optim.AdamW(
             [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
               "lr_scale": cfg.io_lr_scale if io else 1.0} for (decays, io), ps in groups.items()],
@@ -176,7 +181,7 @@ class Trainer:
         lp = self.lpips.distance(feats_rec, feats_truth).mean()
         gr = gram_loss(feats_rec, feats_truth)
         kl = kl_loss(enc.mean.float(), enc.logvar.float())
-        loss = l1 + cfg.l2_weight * l2 + cfg.lpips_weight * lp + cfg.gram_weight * gr + cfg.kl_weight * kl
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.lpips_weight * lp + cfg.gram_weight * gr + cfg.kl_weight * kl
         extra = {}
         if self.teacher is not None and not video:
             with torch.no_grad():
@@ -225,8 +230,8 @@ class Trainer:
 
     def card(self) -> dict:
         cfg = self.cfg
-        objective = ("L1 + {l2}L2 + {lp} LPIPS(alexnet) + {gr} Gram(LPIPS features) + 1e-8 KL; decoder fed a "
-                     "posterior sample").format(l2=f"{cfg.l2_weight:g} " if cfg.l2_weight else "0 ",
+        objective = ("{l1} L1 + {l2}L2 + {lp} LPIPS(alexnet) + {gr} Gram(LPIPS features) + 1e-8 KL; decoder fed a "
+                     "posterior sample").format(l1=f"{cfg.l1_weight:g}", l2=f"{cfg.l2_weight:g} " if cfg.l2_weight else "0 ",
                                                 lp=f"{cfg.lpips_weight:g}", gr=f"{cfg.gram_weight:g}")
         if cfg.distill_weight > 0:
             objective += (f"; distillation of EfficientNet-Lite0 classes into the pooled embedding "
@@ -243,8 +248,7 @@ class Trainer:
                      "held_out_images": list(HELD_OUT_IMAGES), "held_out_clips": list(HELD_OUT_CLIPS),
                      "augmentation": "random square crops at random scale, flips, brightness/contrast/saturation"},
             "stage": stage,
-            "init": ("PCA warm start: 48 principal components of training patches (model.training.warm_start)"
-                     if cfg.warm_start == "pca" else cfg.init_from or "random"),
+            "init": self._init_text(),
             "objective": objective,
             "train_config": asdict(cfg), "steps": self.step, "seconds": round(self.elapsed, 1),
             "machine": f"{platform.machine()}, torch {torch.__version__}",
@@ -256,6 +260,15 @@ class Trainer:
             card["total_steps"] = before.get("total_steps", before.get("steps", 0)) + self.step
             card["total_seconds"] = round(before.get("total_seconds", before.get("seconds", 0)) + self.elapsed, 1)
         return card
+
+    def _init_text(self) -> str:
+        if self.cfg.warm_start == "pca":
+            return "PCA warm start: 48 principal components of training patches (model.training.warm_start)"
+        if self.cfg.warm_start == "pca-context":
+            return ("PCA warm start with a context decoder: 48 principal components of training patches, "
+                    "decoded with the least-squares fit of each patch's residual on its 3x3 neighbourhood "
+                    "(model.training.context, model.training.warm_start)")
+        return self.cfg.init_from or "random"
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ class _PCA:
     def __init__(self, img: np.ndarray):
         rows = to_patches(img[None].astype(np.float32) / 127.5 - 1, 1)
         self.mean = rows.mean(0)
-        self.basis = np.linalg.svd(rows - self.mean, full_matrices=False)[2][:48]
+        _, sv, vt = np.linalg.svd(rows - self.mean, full_matrices=False)
+        self.basis, self.scales = vt[:48], sv[:48] / np.sqrt(len(rows))
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         x = img[None].astype(np.float32) / 127.5 - 1
@@ -67,3 +68,29 @@ def test_warm_start_writes_still_tubelets_for_video():
     frames = _roundtrip(model, still, video=True)
     assert frames.shape == still.shape
     assert psnr(frames[0], frames[3]) > 45  # every frame of a tubelet starts as frame 0's reconstruction
+
+
+def test_context_warm_start_is_the_least_squares_context_decoder():
+    """The neighbour heads fetch exactly their neighbour: the fresh model reproduces the
+    closed-form context decoder, which beats the plain PCA code it extends."""
+    from model.training.context import fit_context_decoder
+
+    torch.manual_seed(0)
+    pca = _PCA(_picture("chelsea.png", 256))
+    context = fit_context_decoder(pca, crops=60, size=128)
+    model = AToken(get_variant("tiny"))
+    pca_warm_start(model, pca, context)
+    model.eval()
+    held_out = _picture("coffee.png", 192)[:, :160]  # not square: rows and columns must not swap
+    ours, closed_form = _roundtrip(model, held_out)[0], context.reconstruct(pca, held_out)
+    assert psnr(closed_form, ours) > 38
+    assert psnr(held_out, closed_form) > psnr(held_out, pca(held_out)) + 0.1
+
+
+def test_context_parameters_name_the_neighbour_heads():
+    from model.training.warm_start import context_parameters
+
+    model = AToken(get_variant("tiny"))
+    names = context_parameters(model)
+    assert names == ("decoder.blocks.0.attn.", "decoder.blocks.1.attn.")
+    assert all(any(n.startswith(p) for n, _ in model.named_parameters()) for p in names)
