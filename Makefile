@@ -44,17 +44,17 @@ bench-splat: venv
 bench-service: venv
 	$(PY) benchmarks/loadtest.py --out docs/benchmarks/service.md
 
-# The shipped default (docs/training.md), about an hour on 2 CPU cores:
-# 1. images from a PCA warm start (stopped at step 1500 of a 5000-step schedule: the video
-#    stage that followed made both images and video worse, see docs/training.md);
+# The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
+# 1. images from the PCA warm start with the context decoder (neighbour heads carrying the
+#    least-squares fit of each patch's residual on its 3x3 neighbourhood), 2000 steps;
 # 2. the teacher distilled into the pooling head, trunk frozen;
 # 3. the Gaussian decoder through the splat rasteriser, tokenizer frozen.
-TRAIN_ARGS = --variant tiny --steps 5000 --warm-start pca --lr 2e-4 --io-lr-scale 0.1 --l2-weight 10 \
-	--warmup 100 --lpips-weight 0.02 --gram-weight 0.02 --no-bf16 --threads 2
+TRAIN_ARGS = --variant tiny --steps 2000 --warm-start pca-context --lr 5e-5 --io-lr-scale 0.1 \
+	--l1-weight 0.1 --l2-weight 10 --warmup 100 --lpips-weight 0.02 --gram-weight 0.02 --no-bf16 --threads 2
 TRAIN3D_ARGS = --steps 400 --stop-at 251 --rotations 2 --size 96 --threads 2
 train-default: venv
-	$(PY) -m model.training.train $(TRAIN_ARGS) --stop-at 1500 --save-every 500 --out runs/default-stage12
-	$(PY) -m model.training.train --variant tiny --init-from runs/default-stage12/model.safetensors \
+	$(PY) -m model.training.train $(TRAIN_ARGS) --save-every 500 --out runs/default-stage1
+	$(PY) -m model.training.train --variant tiny --init-from runs/default-stage1/model.safetensors \
 		--distill-only --distill-weight 1 --size 224 --batch 16 --steps 300 --lr 1e-3 --warmup 20 \
 		--no-bf16 --threads 2 --save-every 1000 --out runs/default-distill \
 		--ship service/assets/default.safetensors
