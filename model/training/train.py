@@ -121,7 +121,7 @@ class Trainer:
             params = [(f"encoder.head.{n}", p) for n, p in self.model.encoder.head.named_parameters()]
         if self.distill_head is not None:
             params += [(f"distill_head.{n}", p) for n, p in self.distill_head.named_parameters()]
-        io_names = IO_PARAMETERS + (context_parameters(self.model) if cfg.warm_start == "pca-context" else ())
+        io_names = IO_PARAMETERS + (context_parameters(self.model) if self._has_context() else ())
         groups: dict[tuple[bool, bool], list] = {}
         for n, p in params:
             decays = p.ndim >= 2 and "position" not in n
@@ -138,6 +138,20 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.elapsed = 0.0
+
+    def _has_context(self) -> bool:
+        """Whether the model carries the neighbour heads: warm-started with them here, or in the
+        run that made the --init-from checkpoint."""
+        if self.cfg.warm_start == "pca-context":
+            return True
+        if not self.cfg.init_from:
+            return False
+        card = ATokenizer.load(self.cfg.init_from).info.card or {}
+        while card:
+            if card.get("train_config", {}).get("warm_start") == "pca-context":
+                return True
+            card = card.get("previous_stage") or {}
+        return False
 
     def resume(self) -> None:
         state = torch.load(self.out / "state.pt", weights_only=True)

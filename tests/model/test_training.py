@@ -188,3 +188,25 @@ def test_a_training_step_runs_on_cuda(tmp_path):
     trainer = Trainer(TrainConfig(steps=1, batch=2, size=32, warmup=1, device="cuda", warm_start="pca"), tmp_path)
     losses = trainer.train_step()
     assert next(trainer.model.parameters()).is_cuda and math.isfinite(losses["loss"])
+
+
+def test_neighbour_heads_keep_the_small_learning_rate_in_later_stages(tmp_path):
+    """A checkpoint whose earlier stage was warm-started with the context decoder: continuing
+    from it, the neighbour heads still get the IO layers' learning rate, other blocks the full one."""
+    from model.api import ATokenizer
+    from model.training.train import TrainConfig, Trainer
+
+    start = ATokenizer.from_variant("tiny", seed=3)
+    card = {"steps": 7, "previous_stage": {"train_config": {"warm_start": "pca-context"}}}
+    start.save(tmp_path / "start.safetensors", model_card=card)
+    cfg = TrainConfig(steps=1, batch=2, size=32, bf16=False, io_lr_scale=0.1,
+                      init_from=str(tmp_path / "start.safetensors"))
+    trainer = Trainer(cfg, tmp_path / "run")
+    scale = {id(p): g["lr_scale"] for g in trainer.opt.param_groups for p in g["params"]}
+    blocks = trainer.model.decoder.blocks
+    assert scale[id(blocks[0].attn.to_qkv.weight)] == scale[id(blocks[1].attn.to_out.weight)] == 0.1
+    assert scale[id(blocks[2].attn.to_qkv.weight)] == scale[id(blocks[0].mlp.mlp[0].weight)] == 1.0
+    start.save(tmp_path / "plain.safetensors", model_card={"steps": 7})
+    plain = Trainer(TrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "plain.safetensors")}), tmp_path / "p")
+    scale = {id(p): g["lr_scale"] for g in plain.opt.param_groups for p in g["params"]}
+    assert scale[id(plain.model.decoder.blocks[0].attn.to_qkv.weight)] == 1.0
