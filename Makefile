@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv run test test-slow parity bench-model bench-splat bench-service train-default eval clean
+.PHONY: venv run test test-slow parity bench-model bench-splat bench-service train-default train-discrete eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,9 +61,18 @@ train-default: venv
 	$(PY) -m model.training.train3d --tokenizer service/assets/default.safetensors $(TRAIN3D_ARGS) \
 		--out runs/default-gs --ship service/assets/default_gs.safetensors
 
+# Curriculum stage 4, not shipped (a second 17 MB tokenizer does not fit the 30 MB budget):
+# FSQ fine-tuning of stage 1's tokenizer into the discrete tiny-d, scored on its codes.
+train-discrete: venv
+	$(PY) -m model.training.train --variant tiny-d --fsq --init-from runs/default-stage1/model.safetensors \
+		--steps 1200 --lr 2e-4 --warmup 20 --l1-weight 0.1 --l2-weight 10 --lpips-weight 0.02 \
+		--gram-weight 0.02 --no-bf16 --threads 2 --save-every 400 --out runs/default-fsq
+	$(PY) -m model.training.evaluate --checkpoint runs/default-fsq/model.safetensors --out docs/eval_discrete.md
+
 CHECKPOINT ?= service/assets/default.safetensors
+EVAL_OUT ?= docs/eval.md
 eval: venv
-	$(PY) -m model.training.evaluate --checkpoint $(CHECKPOINT) --out docs/eval.md
+	$(PY) -m model.training.evaluate --checkpoint $(CHECKPOINT) --out $(EVAL_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -35,7 +35,7 @@ from .cli import add_config_flags, config_from, resolve_device
 from .lpips import LPIPS
 from .context import fit_context_decoder
 from .pca import TokenPCA
-from .warm_start import context_parameters, pca_warm_start
+from .warm_start import context_parameters, fsq_warm_start, pca_warm_start
 
 FRAME0 = 16 * 16 * 3  # the real frame of an image tubelet (the other 3 are zero padding)
 # The layers that map pixels to the residual stream and back (the PCA path after a warm start).
@@ -67,6 +67,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     distill_only: bool = False  # a separate stage: only the pooling head (and its classifier) learn
     init_from: str = ""  # start from this checkpoint's weights (e.g. a finished reconstruction run)
+    fsq: bool = False  # stage 4: decode FSQ codes (straight-through) of an FSQ variant, from --init-from rescaled
     seed: int = 0
     bf16: bool = True
     save_every: int = 500
@@ -80,6 +81,13 @@ def to_frames(tubelets: torch.Tensor, batch: int, size: int) -> torch.Tensor:
     x = tubelets.reshape(batch, -1, n, n, 4, 16, 16, 3)
     nt = x.shape[1]
     return x.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(batch, 4 * nt, 3, size, size)
+
+
+@torch.no_grad()
+def latent_std(model: AToken, size: int, seed: int) -> torch.Tensor:
+    """Per-channel std [L] of the posterior mean over 32 training crops."""
+    batch, _ = frames_to_sparse(list(ImageCrops(training_images(), size, seed).sample(32)))
+    return model.encode(batch).mean.float().std(0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -104,6 +112,10 @@ class Trainer:
             raise ValueError(f"unknown warm start {cfg.warm_start!r} (none, pca or pca-context)")
         if cfg.init_from:
             self.model.load_state_dict(ATokenizer.load(cfg.init_from).model.state_dict())
+        if cfg.fsq:
+            if not cfg.init_from:
+                raise ValueError("--fsq fine-tunes a trained model: give --init-from")
+            fsq_warm_start(self.model, latent_std(self.model, cfg.size, cfg.seed + 3))
         if cfg.distill_only and cfg.distill_weight <= 0:
             raise ValueError("--distill-only needs --distill-weight > 0")
         self.device = resolve_device(cfg.device)
@@ -138,6 +150,13 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.elapsed = 0.0
+
+    def _straight_through_codes(self, mean: torch.Tensor) -> torch.Tensor:
+        """FSQ codes forward, the bounded values' gradient backward -> decoder input [N, L]."""
+        codes, _, bounded = self.model.quantize(mean)
+        half_width = torch.div(self.model.quantizer.levels, 2, rounding_mode="floor")
+        soft = (bounded / half_width).flatten(-2)
+        return self.model.codes_to_latent(soft + (codes - soft).detach()).to(mean.dtype)
 
     def _has_context(self) -> bool:
         """Whether the model carries the neighbour heads: warm-started with them here, or in the
@@ -180,7 +199,7 @@ class Trainer:
         batch, layout = self._packed(items)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             enc = self.model.encode(batch, layout)
-            z = enc.sample(self.gen)
+            z = self._straight_through_codes(enc.mean) if cfg.fsq else enc.sample(self.gen)
             rec = self.model.decode(batch.with_feats(z), layout)
         rec = rec.float()
         target = batch.feats
@@ -252,6 +271,9 @@ class Trainer:
                           f"(T={cfg.distill_temperature}, weight {cfg.distill_weight})")
         stage = ("images (curriculum stage 1)" if self.video is None else
                  f"images, then images and video alternating from step {cfg.video_from} (stages 1-2)")
+        if cfg.fsq:
+            stage = "FSQ fine-tuning (curriculum stage 4): the decoder reads straight-through FSQ codes"
+            objective = objective.replace("decoder fed a posterior sample", "decoder fed the FSQ codes")
         if cfg.distill_only:
             stage, objective = ("semantic distillation into the pooling head, trunk frozen",
                                 f"temperature-{cfg.distill_temperature:g} KL from EfficientNet-Lite0's classes")

@@ -213,3 +213,25 @@ def _init_decoder(model: AToken, basis: torch.Tensor, mean: torch.Tensor) -> Non
     out[:, latent] = mean.repeat(frames) * rms / CONSTANT
     if dec.out_layer.bias is not None:
         dec.out_layer.bias.zero_()
+
+
+FSQ_SPREAD = 1.3  # latent std -> ~1 step of the 4-level quantizer (near-optimal for a Gaussian)
+
+
+@torch.no_grad()
+def fsq_warm_start(model: AToken, latent_std: torch.Tensor) -> None:
+    """Rescale a continuous model for its quantizer (curriculum stage 4 starts here): each latent
+    channel is divided by FSQ_SPREAD * its std, so the bounded values span the levels, and the
+    decoder's input multiplies it back (codes ~ bounded / half-width ~ 2/3 of the scaled latent
+    near zero, where tanh is about linear). latent_std: [L], measured on training data."""
+    if model.quantizer is None:
+        raise ValueError("the model has no quantizer (use an FSQ variant such as tiny-d)")
+    latent = model.cfg.latent_channels
+    levels, groups = model.quantizer.levels, model.quantizer.cfg.num_codebooks
+    half_width = (levels // 2).repeat(groups)  # [F]
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    slope = (half_l * (1 - (offset / half_l) ** 2)).repeat(groups)  # d bounded / dz at 0 (FSQ.bound)
+    scale = FSQ_SPREAD * latent_std.clamp_min(1e-6)  # [L]
+    model.proj.weight[:latent] /= scale[:, None]
+    model.decoder.input_layer.weight[:, : len(half_width)] *= (scale[: len(half_width)] * half_width / slope)[None]

@@ -210,3 +210,41 @@ def test_neighbour_heads_keep_the_small_learning_rate_in_later_stages(tmp_path):
     plain = Trainer(TrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "plain.safetensors")}), tmp_path / "p")
     scale = {id(p): g["lr_scale"] for g in plain.opt.param_groups for p in g["params"]}
     assert scale[id(plain.model.decoder.blocks[0].attn.to_qkv.weight)] == 1.0
+
+
+def test_fsq_stage_rescales_for_the_quantizer_and_trains_through_it(tmp_path):
+    """Stage 4 starts from a continuous checkpoint: latents rescaled to span the FSQ levels, the
+    decoder reading the codes back at the old scale; the decoder then sees exact codes while the
+    encoder gets the bounded values' gradient."""
+    from model.api import ATokenizer
+    from model.training.train import TrainConfig, Trainer, latent_std
+    from model.training.warm_start import FSQ_SPREAD
+
+    start = ATokenizer.from_variant("tiny", seed=3)
+    start.save(tmp_path / "start.safetensors", model_card={"steps": 7})
+    with pytest.raises(ValueError, match="init-from"):
+        Trainer(TrainConfig(variant="tiny-d", fsq=True, steps=1), tmp_path / "x")
+    cfg = TrainConfig(variant="tiny-d", fsq=True, init_from=str(tmp_path / "start.safetensors"), steps=1, batch=2,
+                      size=32, bf16=False, warmup=1, save_every=1000)
+    std = latent_std(start.model, 32, cfg.seed + 3)
+    trainer = Trainer(cfg, tmp_path / "run")
+    model = trainer.model
+    rescaled = latent_std(model, 32, cfg.seed + 3)
+    assert torch.allclose(rescaled, torch.full_like(rescaled, 1 / FSQ_SPREAD), rtol=1e-3)
+    # Near zero the codes, read by the new decoder input, stand for the old latent.
+    z = torch.randn(64, 48) * 0.05
+    soft = model.quantizer.bound(z.unflatten(-1, (8, 6))).flatten(-2) / 2
+    before = start.model.decoder.input_layer(z * FSQ_SPREAD * std)
+    error = (model.decoder.input_layer(soft) - before).abs().max()
+    assert error < 0.05 * before.abs().max()  # tanh is about linear there (3% measured)
+    mean = torch.randn(10, 96, requires_grad=True)
+    latent = trainer._straight_through_codes(mean)
+    codes, _, _ = model.quantize(mean.detach())
+    assert torch.equal(latent.detach(), codes)
+    latent.sum().backward()
+    assert mean.grad[:, :48].abs().min() > 0 and not mean.grad[:, 48:].any()
+    trunk = model.encoder.blocks[0].mlp.mlp[0].weight.detach().clone()
+    trainer.train_step()
+    assert not torch.equal(trunk, model.encoder.blocks[0].mlp.mlp[0].weight)
+    trainer.step = 1
+    assert "FSQ" in trainer.card()["stage"] and "FSQ codes" in trainer.card()["objective"]
