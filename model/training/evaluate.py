@@ -243,11 +243,12 @@ def to_markdown(result: dict) -> str:
         for method, (p, s, lp) in methods.items():
             lp_text = "" if np.isnan(lp) else f"{lp:.4f}"
             lines.append(f"| {key} | {method} | {p:.2f} | {s:.4f} | {lp_text} |")
-    budget = ("the continuous model keeps 48 values per token" if result.get("mode") != "discrete" else
-              "the model is scored on its discrete tokens, 8 FSQ indices of 12 bits (96 bits) per token, the "
-              "rate JPEG gets; PCA keeps 48 unquantised values, far more information")
-    lines += ["", f"Budgets: {budget} (a 16x16 patch of an image; a "
-              "4-frame 16x16 tubelet of a video). PCA keeps 48 values per token. JPEG gets the "
+    unit = "(a 16x16 patch of an image; a 4-frame 16x16 tubelet of a video)"
+    budget = (f"the continuous model keeps 48 values per token {unit}; PCA keeps the same 48 values per token"
+              if result.get("mode") != "discrete" else
+              f"the model is scored on its discrete tokens, 8 FSQ indices of 12 bits (96 bits) per token {unit}, "
+              "exactly the rate JPEG gets; PCA keeps 48 unquantised values per token, far more information")
+    lines += ["", f"Budgets: {budget}. JPEG gets the "
               f"So/D discrete token rate, {DISCRETE_BPP:.3f} bits per pixel per image and a quarter of that per "
               f"video frame; achieved on average: {_bpp_text(result['jpeg_bpp'])} (quality 1 is the floor).", "",
               "## Against the baselines", ""]
