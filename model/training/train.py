@@ -1,5 +1,6 @@
 """Train an AToken tokenizer on offline data: images, then images and video (curriculum
-stages 1-2), or, with --distill-only, the pooling head alone against the teacher.
+stages 1-2); with --distill-only, the pooling head alone against the teacher; with --fsq, an FSQ
+variant through its quantizer from a continuous checkpoint (stage 4).
 
     python -m model.training.train --variant tiny --warm-start pca --steps 5000 --out runs/x
 
