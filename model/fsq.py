@@ -26,12 +26,20 @@ class FSQ(nn.Module):
         self.register_buffer("levels", levels, persistent=False)
         self.register_buffer("basis", basis, persistent=False)
 
-    def bound(self, z: Tensor) -> Tensor:
-        """z: [..., D] -> bounded values in (-L/2, L/2) before rounding."""
+    def _bound_terms(self) -> tuple[Tensor, Tensor, Tensor]:
         half_l = (self.levels - 1) * (1 + 1e-3) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
-        shift = torch.atanh(offset / half_l)
+        return half_l, offset, torch.atanh(offset / half_l)
+
+    def bound(self, z: Tensor) -> Tensor:
+        """z: [..., D] -> bounded values in (-L/2, L/2) before rounding."""
+        half_l, offset, shift = self._bound_terms()
         return torch.tanh(z + shift) * half_l - offset
+
+    def bound_slope(self) -> Tensor:
+        """[D] d bound / dz at z = 0, where `bound` is about linear."""
+        half_l, _, shift = self._bound_terms()
+        return half_l * (1 - torch.tanh(shift) ** 2)
 
     def _grouped(self, z: Tensor) -> Tensor:
         if z.shape[-1] != self.cfg.feature_dim:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import ImageCrops, training_images
-from .pca import PATCH, TokenPCA, from_patches, to_patches
+from .pca import PATCH, TokenPCA, from_patches, to_patches, to_uint8, to_unit
 
 # (row, column) offsets in token units, centre excluded; the model's coords are (x=row, y=column).
 OFFSETS = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0))
@@ -32,7 +32,7 @@ class ContextDecoder:
     def reconstruct(self, pca: TokenPCA, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> PCA code decoded with context (the neighbour terms in their
         `rank` directions, as the warm-started model carries them), uint8 [H, W, 3]."""
-        x = image.astype(np.float32) / 127.5 - 1
+        x = to_unit(image)
         coeffs, rows = coefficient_grid(pca, x)
         latent = coeffs.shape[-1]
         near = neighbourhood(coeffs)
@@ -40,8 +40,7 @@ class ContextDecoder:
         context = context @ self.directions.T @ self.directions
         flat = coeffs.reshape(len(rows), -1)
         out = flat @ (pca.basis + self.centre) + pca.mean + self.bias + context
-        rec = from_patches(out, x[None].shape, 1)[0]
-        return np.clip((rec + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        return to_uint8(from_patches(out, x[None].shape, 1)[0])
 
 
 def neighbourhood(coeffs: np.ndarray) -> np.ndarray:
@@ -55,7 +54,7 @@ def neighbourhood(coeffs: np.ndarray) -> np.ndarray:
 def coefficient_grid(pca: TokenPCA, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float [H, W, 3] in [-1, 1] -> (coefficients [H/16, W/16, L], patch rows [H/16*W/16, 768])."""
     rows = to_patches(image[None], 1)
-    coeffs = (rows - pca.mean) @ pca.basis.T
+    coeffs = pca.coefficients(rows)
     return coeffs.reshape(image.shape[0] // PATCH, image.shape[1] // PATCH, -1), rows
 
 

@@ -29,10 +29,9 @@ from ..metrics import psnr, ssim
 from ..patchify import frames_to_sparse
 from .data import HELD_OUT_CLIPS, clip_frames, clip_path, held_out_images
 from .lpips import LPIPS
-from .pca import TokenPCA
+from .pca import PATCH, TokenPCA
 from .teacher import EfficientNetLite0
 
-PATCH = 16
 DISCRETE_BPP = 8 * 12 / (PATCH * PATCH)
 OURS = "AToken (this checkpoint)"
 PCA_SAME = "PCA, 48 values / token"

@@ -24,6 +24,16 @@ def from_patches(rows: np.ndarray, shape: tuple[int, ...], tube: int) -> np.ndar
     return x.transpose(0, 3, 1, 4, 2, 5, 6).reshape(shape)
 
 
+def to_unit(frames: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return frames.astype(np.float32) / 127.5 - 1
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float in [-1, 1] -> uint8 pixels (rounded, clipped)."""
+    return np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
 class TokenPCA:
     """`components` principal components of tokens `tube` frames deep, fitted on training data:
     stills (random crops) for tube=1, consecutive frames of the training clips for tube=4."""
@@ -40,15 +50,19 @@ class TokenPCA:
         self.basis = vt[:components]  # [K, tube*768], orthonormal rows
         self.scales = sv[:components] / np.sqrt(len(rows))  # [K] std of each coefficient
 
+    def coefficients(self, rows: np.ndarray) -> np.ndarray:
+        """token rows [N, tube*768] -> their K coefficients [N, K]."""
+        return (rows - self.mean) @ self.basis.T
+
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] (tube=1) or [T, H, W, 3] -> the rank-K reconstruction, same shape."""
-        x = frames.astype(np.float32) / 127.5 - 1
+        x = to_unit(frames)
         x = x[None] if x.ndim == 3 else x
         t = x.shape[0]
         pad = -t % self.tube  # repeat the last frame, as the model's video path does
         if pad:
             x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
         rows = to_patches(x, self.tube)
-        rec = from_patches((rows - self.mean) @ self.basis.T @ self.basis + self.mean, x.shape, self.tube)[:t]
-        out = np.clip((rec + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        rec = from_patches(self.coefficients(rows) @ self.basis + self.mean, x.shape, self.tube)[:t]
+        out = to_uint8(rec)
         return out if frames.ndim == 4 else out[0]

@@ -111,8 +111,11 @@ class Trainer:
             pca_warm_start(self.model, pca, context)
         elif cfg.warm_start != "none":
             raise ValueError(f"unknown warm start {cfg.warm_start!r} (none, pca or pca-context)")
+        self.init_card: dict = {}  # the --init-from checkpoint's card: earlier stages, running totals
         if cfg.init_from:
-            self.model.load_state_dict(ATokenizer.load(cfg.init_from).model.state_dict())
+            start = ATokenizer.load(cfg.init_from)
+            self.model.load_state_dict(start.model.state_dict())
+            self.init_card = start.info.card or {}
         if cfg.fsq:
             if not cfg.init_from:
                 raise ValueError("--fsq fine-tunes a trained model: give --init-from")
@@ -164,9 +167,7 @@ class Trainer:
         run that made the --init-from checkpoint."""
         if self.cfg.warm_start == "pca-context":
             return True
-        if not self.cfg.init_from:
-            return False
-        card = ATokenizer.load(self.cfg.init_from).info.card or {}
+        card = self.init_card
         while card:
             if card.get("train_config", {}).get("warm_start") == "pca-context":
                 return True
@@ -292,7 +293,7 @@ class Trainer:
             "last_losses": self.history[-1] if self.history else {},
         }
         if cfg.init_from:  # keep the earlier stages' record, and the running totals
-            before = ATokenizer.load(cfg.init_from).info.card or {}
+            before = self.init_card
             card["previous_stage"] = before
             card["total_steps"] = before.get("total_steps", before.get("steps", 0)) + self.step
             card["total_seconds"] = round(before.get("total_seconds", before.get("seconds", 0)) + self.elapsed, 1)

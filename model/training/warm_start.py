@@ -226,12 +226,9 @@ def fsq_warm_start(model: AToken, latent_std: torch.Tensor) -> None:
     near zero, where tanh is about linear). latent_std: [L], measured on training data."""
     if model.quantizer is None:
         raise ValueError("the model has no quantizer (use an FSQ variant such as tiny-d)")
-    latent = model.cfg.latent_channels
-    levels, groups = model.quantizer.levels, model.quantizer.cfg.num_codebooks
-    half_width = (levels // 2).repeat(groups)  # [F]
-    half_l = (levels - 1) * (1 + 1e-3) / 2
-    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
-    slope = (half_l * (1 - (offset / half_l) ** 2)).repeat(groups)  # d bounded / dz at 0 (FSQ.bound)
+    latent, groups = model.cfg.latent_channels, model.quantizer.cfg.num_codebooks
+    half_width = (model.quantizer.levels // 2).repeat(groups)  # [F]
+    slope = model.quantizer.bound_slope().repeat(groups)  # [F]
     scale = FSQ_SPREAD * latent_std.clamp_min(1e-6)  # [L]
     model.proj.weight[:latent] /= scale[:, None]
     model.decoder.input_layer.weight[:, : len(half_width)] *= (scale[: len(half_width)] * half_width / slope)[None]

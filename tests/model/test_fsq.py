@@ -19,3 +19,10 @@ def test_quantized_codes_and_indices_agree():
     assert indices.shape == (100, 8) and int(indices.max()) < 4096 and bounded.shape == (100, 8, 6)
     torch.testing.assert_close(fsq.indices_to_codes(indices), codes)
     assert fsq.bits_per_token == 96
+
+
+def test_bound_slope_is_the_derivative_at_zero():
+    fsq = FSQ(FSQConfig(levels=(8, 5, 5, 5), num_codebooks=1))
+    eps = 1e-4
+    finite = (fsq.bound(torch.full((4,), eps)) - fsq.bound(torch.full((4,), -eps))) / (2 * eps)
+    assert torch.allclose(fsq.bound_slope(), finite, rtol=1e-3)

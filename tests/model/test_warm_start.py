@@ -23,6 +23,9 @@ class _PCA:
         _, sv, vt = np.linalg.svd(rows - self.mean, full_matrices=False)
         self.basis, self.scales = vt[:48], sv[:48] / np.sqrt(len(rows))
 
+    def coefficients(self, rows: np.ndarray) -> np.ndarray:
+        return (rows - self.mean) @ self.basis.T
+
     def __call__(self, img: np.ndarray) -> np.ndarray:
         x = img[None].astype(np.float32) / 127.5 - 1
         rows = to_patches(x, 1)
