@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -29,16 +30,26 @@ def array_to_json(arr: np.ndarray, fmt: str = "base64") -> dict:
 
 
 def array_from_json(obj, name: str) -> np.ndarray:
+    """{"dtype", "shape", "data"} -> an array; an array (from a safetensors body) passes through.
+    The declared size must match the data before anything is decoded."""
+    if isinstance(obj, np.ndarray):
+        return obj
     if not isinstance(obj, dict) or not {"dtype", "shape", "data"} <= set(obj):
         raise BadRequest(f"{name} must be an object with dtype, shape and data")
     dtype, shape = obj["dtype"], obj["shape"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise BadRequest(f"{name}: dtype {dtype!r} unsupported; one of {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise BadRequest(f"{name}: shape must be a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > 4 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise BadRequest(f"{name}: shape must be a list of at most 4 non-negative integers")
+    data = obj["data"]
+    if isinstance(data, str) and len(data) != 4 * math.ceil(math.prod(shape) * np.dtype(dtype).itemsize / 3):
+        raise BadRequest(f"{name}: {len(data)} base64 characters do not hold a {dtype} array of shape {shape}")
+    if not isinstance(data, (str, list)):
+        raise BadRequest(f"{name}: data must be a base64 string or nested lists")
     try:
-        if isinstance(obj["data"], str):
-            raw = base64.b64decode(obj["data"], validate=True)
+        if isinstance(data, str):
+            raw = base64.b64decode(data, validate=True)
             arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
         else:
             arr = np.asarray(obj["data"], dtype=dtype)

@@ -1,16 +1,17 @@
-"""Request-level dependencies in one place: the runtime, API keys, uploads and options."""
+"""Request-level dependencies in one place: the runtime, uploads and options. (API keys and
+admission are decided from headers by the gate, before the body is read.)"""
 
 from __future__ import annotations
 
-import hmac
-import json
+import math
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from .arrays import SAFETENSORS
-from .errors import BadRequest, InvalidParameter, PayloadTooLarge, Unauthorized
+from .budget import MAX_FPS, parse_json
+from .errors import BadRequest, InvalidParameter, PayloadTooLarge
 from .fetch import check_url, fetch
 from .pipeline import Options
 from .runtime import Runtime
@@ -21,24 +22,6 @@ OPTION_NAMES = ("tokens", "format", "fps", "max_frames", "start", "end", "backgr
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
-
-
-def require_api_key(request: Request) -> None:
-    keys = request.app.state.runtime.settings.keys
-    if not keys:
-        return
-    supplied = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if not supplied and auth.lower().startswith("bearer "):
-        supplied = auth[7:].strip()
-    if not supplied:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
-    # Compare against every key (constant time each), so timing reveals neither key nor position.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(supplied.encode(), key.encode())
-    if not matched:
-        raise Unauthorized("wrong API key")
 
 
 async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes], dict[str, str]]:
@@ -63,16 +46,19 @@ async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes],
                                       limit=settings.max_upload_bytes)
             uploads.append(data)
     elif ctype == "application/json":
-        body = await _json(request)
+        body = await read_json(request, runtime)
+        if not isinstance(body, dict):
+            raise BadRequest("the JSON body must be an object")
         urls = body.get("urls") or ([body["url"]] if "url" in body else [])
         if not isinstance(urls, list) or not urls:
             raise BadRequest("a JSON body needs 'urls': [...] (or upload files as multipart or raw bytes)")
+        # Counted and checked before the first download.
+        if len(urls) > settings.max_files:
+            raise PayloadTooLarge(f"{len(urls)} URLs, over the limit of {settings.max_files} per request",
+                                  limit=settings.max_files)
         fields = {k: str(v) for k, v in body.items() if k in OPTION_NAMES}
-        uploads = []
-        for url in urls:
-            check_url(str(url), settings.allow_url_fetch, settings.allowlist)
-        for url in urls:
-            uploads.append(await fetch(str(url), settings.max_upload_bytes))
+        checked = [check_url(url, settings.allow_url_fetch, settings.allowlist) for url in urls]
+        uploads = [await fetch(url, settings.max_upload_bytes, settings.fetch_timeout_s) for url in checked]
     else:
         uploads = [await request.body()]
     if not uploads or all(len(u) == 0 for u in uploads):
@@ -83,14 +69,11 @@ async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes],
     return uploads, fields
 
 
-async def _json(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the JSON body must be an object")
-    return body
+async def read_json(request: Request, runtime: Runtime) -> Any:
+    """The body as JSON, parsed in the light pre-processing pool with size and depth limits."""
+    settings = runtime.settings
+    data = await request.body()
+    return await runtime.preprocess_light(parse_json, data, settings.max_json_bytes, settings.max_json_depth)
 
 
 def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, dict[str, str]]:
@@ -106,13 +89,13 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
         if "format" in raw:
             opts.format = raw["format"].lower()
         if "fps" in raw:
-            opts.fps = float(raw["fps"])
+            opts.fps = _number(raw["fps"], "fps", low=0.0, high=MAX_FPS, open_low=True)
         if "max_frames" in raw:
             opts.max_frames = int(raw["max_frames"])
         if "start" in raw:
-            opts.start = float(raw["start"])
+            opts.start = _number(raw["start"], "start", low=0.0)
         if "end" in raw:
-            opts.end = float(raw["end"])
+            opts.end = _number(raw["end"], "end", low=0.0)
         if "background" in raw:
             opts.background = _colour(raw["background"])
         if "array_format" in raw:
@@ -126,14 +109,25 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
         opts.score = flag(raw, "score")
     except ValueError as exc:
         raise InvalidParameter(f"bad option value: {exc}") from None
-    if opts.fps is not None and opts.fps <= 0 or opts.max_frames is not None and opts.max_frames <= 0:
-        raise InvalidParameter("fps and max_frames must be positive")
+    if opts.max_frames is not None and opts.max_frames <= 0:
+        raise InvalidParameter("max_frames must be positive")
+    if opts.end is not None and opts.end <= opts.start:
+        raise InvalidParameter("end must be after start")
     return opts, raw
+
+
+def _number(text: str, name: str, low: float, high: float = 1e9, open_low: bool = False) -> float:
+    """A finite float within [low, high] (or (low, high]); NaN and infinities are refused."""
+    value = float(text)
+    if not math.isfinite(value) or value < low or (open_low and value == low) or value > high:
+        bound = f"({low:g}, {high:g}]" if open_low else f"[{low:g}, {high:g}]"
+        raise InvalidParameter(f"{name} must be a finite number in {bound}, got {text!r}", limit=high)
+    return value
 
 
 def _colour(text: str) -> tuple[int, int, int]:
     text = text.strip().lstrip("#")
-    if len(text) == 6:
+    if len(text) == 6 and all(c in "0123456789abcdefABCDEF" for c in text):
         return tuple(int(text[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
     parts = [int(p) for p in text.split(",")]
     if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
@@ -142,7 +136,13 @@ def _colour(text: str) -> tuple[int, int, int]:
 
 
 def flag(raw: dict[str, str], name: str) -> bool:
-    return raw.get(name, "false").lower() in ("1", "true", "yes", "on")
+    value = raw.get(name, "false").lower()
+    if value not in TRUE + FALSE:
+        raise InvalidParameter(f"{name} must be true or false, got {raw[name]!r}")
+    return value in TRUE
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def wants(request: Request, media_type: str) -> bool:

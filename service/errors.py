@@ -13,6 +13,7 @@ from .media.errors import CorruptMediaError, MediaError, MediaTooLargeError, Uns
 
 class ServiceError(Exception):
     code = "error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, limit: Any = None, retry_after: int | None = None):
         super().__init__(message)
@@ -27,6 +28,14 @@ class BadRequest(ServiceError):
 
 class Unauthorized(ServiceError):
     code = "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="atoken"'}
+
+
+class RequestTimeout(ServiceError):
+    """The client did not send its body in time; the connection is closed after the answer."""
+
+    code = "request_timeout"
+    headers = {"Connection": "close"}
 
 
 class PayloadTooLarge(ServiceError):
@@ -71,6 +80,7 @@ class ClientClosedRequest(ServiceError):
 STATUS: list[tuple[type[Exception], int, str | None]] = [
     (BadRequest, 400, None),
     (Unauthorized, 401, None),
+    (RequestTimeout, 408, None),
     (NotAcceptable, 406, None),
     (PayloadTooLarge, 413, None),
     (MediaTooLargeError, 413, None),
@@ -112,7 +122,7 @@ def error_body(exc: Exception) -> tuple[int, dict, dict]:
     limit = getattr(exc, "limit", None)
     if limit is not None:
         body["limit"] = limit
-    headers = {}
+    headers = dict(getattr(exc, "headers", None) or {})
     retry = getattr(exc, "retry_after", None)
     if retry is not None:
         headers["Retry-After"] = str(int(retry))

@@ -48,7 +48,7 @@ def render(kind: str, tubelets: torch.Tensor, coords: torch.Tensor, media: dict,
         return to_npz(coords[:, 2:].numpy(), feats)
     frames = tubelets_to_frames(tubelets, coords, kind, media)
     if kind == "image":
-        return img.encode_image(frames[0], fmt)
+        return img.encode_image(next(frames), fmt)
     return vid.encode_video(frames, float(media.get("fps") or 25.0), fmt)
 
 

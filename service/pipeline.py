@@ -5,7 +5,7 @@ them in a bounded thread pool and the CLI calls them directly."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from model.metrics import psnr
 from model.patchify import frames_to_sparse, unpatchify_frames, voxels_to_sparse
 from model.sparse import SparseBatch
 
+from . import budget
 from .arrays import array_from_json, array_to_json
 from .errors import BadRequest, InvalidParameter, UnsupportedType
 from .media import image as img
@@ -112,13 +113,13 @@ def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, c
     return img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
 
 
-def tubelets_to_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, media: dict) -> np.ndarray:
-    """Reconstructed tubelets -> uint8 [T, H, W, 3] at the input's original size."""
+def tubelets_to_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, media: dict) -> Iterator[np.ndarray]:
+    """Reconstructed tubelets -> uint8 frames [H, W, 3] at the input's original size, one at a
+    time: only one full-size frame is ever held, whatever the frame count."""
     pixels = model_size_frames(tubelets, coords, kind, media.get("frames"))
-    size = (media.get("height", pixels.shape[1]), media.get("width", pixels.shape[2]))
-    if pixels.shape[1:3] != tuple(size):
-        pixels = np.stack([img.resize_rgb(f, size) for f in pixels])
-    return pixels
+    size = (int(media.get("height", pixels.shape[1])), int(media.get("width", pixels.shape[2])))
+    for frame in pixels:
+        yield img.resize_rgb(frame, size)
 
 
 def round_trip_psnr(item: Item, result: JobResult) -> float | None:
@@ -146,25 +147,45 @@ def tokens_to_json(item_index: int, item: Item, tokens: Tokens, fmt: str) -> dic
     return out
 
 
-def tokens_from_json(entry: dict, position: int) -> tuple[Tokens, str, dict]:
-    """One item of /tokenize's JSON -> (tokens, kind, media)."""
+def tokens_from_json(entry: dict, position: int, limits: MediaLimits, model: dict) -> tuple[Tokens, str, dict]:
+    """One item of /tokenize's JSON -> (tokens, kind, media), validated against the limits and
+    the served model before anything is sized from it (see service.budget)."""
+    where = f"items[{position}]"
     if not isinstance(entry, dict):
-        raise BadRequest(f"items[{position}] must be an object")
+        raise BadRequest(f"{where} must be an object")
     kind = entry.get("kind")
     if kind not in ("image", "video", "3D"):
-        raise InvalidParameter(f"items[{position}].kind must be image, video or 3D, got {kind!r}")
-    coords = array_from_json(entry.get("coords"), f"items[{position}].coords")
-    if coords.ndim != 2 or coords.shape[1] != 4:
-        raise InvalidParameter(f"items[{position}].coords must be [n, 4] (t, x, y, z), got {list(coords.shape)}")
-    coords5 = torch.cat([torch.zeros(coords.shape[0], 1, dtype=torch.int32),
-                         torch.from_numpy(coords.astype(np.int32))], 1)
-    media = entry.get("media") or {}
-    if not isinstance(media, dict):
-        raise BadRequest(f"items[{position}].media must be an object")
+        raise InvalidParameter(f"{where}.kind must be image, video or 3D, got {kind!r}")
+    coords = array_from_json(entry.get("coords"), f"{where}.coords")
+    if coords.ndim != 2 or coords.shape[1] != 4 or not np.issubdtype(coords.dtype, np.integer):
+        raise InvalidParameter(f"{where}.coords must be integer [n, 4] (t, x, y, z), got {coords.dtype} "
+                               f"{list(coords.shape)}")
+    grid = budget.check_token_set(coords, kind, limits, where)
+    media = budget.check_media(entry.get("media"), kind, grid, limits, where)
+    n = coords.shape[0]
+    coords5 = torch.cat([torch.zeros(n, 1, dtype=torch.int32), torch.from_numpy(coords.astype(np.int32))], 1)
     if "indices" in entry:
-        idx = array_from_json(entry["indices"], f"items[{position}].indices")
-        return Tokens(coords5, (kind,), indices=torch.from_numpy(idx.astype(np.int64))), kind, media
+        idx = _indices(array_from_json(entry["indices"], f"{where}.indices"), n, model, where)
+        return Tokens(coords5, (kind,), indices=torch.from_numpy(idx)), kind, media
     if "latents" in entry:
-        lat = array_from_json(entry["latents"], f"items[{position}].latents")
+        lat = array_from_json(entry["latents"], f"{where}.latents")
+        width = model.get("latent_channels")
+        if lat.shape != (n, width) or not np.issubdtype(lat.dtype, np.floating):
+            raise InvalidParameter(f"{where}.latents must be float [{n}, {width}], got {lat.dtype} {list(lat.shape)}")
+        if not np.isfinite(lat).all():
+            raise InvalidParameter(f"{where}.latents must be finite")
         return Tokens(coords5, (kind,), latents=torch.from_numpy(lat.astype(np.float32))), kind, media
-    raise InvalidParameter(f"items[{position}] needs 'latents' (continuous) or 'indices' (discrete)")
+    raise InvalidParameter(f"{where} needs 'latents' (continuous) or 'indices' (discrete)")
+
+
+def _indices(idx: np.ndarray, n: int, model: dict, where: str) -> np.ndarray:
+    if not model.get("discrete"):
+        raise InvalidParameter("these are discrete tokens but the served model has no quantizer")
+    groups, size = model.get("num_codebooks"), model.get("codebook_size")
+    if idx.ndim == 1:
+        idx = idx[:, None]
+    if idx.shape != (n, groups) or not np.issubdtype(idx.dtype, np.integer):
+        raise InvalidParameter(f"{where}.indices must be integer [{n}, {groups}], got {idx.dtype} {list(idx.shape)}")
+    if idx.size and (idx.min() < 0 or idx.max() >= size):
+        raise InvalidParameter(f"{where}.indices must lie in [0, {size})", limit=size)
+    return idx.astype(np.int64)

@@ -13,7 +13,9 @@ import anyio
 import torch
 from fastapi import Request
 
-from .errors import ClientClosedRequest, Overloaded, from_worker
+from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, PayloadTooLarge, from_worker
+from .media.detect import sniff
+from .media.errors import MediaError
 from .metrics import Metrics
 from .pipeline import Item, Options, preprocess
 from .scheduler import Scheduler
@@ -51,10 +53,14 @@ class Runtime:
     inflight: int = 0
 
     def __post_init__(self) -> None:
-        self.scheduler = Scheduler(self.backend_factory, self.settings.batching, self.metrics.on_batch)
-        workers = max(2, min(8, os.cpu_count() or 2))
-        self.pre_pool = ThreadPoolExecutor(workers, thread_name_prefix="atoken-pre")
-        self.post_pool = ThreadPoolExecutor(workers, thread_name_prefix="atoken-post")
+        self.scheduler = Scheduler(self.backend_factory, self.settings.batching, self.metrics.on_batch,
+                                   self.settings.liveness_failures)
+        cpus = os.cpu_count() or 2
+        # Heavy inputs (videos, meshes: seconds each) get their own pool, so they cannot hold
+        # every thread while small images and JSON bodies wait behind them.
+        self.light_pool = ThreadPoolExecutor(max(2, min(8, cpus)), thread_name_prefix="atoken-pre")
+        self.heavy_pool = ThreadPoolExecutor(max(1, min(4, cpus // 2)), thread_name_prefix="atoken-heavy")
+        self.post_pool = ThreadPoolExecutor(max(2, min(8, cpus)), thread_name_prefix="atoken-post")
 
     def start(self) -> None:
         if self.settings.worker == "process":
@@ -65,42 +71,65 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
-        self.pre_pool.shutdown(wait=False, cancel_futures=True)
-        self.post_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.light_pool, self.heavy_pool, self.post_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_info(self) -> dict:
         return self.scheduler.info
 
-    def admit(self, request: Request) -> None:
+    def admit(self) -> None:
         """Cheap checks before reading or decoding anything: answer 429 early. An admitted
-        request counts as in flight until its response is ready (the middleware releases it)."""
+        request counts as in flight until its response is ready (the gate releases it)."""
         if self.inflight >= self.settings.max_inflight_requests:
             raise Overloaded(f"{self.inflight} requests in flight", limit=self.settings.max_inflight_requests,
                              retry_after=self.scheduler.retry_after())
         self.scheduler.check_capacity()
         self.inflight += 1  # no await between the check and the count: atomic on the event loop
-        request.state.admitted = True
+
+    def release(self) -> None:
+        self.inflight -= 1
+
+    async def _in_pool(self, pool: ThreadPoolExecutor, fn, *args):
+        timeout = self.settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, fn, *args), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{getattr(fn, '__name__', 'processing')} did not finish within {timeout:g} s",
+                                   limit=timeout) from None
+
+    async def preprocess_light(self, fn, *args):
+        return await self._in_pool(self.light_pool, fn, *args)
 
     async def preprocess_all(self, uploads: list[bytes], options: Options) -> list[Item]:
-        loop = asyncio.get_running_loop()
         self.scheduler.preparing += 1
         try:
-            tasks = [loop.run_in_executor(self.pre_pool, preprocess, data, options, self.settings.limits)
+            tasks = [self._in_pool(self._pool_for(data), preprocess, data, options, self.settings.limits)
                      for data in uploads]
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self.scheduler.preparing -= 1
             self.scheduler.notify()
         for i, r in enumerate(results):
-            if isinstance(r, Exception):
+            if isinstance(r, BaseException):
                 if len(uploads) > 1 and hasattr(r, "message"):
                     r.message = f"item {i}: {r.message}"
                 raise r
+        total = sum(item.batch.coords.shape[0] for item in results)
+        if total > self.settings.max_queue_tokens:
+            raise PayloadTooLarge(f"the request holds {total} tokens, more than the queue can ever take "
+                                  f"({self.settings.max_queue_tokens})", limit=self.settings.max_queue_tokens)
         return list(results)
 
+    def _pool_for(self, data: bytes) -> ThreadPoolExecutor:
+        try:
+            modality, fmt = sniff(data)
+        except MediaError:
+            return self.light_pool  # refused at once in the pool, with the usual error
+        return self.light_pool if modality == "image" or fmt == "npz" else self.heavy_pool
+
     async def postprocess(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.post_pool, fn, *args)
+        return await self._in_pool(self.post_pool, fn, *args)
 
     async def infer(self, request: Request, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
         """Queue jobs, drop them if the client goes away, raise the first item error."""

@@ -20,11 +20,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import DeadlineExceeded, NotReady, Overloaded, WorkerUnavailable
+from .errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, WorkerUnavailable
 from .worker.backends import Backend, WorkerDied
 from .worker.jobs import Job, JobResult
 
 log = logging.getLogger("atoken.scheduler")
+IDLE_POLL_S = 0.1  # how often an idle dispatcher checks that the worker is still alive
+MAX_RETRY_AFTER_S = 60
 
 
 @dataclass
@@ -60,7 +62,7 @@ class BatchingConfig:
 
 class Scheduler:
     def __init__(self, backend_factory: Callable[[], Backend], config: BatchingConfig,
-                 on_batch: Callable[[int, int, float], None] | None = None):
+                 on_batch: Callable[[int, int, float], None] | None = None, liveness_failures: int = 3):
         self.backend_factory = backend_factory
         self.config = config
         self.on_batch = on_batch
@@ -70,6 +72,8 @@ class Scheduler:
         self.restarts = 0
         self.batches = 0
         self.start_error: str | None = None
+        self.start_failures = 0  # consecutive failed starts; liveness fails past `liveness_failures`
+        self.liveness_failures = liveness_failures
         self.running_batch = 0  # jobs in the batch the worker holds now
         self.preparing = 0  # admitted requests still being decoded: batch-mates on their way
         self.dropped = 0  # queued jobs skipped because their caller left or their deadline passed
@@ -112,6 +116,12 @@ class Scheduler:
     def worker_alive(self) -> bool:
         return self.backend is not None and self.backend.alive()
 
+    @property
+    def live(self) -> bool:
+        """False once the worker has failed to start `liveness_failures` times in a row: only
+        then would restarting the whole pod help."""
+        return self.start_failures < self.liveness_failures
+
     # ------------------------------------------------------------------ admission
     def next_id(self) -> int:
         return next(self._ids)
@@ -129,13 +139,18 @@ class Scheduler:
         return (self._queued_cost + extra_cost) / max(self._rate, 1.0)
 
     def retry_after(self, extra_cost: int = 0) -> int:
-        return max(1, math.ceil(self.drain_seconds(extra_cost)))
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.drain_seconds(extra_cost))))
 
     def check_capacity(self, jobs: int = 1, cost: int = 0) -> None:
-        """Raise Overloaded when these jobs would not fit in the queue (cheap; call early)."""
+        """Raise Overloaded when these jobs would not fit in the queue now (cheap; call early),
+        and PayloadTooLarge when they could never fit, however long the client waited."""
+        cfg = self.config
+        if jobs > cfg.max_queue_jobs or cost > cfg.max_queue_tokens:
+            raise PayloadTooLarge(f"{jobs} jobs costing {cost} token passes can never fit the queue "
+                                  f"({cfg.max_queue_jobs} jobs, {cfg.max_queue_tokens} token passes)",
+                                  limit=cfg.max_queue_tokens)
         if not self.ready:
             raise NotReady("the model worker is not ready", retry_after=5)
-        cfg = self.config
         if len(self._queue) + jobs > cfg.max_queue_jobs or self._queued_cost + cost > cfg.max_queue_tokens:
             raise Overloaded(
                 f"queue full ({len(self._queue)} jobs, {self._queued_cost} token passes queued)",
@@ -178,15 +193,22 @@ class Scheduler:
 
     def _start_backend(self) -> None:
         self.ready = False
+        if self.backend is not None:  # it died while idle: noticed here, restarted at once
+            self.restarts += 1
+            log.error("model worker exited while idle; restarting")
+            self.backend.stop()
+            self.backend = None
         try:
             backend = self.backend_factory()
             self.info = backend.start()
             self.backend = backend
             self.start_error = None
+            self.start_failures = 0
             self.ready = True
             log.info("model worker ready: %s", self.info.get("variant"))
         except Exception as exc:  # noqa: BLE001 - keep serving health endpoints; retry
             self.start_error = f"{type(exc).__name__}: {exc}"
+            self.start_failures += 1
             log.error("model worker failed to start: %s", self.start_error)
             with self._cond:
                 self._cond.wait(2.0)
@@ -203,7 +225,10 @@ class Scheduler:
         cfg = self.config
         with self._cond:
             while self._running and not self._queue:
-                self._cond.wait(0.5)
+                if not self.worker_alive():
+                    self.ready = False
+                    return []  # the dispatch loop restarts it now, not when the next request comes
+                self._cond.wait(IDLE_POLL_S)
             if not self._running:
                 return []
             first_arrival = self._queue[0].enqueued

@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     max_duration_s: float = 120.0
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
+    max_item_tokens: int = 16384  # model tokens (voxels for 3D) per item, from declared sizes
+    max_aspect: float = 32.0
+    max_inflated_bytes: int = 64 * 2**20  # archives (zip meshes, npz volumes) after inflating
+    max_json_bytes: int = 32 * 2**20
+    max_json_depth: int = 32
+
+    # Deadlines (seconds): a request never lives past body + request timeouts.
+    body_timeout_s: float = 60.0  # the whole request body
+    body_idle_timeout_s: float = 15.0  # between two chunks of the body
+    fetch_timeout_s: float = 20.0  # each URL input, in total
+    liveness_failures: int = 3  # consecutive failed worker starts before /healthz fails
 
     # Security.
     api_keys: str = ""  # comma-separated
@@ -80,7 +91,9 @@ class Settings(BaseSettings):
     def limits(self) -> MediaLimits:
         return MediaLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels, max_side=self.max_side,
                            min_side=self.min_side, max_frames=self.max_frames, max_duration_s=self.max_duration_s,
-                           max_vertices=self.max_vertices, max_faces=self.max_faces)
+                           max_vertices=self.max_vertices, max_faces=self.max_faces,
+                           max_voxels=self.max_item_tokens, max_tokens=self.max_item_tokens,
+                           max_aspect=self.max_aspect, max_inflated_bytes=self.max_inflated_bytes)
 
     @property
     def batching(self) -> BatchingConfig:
@@ -94,5 +107,6 @@ class Settings(BaseSettings):
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (
             "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",
-            "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_batch_tokens", "max_queue_jobs",
-            "request_timeout_s")}
+            "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
+            "max_inflated_bytes", "max_json_bytes", "max_json_depth", "max_batch_tokens", "max_queue_jobs",
+            "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s")}

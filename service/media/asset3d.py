@@ -6,19 +6,23 @@ Accepted: a mesh (rendered here into 16 views, then packed), a zip of views the 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
+import zlib
 
 import numpy as np
 
 from .errors import CorruptMediaError, check_limit
 from .image import decode_image
 from .limits import MediaLimits
-from .mesh import load_mesh
+from .mesh import load_mesh, open_archive
 from .pack3d import intrinsics_from_fov, pack_views, w2c_from_c2w_opengl
 from .render import Views, render_views
 from .volume import check_volume, load_npz
+
+MAX_VIEW_PIXELS = 512 * 512
 
 
 def load_3d(data: bytes, fmt: str, limits: MediaLimits) -> tuple[np.ndarray, np.ndarray, dict, "Views | None"]:
@@ -54,8 +58,10 @@ def read_views_zip(data: bytes, limits: MediaLimits):
     """transforms.json (NeRF layout: camera_angle_x, frames[].file_path, transform_matrix),
     NNN.png images and NNN_depth.npy z-depth maps (negative = empty)."""
     check_limit("upload", len(data), limits.max_bytes, "bytes")
+    archive = open_archive(data, limits)
+    # Up to 64 views are decoded at once: each is held to 512x512, so their pixels stay bounded.
+    view_limits = dataclasses.replace(limits, max_pixels=min(limits.max_pixels, MAX_VIEW_PIXELS))
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
         names = {n.rsplit("/", 1)[-1]: n for n in archive.namelist()}
         meta = json.loads(archive.read(names["transforms.json"]))
         frames = meta["frames"]
@@ -63,12 +69,12 @@ def read_views_zip(data: bytes, limits: MediaLimits):
         images, depths, poses, fovs = [], [], [], []
         for frame in frames:
             stem = frame["file_path"].rsplit("/", 1)[-1].removesuffix(".png")
-            images.append(decode_image(archive.read(names[f"{stem}.png"]), limits, background=(0, 0, 0)))
+            images.append(decode_image(archive.read(names[f"{stem}.png"]), view_limits, background=(0, 0, 0)))
             depth = np.load(io.BytesIO(archive.read(names[f"{stem}_depth.npy"])), allow_pickle=False)
             depths.append(depth.astype(np.float32))
             poses.append(np.asarray(frame["transform_matrix"], dtype=np.float64))
             fovs.append(float(frame.get("camera_angle_x", meta.get("camera_angle_x"))))
-    except (KeyError, ValueError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, TypeError, zipfile.BadZipFile, zlib.error, EOFError, json.JSONDecodeError) as exc:
         raise CorruptMediaError(f"bad views archive: {type(exc).__name__}: {exc}") from None
     if len({d.shape for d in depths}) != 1 or any(d.shape != im.shape[:2] for d, im in zip(depths, images)):
         raise CorruptMediaError("every depth map must match its image's size")

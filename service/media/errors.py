@@ -19,6 +19,13 @@ class MediaTooLargeError(MediaError):
     code = "too_large"
 
 
+class MediaOutOfRangeError(MediaError):
+    """A declared size that is within the byte limits but outside what the model can take
+    (an extreme aspect ratio, too many tokens for one item)."""
+
+    code = "out_of_range"
+
+
 class UnsupportedMediaError(MediaError):
     """Unknown, disguised or disallowed format."""
 
@@ -31,8 +38,13 @@ class CorruptMediaError(MediaError):
     code = "invalid_media"
 
 
-def check_limit(what: str, actual: int | float, limit: int | float, unit: str = "") -> None:
+def check_limit(what: str, actual: int | float, limit: int | float, unit: str = "",
+                error: type[MediaError] = MediaTooLargeError) -> None:
     if actual > limit:
         suffix = f" {unit}" if unit else ""
-        raise MediaTooLargeError(f"{what} is {actual:g}{suffix}, over the limit of {limit:g}{suffix}",
-                                 limit=limit, actual=actual)
+        raise error(f"{what} is {_num(actual)}{suffix}, over the limit of {_num(limit)}{suffix}",
+                    limit=limit, actual=actual)
+
+
+def _num(value: int | float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"

@@ -1,9 +1,11 @@
 """Images: header-first limits, decoding to RGB, the resolution policy, and encoding.
 
 Resolution policy (documented in docs/media.md): keep the aspect ratio; scale down so the
-longer side is at most `max_side` (never up, except to reach `min_side`); round each side to
-the nearest multiple of 16 (at least 16). The model then sees no centre crop. `Resize` records
-the original size so a reconstruction is resized back to it.
+longer side is at most `max_side` (never up, except to bring the shorter side towards
+`min_side`, and never so far that the longer side passes `max_side`); round each side to the
+nearest multiple of 16 (at least 16). The model then sees no centre crop. `Resize` records
+the original size so a reconstruction is resized back to it. Sizes come from the header, so
+the token count is known (and checked) before a pixel is decoded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .detect import IMAGE_FORMATS, sniff
-from .errors import CorruptMediaError, UnsupportedMediaError, check_limit
+from .errors import CorruptMediaError, MediaOutOfRangeError, UnsupportedMediaError, check_limit
 from .limits import MediaLimits
 
 PATCH = 16
@@ -37,15 +39,31 @@ class Resize:
     model: tuple[int, int]
 
 
+    @property
+    def tokens(self) -> int:
+        """Tokens per latent frame at the model size."""
+        return (self.model[0] // PATCH) * (self.model[1] // PATCH)
+
+
 def plan_resize(height: int, width: int, limits: MediaLimits) -> Resize:
-    scale = min(1.0, limits.max_side / max(height, width))
+    """The model size for a declared size; refuses extreme aspect ratios and token counts."""
+    if height <= 0 or width <= 0:
+        raise CorruptMediaError(f"declared size {width}x{height} is empty")
+    check_limit("aspect ratio", round(max(height, width) / min(height, width), 2), limits.max_aspect,
+                error=MediaOutOfRangeError)
+    longest = limits.max_side / max(height, width)
+    scale = min(1.0, longest)
     if min(height, width) * scale < limits.min_side:
-        scale = limits.min_side / min(height, width)
+        # Tiny images grow towards min_side, but a thin strip never grows past max_side: the
+        # upscale that once turned a 1x60000 PNG into 100,000 tokens.
+        scale = min(limits.min_side / min(height, width), longest)
 
     def side(n: int) -> int:
         return max(PATCH, int(round(n * scale / PATCH)) * PATCH)
 
-    return Resize((height, width), (side(height), side(width)))
+    plan = Resize((height, width), (side(height), side(width)))
+    check_limit("tokens per frame", plan.tokens, limits.max_tokens, error=MediaOutOfRangeError)
+    return plan
 
 
 def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

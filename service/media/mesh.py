@@ -4,7 +4,9 @@ Scenes are flattened into one mesh in world space; colours (vertex, face or UV t
 from __future__ import annotations
 
 import io
+import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,7 @@ from .errors import CorruptMediaError, UnsupportedMediaError, check_limit
 from .limits import MediaLimits
 
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
+MAX_ARCHIVE_ENTRIES = 4096
 
 
 @dataclass
@@ -37,10 +40,24 @@ class ColoredMesh:
         return ColoredMesh(v, self.faces, self.vertex_colors, self.face_colors, self.uv, self.texture)
 
 
-def _unzip(data: bytes) -> tuple[str, bytes, dict[str, bytes]]:
-    """The main mesh file of an archive and every file beside it (MTL, textures, buffers)."""
+def open_archive(data: bytes, limits: MediaLimits) -> zipfile.ZipFile:
+    """A zip whose members may inflate to at most `max_inflated_bytes` in all. The sizes come
+    from the central directory, and zipfile never inflates a member past its declared size (a
+    lying entry fails its CRC instead), so the budget holds before anything is inflated."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CorruptMediaError(f"corrupt zip archive: {exc}") from None
+    check_limit("archive entries", len(members), MAX_ARCHIVE_ENTRIES)
+    check_limit("archive inflated size", sum(m.file_size for m in members), limits.max_inflated_bytes, "bytes")
+    return archive
+
+
+def _unzip(data: bytes, limits: MediaLimits) -> tuple[str, bytes, dict[str, bytes]]:
+    """The main mesh file of an archive and every file beside it (MTL, textures, buffers)."""
+    archive = open_archive(data, limits)
+    try:
         names = [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX")]
         meshes = [n for n in names if n.lower().endswith(MESH_SUFFIXES)]
         if not meshes:
@@ -48,9 +65,25 @@ def _unzip(data: bytes) -> tuple[str, bytes, dict[str, bytes]]:
         main = sorted(meshes, key=lambda n: MESH_SUFFIXES.index("." + n.lower().rsplit(".", 1)[-1]))[0]
         prefix = main.rsplit("/", 1)[0] + "/" if "/" in main else ""
         files = {n[len(prefix):]: archive.read(n) for n in names if n.startswith(prefix)}
-    except zipfile.BadZipFile:
-        raise CorruptMediaError("corrupt zip archive") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+        raise CorruptMediaError(f"corrupt zip archive: {exc}") from None
     return main, files[main[len(prefix):]], files
+
+
+def check_declared_counts(data: bytes, fmt: str, limits: MediaLimits) -> None:
+    """Refuse a PLY or OFF whose header declares more vertices or faces than the limits,
+    before a parser sizes arrays from it."""
+    if fmt == "ply":
+        header = data[:4096].split(b"end_header", 1)[0].decode("latin-1")
+        counts = dict(re.findall(r"^element\s+(\w+)\s+(\d+)", header, re.MULTILINE))
+        vertices, faces = int(counts.get("vertex", 0)), int(counts.get("face", 0))
+    elif fmt == "off":
+        numbers = re.search(rb"^\s*C?OFF\s+(\d+)\s+(\d+)", data[:4096])
+        vertices, faces = (int(numbers.group(1)), int(numbers.group(2))) if numbers else (0, 0)
+    else:
+        return
+    check_limit("declared vertex count", vertices, limits.max_vertices)
+    check_limit("declared face count", faces, limits.max_faces)
 
 
 def load_mesh(data: bytes, fmt: str, limits: MediaLimits = MediaLimits()) -> ColoredMesh:
@@ -58,9 +91,10 @@ def load_mesh(data: bytes, fmt: str, limits: MediaLimits = MediaLimits()) -> Col
     resolver = None
     file_type = fmt
     if fmt == "zip":
-        name, data, files = _unzip(data)
+        name, data, files = _unzip(data, limits)
         resolver = trimesh.resolvers.ZipResolver(files)  # resolves "./x.mtl" and texture paths
         file_type = name.rsplit(".", 1)[-1].lower()
+    check_declared_counts(data, file_type, limits)
     try:
         scene = trimesh.load_scene(io.BytesIO(data), file_type=file_type, resolver=resolver, process=False)
     except Exception as exc:  # noqa: BLE001 - trimesh raises many types on bad input
@@ -70,10 +104,10 @@ def load_mesh(data: bytes, fmt: str, limits: MediaLimits = MediaLimits()) -> Col
         raise CorruptMediaError("the file holds no triangles (point clouds and empty meshes are refused)")
     check_limit("vertex count", sum(len(m.vertices) for m in meshes), limits.max_vertices)
     check_limit("face count", sum(len(m.faces) for m in meshes), limits.max_faces)
-    return _merge([_colored(m) for m in meshes])
+    return _merge([_colored(m, limits.max_pixels) for m in meshes])
 
 
-def _colored(mesh: trimesh.Trimesh) -> ColoredMesh:
+def _colored(mesh: trimesh.Trimesh, max_pixels: int) -> ColoredMesh:
     v = np.asarray(mesh.vertices, dtype=np.float64)
     if not np.isfinite(v).all():
         raise CorruptMediaError("mesh has NaN or infinite vertex coordinates")
@@ -81,7 +115,7 @@ def _colored(mesh: trimesh.Trimesh) -> ColoredMesh:
     visual = mesh.visual
     kind = getattr(visual, "kind", None)
     if kind == "texture":
-        image = _texture_image(visual.material)
+        image = _texture_image(visual.material, max_pixels)
         uv = getattr(visual, "uv", None)
         if image is not None and uv is not None and len(uv) == len(v):
             out.uv, out.texture = np.asarray(uv, dtype=np.float64), image
@@ -95,12 +129,14 @@ def _colored(mesh: trimesh.Trimesh) -> ColoredMesh:
     return out
 
 
-def _texture_image(material) -> np.ndarray | None:
+def _texture_image(material, max_pixels: int) -> np.ndarray | None:
     image = getattr(material, "image", None) or getattr(material, "baseColorTexture", None)
     if image is None:
         return None
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
+    # Textures are opened lazily by trimesh: check the declared size before decoding them.
+    check_limit("texture size", image.size[0] * image.size[1], max_pixels, "pixels")
     return np.asarray(image.convert("RGB"))
 
 

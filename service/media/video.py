@@ -3,15 +3,17 @@ and encode reconstructions to MP4 (H.264) or WebM (VP9) in memory."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from io import BytesIO
+from typing import Iterable
 
 import av
 import numpy as np
 
 from .detect import VIDEO_FORMATS, sniff
-from .errors import CorruptMediaError, MediaTooLargeError, UnsupportedMediaError, check_limit
+from .errors import CorruptMediaError, MediaOutOfRangeError, MediaTooLargeError, UnsupportedMediaError, check_limit
 from .image import Resize, plan_resize, resize_rgb
 from .limits import MediaLimits
 from .mp4 import faststart
@@ -90,6 +92,10 @@ def decode_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sam
     cap = min(limits.max_frames, sampling.max_frames or limits.max_frames)
     step = 1.0 if not sampling.fps or sampling.fps >= info.fps else info.fps / sampling.fps
     out_fps = info.fps / step
+    # The decode below stops at `cap` frames whatever the container claims, so this bound on
+    # the model's tokens holds before any frame is decoded.
+    check_limit("video tokens", math.ceil(cap / TUBELET) * plan.tokens, limits.max_tokens,
+                error=MediaOutOfRangeError)
     frames: list[np.ndarray] = []
     next_pick, index = 0.0, -1
     try:
@@ -126,26 +132,31 @@ def _even(n: int) -> int:
     return n + (n % 2)
 
 
-def encode_video(frames: np.ndarray, fps: float, fmt: str = "mp4", crf: int = 18) -> bytes:
-    """uint8 [T, H, W, 3] -> MP4 (H.264, yuv420p, fast start) or WebM (VP9), in memory.
+def encode_video(frames: Iterable[np.ndarray], fps: float, fmt: str = "mp4", crf: int = 18) -> bytes:
+    """uint8 frames [H, W, 3] (an array [T, H, W, 3] or any iterable, consumed one frame at a
+    time so a caller can produce full-size frames lazily) -> MP4 (H.264, yuv420p, fast start)
+    or WebM (VP9), in memory.
 
     Odd sides are padded by one edge pixel: yuv420p needs even sizes.
     """
     fmt = fmt.lower()
     if fmt not in ("mp4", "webm"):
         raise UnsupportedMediaError(f"video output format {fmt!r} unsupported; choose mp4 or webm")
-    t, h, w, _ = frames.shape
-    eh, ew = _even(h), _even(w)
-    if (eh, ew) != (h, w):
-        frames = np.pad(frames, ((0, 0), (0, eh - h), (0, ew - w), (0, 0)), mode="edge")
     rate = Fraction(fps).limit_denominator(1001)
     buf = BytesIO()
     with av.open(buf, mode="w", format=fmt) as container:
         codec = "libx264" if fmt == "mp4" else "libvpx-vp9"
         stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = ew, eh, "yuv420p"
+        stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"} if fmt == "mp4" else {"crf": "32", "b:v": "0"}
+        sized = False
         for frame in frames:
+            h, w, _ = frame.shape
+            eh, ew = _even(h), _even(w)
+            if not sized:
+                stream.width, stream.height, sized = ew, eh, True
+            if (eh, ew) != (h, w):
+                frame = np.pad(frame, ((0, eh - h), (0, ew - w), (0, 0)), mode="edge")
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

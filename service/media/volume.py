@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import math
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -38,8 +40,33 @@ def check_volume(coords: np.ndarray, feats: np.ndarray, limits: MediaLimits) -> 
     return coords.astype(np.int64), feats
 
 
+def check_npz_headers(data: bytes, limits: MediaLimits) -> None:
+    """Read each member's .npy header (shape and dtype) and check what it would allocate,
+    before np.load sizes an array from it: a small npz of zeros can declare gigabytes."""
+    from .mesh import open_archive
+
+    archive = open_archive(data, limits)
+    for member in archive.infolist():
+        if not member.filename.endswith(".npy"):
+            continue
+        try:
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+        except (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise CorruptMediaError(f"cannot read npz member {member.filename!r}: {exc}") from None
+        if dtype.hasobject:
+            raise CorruptMediaError(f"npz member {member.filename!r} holds Python objects")
+        rows = shape[0] if shape else 1
+        check_limit(f"{member.filename} rows", rows, limits.max_voxels)
+        check_limit(f"{member.filename} size", math.prod(shape) * dtype.itemsize, limits.max_inflated_bytes, "bytes")
+
+
 def load_npz(data: bytes, limits: MediaLimits) -> tuple[np.ndarray, np.ndarray]:
     check_limit("upload", len(data), limits.max_bytes, "bytes")
+    check_npz_headers(data, limits)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             if "coords" not in archive or "feats" not in archive:

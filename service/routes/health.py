@@ -8,7 +8,7 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..deps import get_runtime, require_api_key
+from ..deps import get_runtime
 from ..runtime import Runtime
 
 router = APIRouter(tags=["operations"])
@@ -17,11 +17,13 @@ router = APIRouter(tags=["operations"])
 @router.get("/healthz", summary="The worker is alive (or being restarted)")
 def healthz(runtime: Runtime = Depends(get_runtime)):
     """200 while the front end supervises a live or restarting worker: a liveness probe must not
-    kill the pod during a worker restart that the front end handles itself."""
+    kill the pod during a worker restart that the front end handles itself. 503 once the worker
+    has failed to start several times in a row: then only a new pod can help."""
     s = runtime.scheduler
     alive = s.worker_alive()
     status = "ok" if alive else ("failing" if s.start_error else "starting")
-    return {"status": status, "worker_alive": alive, "restarts": s.restarts, "last_error": s.start_error}
+    body = {"status": status, "worker_alive": alive, "restarts": s.restarts, "last_error": s.start_error}
+    return body if s.live else JSONResponse(body, status_code=503)
 
 
 @router.get("/readyz", summary="Model loaded, warmed up, canary round trip passed")
@@ -38,7 +40,7 @@ def metrics(runtime: Runtime = Depends(get_runtime)):
     return Response(runtime.metrics.render(runtime.scheduler), media_type="text/plain; version=0.0.4")
 
 
-@router.get("/info", summary="Model, checkpoint, limits and versions", dependencies=[Depends(require_api_key)])
+@router.get("/info", summary="Model, checkpoint, limits and versions")
 def info(request: Request, runtime: Runtime = Depends(get_runtime)):
     import fastapi
 

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..arrays import NPY, SAFETENSORS, array_to_json, from_safetensors, to_npy, to_safetensors
-from ..deps import flag, get_runtime, is_safetensors, parse_options, read_uploads, require_api_key, wants
-from ..errors import BadRequest, InvalidParameter, NotAcceptable
+from ..deps import flag, get_runtime, is_safetensors, parse_options, read_json, read_uploads, wants
+from ..errors import BadRequest, InvalidParameter, NotAcceptable, PayloadTooLarge
 from ..outputs import MEDIA_TYPES, choose_format, preview_file, render, score_3d, zip_files
 from ..pipeline import Item, compact_indices, round_trip_psnr, tokens_from_json, tokens_to_json
 from ..runtime import Runtime
 from ..worker.jobs import Job
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
-
-UPLOAD_DOC = {
-    "requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "application/json": {"schema": {"type": "object", "properties": {
-            "urls": {"type": "array", "items": {"type": "string"}}}}},
-    }},
-}
+router = APIRouter(tags=["inference"])
 
 
 def _model_ref(runtime: Runtime) -> dict:
@@ -35,7 +23,6 @@ def _model_ref(runtime: Runtime) -> dict:
 
 
 async def _items(request: Request, runtime: Runtime):
-    runtime.admit(request)
     uploads, fields = await read_uploads(request, runtime)
     options, raw = parse_options(request, fields)
     items = await runtime.preprocess_all(uploads, options)
@@ -50,7 +37,7 @@ def _jobs(runtime: Runtime, op: str, items: list[Item], mode: str = "continuous"
     return [Job(runtime.scheduler.next_id(), op, mode=mode, batch=i.batch, **kw) for i in items]
 
 
-@router.post("/encode", summary="Global L2-normalised embedding per item", openapi_extra=UPLOAD_DOC)
+@router.post("/encode", summary="Global L2-normalised embedding per item")
 async def encode(request: Request, runtime: Runtime = Depends(get_runtime)):
     items, options, raw = await _items(request, runtime)
     dense = flag(raw, "dense")
@@ -76,8 +63,7 @@ async def encode(request: Request, runtime: Runtime = Depends(get_runtime)):
     return JSONResponse({"model": _model_ref(runtime), "items": out}, headers=headers)
 
 
-@router.post("/tokenize", summary="Continuous latents or discrete FSQ indices with 4D coords",
-             openapi_extra=UPLOAD_DOC)
+@router.post("/tokenize", summary="Continuous latents or discrete FSQ indices with 4D coords")
 async def tokenize(request: Request, runtime: Runtime = Depends(get_runtime)):
     items, options, _ = await _items(request, runtime)
     results, timing = await runtime.infer(request, _jobs(runtime, "tokenize", items, options.tokens))
@@ -128,15 +114,14 @@ async def _media_response(runtime: Runtime, outputs: list[tuple[str, object, obj
     return Response(archive, media_type="application/zip", headers=headers)
 
 
-@router.post("/reconstruct", summary="Media in, its reconstruction out (PNG / MP4 / PLY)",
-             openapi_extra=UPLOAD_DOC)
+@router.post("/reconstruct", summary="Media in, its reconstruction out (PNG / MP4 / PLY)")
 async def reconstruct(request: Request, runtime: Runtime = Depends(get_runtime)):
     items, options, raw = await _items(request, runtime)
     gaussians = bool(runtime.model_info.get("gaussians"))
     jobs = _jobs(runtime, "reconstruct", items, options.tokens, gaussians=gaussians)
     results, timing = await runtime.infer(request, jobs)
     headers = timing.headers()
-    scores = [round_trip_psnr(item, r) for item, r in zip(items, results)]
+    scores = [await runtime.postprocess(round_trip_psnr, item, r) for item, r in zip(items, results)]
     if any(s is not None for s in scores):
         headers["X-Round-Trip-PSNR"] = ",".join("" if s is None else f"{s:.2f}" for s in scores)
     if options.score:
@@ -149,32 +134,23 @@ async def reconstruct(request: Request, runtime: Runtime = Depends(get_runtime))
     return await _media_response(runtime, outputs, options.format, headers, options.preview)
 
 
-@router.post("/decode", summary="Tokens (as /tokenize returned them) back to media",
-             openapi_extra={"requestBody": {"content": {
-                 "application/json": {"schema": {"type": "object"}},
-                 SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}})
+@router.post("/decode", summary="Tokens (as /tokenize returned them) back to media")
 async def decode(request: Request, runtime: Runtime = Depends(get_runtime)):
-    runtime.admit(request)
     options, _ = parse_options(request, {})
     if is_safetensors(request):
         entries = _entries_from_safetensors(await request.body())
     else:
-        try:
-            doc = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"malformed JSON: {exc}") from None
+        doc = await read_json(request, runtime)
         if not isinstance(doc, dict) or not isinstance(doc.get("items"), list) or not doc["items"]:
             raise BadRequest("expected the JSON /tokenize returned: an object with a non-empty 'items' list")
         entries = doc["items"]
     if len(entries) > runtime.settings.max_files:
-        raise InvalidParameter(f"{len(entries)} items, over the limit of {runtime.settings.max_files}",
-                               limit=runtime.settings.max_files)
-    decoded = [tokens_from_json(e, i) for i, e in enumerate(entries)]
+        raise PayloadTooLarge(f"{len(entries)} items, over the limit of {runtime.settings.max_files}",
+                              limit=runtime.settings.max_files)
+    limits, model = runtime.settings.limits, runtime.model_info
+    decoded = [tokens_from_json(e, i, limits, model) for i, e in enumerate(entries)]
     request.state.modality = ",".join(sorted({k for _, k, _ in decoded}))
-    gaussians = bool(runtime.model_info.get("gaussians"))
-    for tokens, _, _ in decoded:
-        if tokens.indices is not None and not runtime.model_info.get("discrete"):
-            raise InvalidParameter("these are discrete tokens but the served model has no quantizer")
+    gaussians = bool(model.get("gaussians"))
     jobs = [Job(runtime.scheduler.next_id(), "decode", tokens=t, gaussians=gaussians) for t, _, _ in decoded]
     results, timing = await runtime.infer(request, jobs)
     outputs = [(kind, r.tubelets, t.coords, media, r.gaussians) for (t, kind, media), r in zip(decoded, results)]
@@ -192,6 +168,6 @@ def _entries_from_safetensors(data: bytes) -> list[dict]:
         for name in ("coords", "latents", "indices"):
             key = f"item{i}.{name}"
             if key in arrays:
-                entry[name] = array_to_json(arrays[key], "base64")
+                entry[name] = arrays[key]
         entries.append(entry)
     return entries

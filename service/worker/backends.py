@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 import traceback
@@ -88,6 +89,10 @@ class LocalBackend:
 
 
 def _child_main(conn, spec: ModelSpec) -> None:
+    # SIGTERM or Ctrl-C sent to the whole process group must not kill a batch half-way: the
+    # front end drains its requests, then asks the worker to exit (or closes the pipe).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         tok = load_tokenizer(spec)
         engine = Engine(tok)

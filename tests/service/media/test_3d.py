@@ -118,6 +118,8 @@ def test_bad_meshes_fail_fast_with_typed_errors():
         load_mesh(assets.mesh("cow.obj").read_bytes(), "obj", MediaLimits(max_vertices=1000))
     assert err.value.limit == 1000
     with pytest.raises(CorruptMediaError):
+        load_mesh(b"ply\nformat binary_little_endian 1.0\nelement vertex 9999\nend_header\n\x00", "ply")
+    with pytest.raises(MediaTooLargeError):  # refused from the header, before a parser sizes arrays
         load_mesh(b"ply\nformat binary_little_endian 1.0\nelement vertex 99999999\nend_header\n\x00", "ply")
     assert time.perf_counter() - start < 2.0
 

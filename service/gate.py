@@ -1,0 +1,160 @@
+"""The outermost ASGI layer. Everything that can be decided from the request line and headers
+is decided here, before a byte of the body is read: API key (401), declared size (413),
+admission (429/503). The body is then read under a byte limit and deadlines (413/408), the
+whole request under a hard deadline (504), and every response, 500s included, is counted.
+
+A refused body is never read into memory; the server discards what the client still sends,
+so the client can read the answer and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+from fastapi.responses import JSONResponse
+
+from .errors import DeadlineExceeded, PayloadTooLarge, RequestTimeout, Unauthorized, error_body
+from .runtime import Runtime
+
+log = logging.getLogger("atoken.gate")
+
+INFERENCE = frozenset({"/encode", "/tokenize", "/decode", "/reconstruct"})
+PROTECTED = INFERENCE | {"/info"}
+JSON_TYPES = ("application/json",)
+
+
+def check_api_key(headers: dict[bytes, bytes], keys: tuple[str, ...]) -> None:
+    if not keys:
+        return
+    supplied = headers.get(b"x-api-key", b"").decode("latin-1").strip()
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    if not supplied and auth.lower().startswith("bearer "):
+        supplied = auth[7:].strip()
+    if not supplied:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+    # Compare against every key (constant time each), so timing reveals neither key nor position.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(supplied.encode(), key.encode())
+    if not matched:
+        raise Unauthorized("wrong API key")
+
+
+class BodyReader:
+    """`receive` with a byte limit, a deadline for the whole body and one between chunks."""
+
+    def __init__(self, receive, max_bytes: int, total_s: float, idle_s: float):
+        self.receive = receive
+        self.max_bytes = max_bytes
+        self.deadline = time.monotonic() + total_s
+        self.total_s = total_s
+        self.idle_s = idle_s
+        self.size = 0
+        self.done = False
+
+    async def __call__(self):
+        if self.done:  # later calls only wait for the client's disconnect
+            return await self.receive()
+        remaining = self.deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(self.receive(), max(0.0, min(self.idle_s, remaining)))
+        except TimeoutError:
+            if remaining <= self.idle_s:
+                raise RequestTimeout(f"the request body did not arrive within {self.total_s:g} s",
+                                     limit=self.total_s) from None
+            raise RequestTimeout(f"no request body data for {self.idle_s:g} s", limit=self.idle_s) from None
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size > self.max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes",
+                                      limit=self.max_bytes)
+            self.done = not message.get("more_body", False)
+        else:
+            self.done = True
+        return message
+
+
+class Gate:
+    def __init__(self, app, runtime: Runtime):
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings = self.runtime.settings
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        sent = {"status": None}
+
+        head = scope["method"] == "HEAD"
+        if head:  # HEAD wherever GET exists: the GET answer, headers only
+            scope = dict(scope, method="GET")
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif head and message.get("body"):
+                message = dict(message, body=b"")
+            await send(message)
+
+        admitted = False
+        try:
+            path, method = scope["path"], scope["method"]
+            headers = dict(scope.get("headers") or [])
+            if path in PROTECTED:
+                check_api_key(headers, settings.keys)
+            if method == "POST":
+                limit = self._body_limit(path, headers)
+                if path in INFERENCE:
+                    self.runtime.admit()
+                    admitted = True
+                receive = BodyReader(receive, limit, settings.body_timeout_s, settings.body_idle_timeout_s)
+            ceiling = settings.request_timeout_s + settings.body_timeout_s
+            try:
+                async with asyncio.timeout(ceiling):
+                    await self.app(scope, receive, tracked_send)
+            except TimeoutError:
+                raise DeadlineExceeded(f"request did not finish within {ceiling:g} s", limit=ceiling) from None
+        except Exception as exc:  # noqa: BLE001 - the last resort: a JSON answer, never a dropped connection
+            if sent["status"] is None:
+                await self._send_error(exc, scope, tracked_send)
+            else:
+                log.error("error after the response started on %s", scope["path"], exc_info=exc)
+        finally:
+            if admitted:
+                self.runtime.release()
+            self._count(scope, state, sent["status"] or 500, time.perf_counter() - start)
+
+    def _body_limit(self, path: str, headers: dict[bytes, bytes]) -> int:
+        """JSON bodies and token payloads (/decode) are small by nature; media may be large."""
+        settings = self.runtime.settings
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
+        small = ctype in JSON_TYPES or path == "/decode"
+        limit = settings.max_json_bytes if small else settings.max_request_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit}"
+                                  + (" for JSON and token payloads" if small else ""), limit=limit)
+        return limit
+
+    async def _send_error(self, exc: Exception, scope, send) -> None:
+        status, body, headers = error_body(exc)
+        if status == 500:
+            log.error("unhandled error on %s", scope["path"], exc_info=exc)
+        response = JSONResponse(body, status_code=status, headers=headers)
+        await response(scope, _no_body, send)
+
+    def _count(self, scope, state: dict, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None) or (scope["path"] if scope["path"] in PROTECTED else "other")
+        metrics = self.runtime.metrics
+        metrics.requests.labels(label, state.get("modality", "none"), str(status)).inc()
+        metrics.latency.labels(label).observe(seconds)
+
+
+async def _no_body():
+    return {"type": "http.request", "body": b"", "more_body": False}

@@ -1,0 +1,159 @@
+"""The API document, honest about what each route takes and answers: its query parameters,
+request bodies, every response media type with a schema, and every status it can return
+(from the one error table). Routes stay thin; what they accept is described here once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .arrays import NPY, SAFETENSORS
+from .outputs import MEDIA_TYPES
+
+BINARY = {"type": "string", "format": "binary"}
+ARRAY = {"type": "object", "required": ["dtype", "shape", "data"], "properties": {
+    "dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "data": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}
+MODEL_REF = {"type": "object", "properties": {
+    "variant": {"type": ["string", "null"]}, "sha256": {"type": ["string", "null"]},
+    "trained": {"type": ["boolean", "null"]}}}
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "limit": {}}}}}
+
+ERROR_TEXT = {
+    400: "Malformed request (body, JSON, arrays)",
+    401: "Missing or wrong API key",
+    405: "Method not allowed (see the Allow header)",
+    406: "The requested representation cannot hold the answer",
+    408: "The request body did not arrive in time",
+    413: "Over a size limit (bytes, files, pixels, frames, tokens, inflated bytes); `limit` names it",
+    415: "Unsupported media type",
+    422: "Invalid content or parameters; `limit` names the limit when one applies",
+    429: "Overloaded now; retry after Retry-After seconds",
+    499: "The client closed the connection (logged, never seen by the client)",
+    500: "A bug: the connection stays usable and the response is counted",
+    503: "The model worker is starting or restarting",
+    504: "The request's deadline passed",
+}
+INFERENCE_ERRORS = (400, 401, 405, 406, 408, 413, 415, 422, 429, 500, 503, 504)
+
+BOOL = {"type": "boolean"}
+PARAMETERS = {
+    "tokens": ({"type": "string", "enum": ["continuous", "discrete"], "default": "continuous"},
+               "continuous latents, or FSQ indices (discrete models)"),
+    "format": ({"type": "string", "enum": ["png", "jpeg", "jpg", "webp", "mp4", "webm", "ply", "npz"]},
+               "output format; the default follows the kind"),
+    "fps": ({"type": "number", "exclusiveMinimum": 0, "maximum": 1000}, "video: sample at this rate"),
+    "max_frames": ({"type": "integer", "minimum": 1}, "video: at most this many frames"),
+    "start": ({"type": "number", "minimum": 0}, "video: first second"),
+    "end": ({"type": "number", "minimum": 0}, "video: last second (after start)"),
+    "background": ({"type": "string", "pattern": "^#?([0-9A-Fa-f]{6}|\\d{1,3},\\d{1,3},\\d{1,3})$"},
+                   "images: colour alpha is composited on, RRGGBB or r,g,b"),
+    "array_format": ({"type": "string", "enum": ["base64", "list"]}, "token and feature arrays in JSON"),
+    "dense": (BOOL, "also return per-token features"),
+    "preview": ({"type": "string", "enum": ["none", "grid", "turntable"]}, "3D: a preview beside the PLY"),
+    "score": (BOOL, "3D: render PSNR/SSIM headers"),
+}
+ROUTE_PARAMETERS = {
+    "/encode": ("fps", "max_frames", "start", "end", "background", "array_format", "dense"),
+    "/tokenize": ("tokens", "fps", "max_frames", "start", "end", "background", "array_format"),
+    "/reconstruct": ("tokens", "format", "fps", "max_frames", "start", "end", "background", "preview", "score"),
+    "/decode": ("format",),
+}
+
+ENCODE_JSON = {"type": "object", "required": ["model", "items"], "properties": {
+    "model": MODEL_REF, "items": {"type": "array", "items": {
+        "type": "object", "required": ["index", "modality", "kind", "dim", "embedding"], "properties": {
+            "index": {"type": "integer"}, "modality": {"type": "string"}, "kind": {"type": "string"},
+            "dim": {"type": "integer"}, "embedding": {"type": "array", "items": {"type": "number"}},
+            "features": ARRAY, "coords": ARRAY}}}}}
+TOKEN_ITEM = {"type": "object", "required": ["index", "modality", "kind", "media", "num_tokens", "coords"],
+              "properties": {"index": {"type": "integer"}, "modality": {"type": "string"},
+                             "kind": {"type": "string", "enum": ["image", "video", "3D"]},
+                             "media": {"type": "object"}, "num_tokens": {"type": "integer"},
+                             "coords": ARRAY, "latents": ARRAY, "indices": ARRAY}}
+TOKENIZE_JSON = {"type": "object", "required": ["model", "mode", "items"], "properties": {
+    "model": MODEL_REF, "mode": {"type": "string", "enum": ["continuous", "discrete"]},
+    "items": {"type": "array", "items": TOKEN_ITEM}}}
+MEDIA_OUT = {t: {"schema": BINARY} for t in sorted(set(MEDIA_TYPES.values()) | {"application/zip"})}
+SUCCESS = {
+    "/encode": {"application/json": {"schema": ENCODE_JSON}, NPY: {"schema": BINARY},
+                SAFETENSORS: {"schema": BINARY}},
+    "/tokenize": {"application/json": {"schema": TOKENIZE_JSON}, NPY: {"schema": BINARY},
+                  SAFETENSORS: {"schema": BINARY}},
+    "/reconstruct": MEDIA_OUT,
+    "/decode": MEDIA_OUT,
+}
+TIMING_HEADERS = {name: {"schema": {"type": "string"}} for name in
+                  ("X-Queue-Time-Ms", "X-Compute-Time-Ms", "X-Batch-Size")}
+UPLOAD_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "items": BINARY}}}},
+    "application/octet-stream": {"schema": BINARY},
+    "application/json": {"schema": {"type": "object", "required": ["urls"], "properties": {
+        "urls": {"type": "array", "items": {"type": "string"}, "minItems": 1}}}},
+}}
+DECODE_BODY = {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["items"], "properties": {
+        "items": {"type": "array", "minItems": 1, "items": TOKEN_ITEM}}}},
+    SAFETENSORS: {"schema": BINARY}}}
+
+OPERATIONS_GET = {
+    "/healthz": ({"application/json": {"schema": {"type": "object", "properties": {
+        "status": {"type": "string"}, "worker_alive": {"type": "boolean"}, "restarts": {"type": "integer"},
+        "last_error": {"type": ["string", "null"]}}}}}, (503,)),
+    "/readyz": ({"application/json": {"schema": {"type": "object", "properties": {
+        "status": {"type": "string"}, "model": {"type": ["string", "null"]}}}}}, (503,)),
+    "/metrics": ({"text/plain": {"schema": {"type": "string"}}}, ()),
+    "/info": ({"application/json": {"schema": {"type": "object", "required": ["model", "limits"]}}}, (401,)),
+}
+
+
+def _errors(statuses) -> dict[str, Any]:
+    out = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"description": ERROR_TEXT[status],
+                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if status == 429:
+            entry["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
+        if status == 401:
+            entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        if status == 405:
+            entry["headers"] = {"Allow": {"schema": {"type": "string"}}}
+        out[str(status)] = entry
+    return out
+
+
+def _parameters(path: str) -> list[dict]:
+    return [{"name": name, "in": "query", "required": False, "schema": PARAMETERS[name][0],
+             "description": PARAMETERS[name][1]} for name in ROUTE_PARAMETERS[path]]
+
+
+def document(app: FastAPI) -> dict:
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
+    spec["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+    for path, methods in spec["paths"].items():
+        if path in SUCCESS:
+            op = methods["post"]
+            op["parameters"] = _parameters(path)
+            op["requestBody"] = DECODE_BODY if path == "/decode" else UPLOAD_BODY
+            op["responses"] = {"200": {"description": "OK", "content": SUCCESS[path], "headers": TIMING_HEADERS},
+                               **_errors(INFERENCE_ERRORS)}
+            op["security"] = [{}, {"bearer": []}, {"apiKey": []}]
+        elif path in OPERATIONS_GET:
+            content, extra = OPERATIONS_GET[path]
+            op = methods["get"]
+            op["responses"] = {"200": {"description": "OK", "content": content}, **_errors((405, 500) + extra)}
+            head = {"summary": op.get("summary", "") + " (headers only)", "operationId": f"head_{path.strip('/')}",
+                    "responses": {code: {"description": r["description"]} for code, r in op["responses"].items()}}
+            methods["head"] = head
+    app.openapi_schema = spec
+    return spec
