@@ -107,6 +107,7 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
                 raise InvalidParameter("preview must be 'none', 'grid' or 'turntable'")
             opts.preview = raw["preview"]
         opts.score = flag(raw, "score")
+        flag(raw, "dense")  # read by /encode; checked here, before any decoding
     except ValueError as exc:
         raise InvalidParameter(f"bad option value: {exc}") from None
     if opts.max_frames is not None and opts.max_frames <= 0:

@@ -130,15 +130,20 @@ class Gate:
             self._count(scope, state, sent["status"] or 500, time.perf_counter() - start)
 
     def _body_limit(self, path: str, headers: dict[bytes, bytes]) -> int:
-        """JSON bodies and token payloads (/decode) are small by nature; media may be large."""
+        """JSON bodies and token payloads (/decode) are small by nature; a raw body is one file
+        (the per-file limit); a multipart body holds several (the per-request limit)."""
         settings = self.runtime.settings
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
-        small = ctype in JSON_TYPES or path == "/decode"
-        limit = settings.max_json_bytes if small else settings.max_request_bytes
+        if ctype in JSON_TYPES or path == "/decode":
+            limit, what = settings.max_json_bytes, " for JSON and token payloads"
+        elif ctype == "multipart/form-data":
+            limit, what = settings.max_request_bytes, ""
+        else:
+            limit, what = settings.max_upload_bytes, " for one uploaded file"
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit}"
-                                  + (" for JSON and token payloads" if small else ""), limit=limit)
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit}{what}",
+                                  limit=limit)
         return limit
 
     async def _send_error(self, exc: Exception, scope, send) -> None:

@@ -27,6 +27,8 @@ class Metrics:
                                        registry=r)
         self.worker_restarts = Gauge("atoken_worker_restarts", "Times the model worker was restarted", registry=r)
         self.ready = Gauge("atoken_ready", "1 when requests will be served", registry=r)
+        self.running = Gauge("atoken_running_jobs", "Jobs in the batch the model worker runs now", registry=r)
+        self.inflight = Gauge("atoken_inflight_requests", "Admitted requests not yet answered", registry=r)
         self.dropped = Gauge("atoken_dropped_jobs", "Queued jobs skipped: client gone or deadline passed",
                              registry=r)
 
@@ -41,4 +43,5 @@ class Metrics:
         self.worker_restarts.set(scheduler.restarts)
         self.ready.set(1 if scheduler.ready else 0)
         self.dropped.set(scheduler.dropped)
+        self.running.set(scheduler.running_batch)
         return generate_latest(self.registry)

@@ -9,12 +9,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .arrays import NPY, SAFETENSORS
+from .arrays import DTYPES, NPY, SAFETENSORS
 from .outputs import MEDIA_TYPES
 
 BINARY = {"type": "string", "format": "binary"}
 ARRAY = {"type": "object", "required": ["dtype", "shape", "data"], "properties": {
-    "dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "dtype": {"type": "string", "enum": sorted(DTYPES)},
+    "shape": {"type": "array", "maxItems": 4, "items": {"type": "integer", "minimum": 0}},
     "data": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}
 MODEL_REF = {"type": "object", "properties": {
     "variant": {"type": ["string", "null"]}, "sha256": {"type": ["string", "null"]},
@@ -91,14 +92,14 @@ TIMING_HEADERS = {name: {"schema": {"type": "string"}} for name in
                   ("X-Queue-Time-Ms", "X-Compute-Time-Ms", "X-Batch-Size")}
 UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "array", "items": BINARY}}}},
+        "file": {"type": "array", "minItems": 1, "items": BINARY}}}},
     "application/octet-stream": {"schema": BINARY},
     "application/json": {"schema": {"type": "object", "required": ["urls"], "properties": {
         "urls": {"type": "array", "items": {"type": "string"}, "minItems": 1}}}},
 }}
 DECODE_BODY = {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["items"], "properties": {
-        "items": {"type": "array", "minItems": 1, "items": TOKEN_ITEM}}}},
+        "items": {"type": "array", "minItems": 1, "items": TOKEN_ITEM}}}},  # at most max_files
     SAFETENSORS: {"schema": BINARY}}}
 
 OPERATIONS_GET = {

@@ -37,6 +37,7 @@ def readyz(runtime: Runtime = Depends(get_runtime)):
 
 @router.get("/metrics", summary="Prometheus metrics")
 def metrics(runtime: Runtime = Depends(get_runtime)):
+    runtime.metrics.inflight.set(runtime.inflight)
     return Response(runtime.metrics.render(runtime.scheduler), media_type="text/plain; version=0.0.4")
 
 

@@ -27,6 +27,9 @@ class LiveServer:
         return self.app.state.runtime
 
     def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def start(self, wait_ready: bool = True) -> "LiveServer":
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -35,7 +38,8 @@ class LiveServer:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.wait_ready(120)
+        if wait_ready:
+            self.wait_ready(120)
         return self
 
     def wait_ready(self, timeout: float) -> None:
