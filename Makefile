@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv run test test-slow parity bench-model bench-splat bench-service train-default train-discrete eval clean
+.PHONY: venv run test test-slow parity bench-model bench-splat bench-service bench-overload train-default train-discrete eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-splat: venv
 
 bench-service: venv
 	$(PY) benchmarks/loadtest.py --out docs/benchmarks/service.md
+
+bench-overload: venv
+	$(PY) benchmarks/bench_overload.py --out docs/benchmarks/overload.md
 
 # The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
 # 1. images from the PCA warm start with the context decoder (neighbour heads carrying the

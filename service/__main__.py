@@ -22,8 +22,10 @@ def _serve(args, settings) -> None:
 
     from .app import create_app
 
+    # On SIGTERM, in-flight requests may run to their deadline before the worker is stopped
+    # (the Helm chart's grace period leaves room for this).
     uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", timeout_graceful_shutdown=30)
+                log_level="info", timeout_graceful_shutdown=int(settings.request_timeout_s) + 10)
 
 
 def _offline(args, settings) -> int:

@@ -28,6 +28,14 @@ log = logging.getLogger("atoken.app")
 VERSION = "0.1.0"
 
 
+class ServiceApp(FastAPI):
+    """FastAPI with the gate outermost: refusals decided from headers (401, 413, 429) are answered
+    before any of Starlette's middleware runs, which keeps them cheap under overload."""
+
+    def build_middleware_stack(self):
+        return Gate(super().build_middleware_stack(), self.state.runtime)
+
+
 def create_app(settings: Settings | None = None, backend_factory: Callable[[], Backend] | None = None) -> FastAPI:
     settings = settings or Settings()
     runtime = Runtime(settings, backend_factory or default_backend_factory(settings))
@@ -40,17 +48,20 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
         finally:
             await asyncio.get_running_loop().run_in_executor(None, runtime.stop)
 
-    app = FastAPI(title="AToken service", version=VERSION, lifespan=lifespan,
+    app = ServiceApp(title="AToken service", version=VERSION, lifespan=lifespan,
                   description="Tokenize, embed and reconstruct images, videos and 3D assets with AToken.")
     app.state.runtime = runtime
 
     async def _typed(request: Request, exc: Exception):
         status, body, headers = error_body(exc)
+        if status == 500 and body["error"]["code"] == "internal_error":
+            log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    # Typed families are answered inside the router; anything else (a bug) reaches the gate,
-    # which answers a JSON 500 and keeps the connection.
-    for family in (ServiceError, MediaError, ATokenError):
+    # Typed families are answered inside the router. Anything else is a bug: Starlette's error
+    # middleware answers it with the JSON 500 below and re-raises, and the gate swallows the
+    # re-raised error, so the connection stays usable.
+    for family in (ServiceError, MediaError, ATokenError, Exception):
         app.add_exception_handler(family, _typed)
 
     @app.exception_handler(StarletteHTTPException)
@@ -67,6 +78,5 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
 
     app.include_router(health.router)
     app.include_router(inference.router)
-    app.add_middleware(Gate, runtime=runtime)
     app.openapi = lambda: document(app)
     return app

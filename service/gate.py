@@ -16,7 +16,7 @@ import time
 
 from fastapi.responses import JSONResponse
 
-from .errors import DeadlineExceeded, PayloadTooLarge, RequestTimeout, Unauthorized, error_body
+from .errors import DeadlineExceeded, PayloadTooLarge, RequestTimeout, ServiceError, Unauthorized, error_body
 from .runtime import Runtime
 
 log = logging.getLogger("atoken.gate")
@@ -24,6 +24,8 @@ log = logging.getLogger("atoken.gate")
 INFERENCE = frozenset({"/encode", "/tokenize", "/decode", "/reconstruct"})
 PROTECTED = INFERENCE | {"/info"}
 JSON_TYPES = ("application/json",)
+DISCARD_BYTES = 1 << 20  # a refused body up to this size is read and dropped, see _discard_small_body
+DISCARD_SECONDS = 2.0
 
 
 def check_api_key(headers: dict[bytes, bytes], keys: tuple[str, ...]) -> None:
@@ -105,14 +107,18 @@ class Gate:
         try:
             path, method = scope["path"], scope["method"]
             headers = dict(scope.get("headers") or [])
-            if path in PROTECTED:
-                check_api_key(headers, settings.keys)
-            if method == "POST":
-                limit = self._body_limit(path, headers)
-                if path in INFERENCE:
-                    self.runtime.admit()
-                    admitted = True
-                receive = BodyReader(receive, limit, settings.body_timeout_s, settings.body_idle_timeout_s)
+            try:
+                if path in PROTECTED:
+                    check_api_key(headers, settings.keys)
+                if method == "POST":
+                    limit = self._body_limit(path, headers)
+                    if path in INFERENCE:
+                        self.runtime.admit()
+                        admitted = True
+                    receive = BodyReader(receive, limit, settings.body_timeout_s, settings.body_idle_timeout_s)
+            except ServiceError:
+                await _discard_small_body(receive, headers, settings.body_idle_timeout_s)
+                raise
             ceiling = settings.request_timeout_s + settings.body_timeout_s
             try:
                 async with asyncio.timeout(ceiling):
@@ -122,7 +128,7 @@ class Gate:
         except Exception as exc:  # noqa: BLE001 - the last resort: a JSON answer, never a dropped connection
             if sent["status"] is None:
                 await self._send_error(exc, scope, tracked_send)
-            else:
+            elif sent["status"] != 500:  # a 500 was logged where it was answered
                 log.error("error after the response started on %s", scope["path"], exc_info=exc)
         finally:
             if admitted:
@@ -140,6 +146,7 @@ class Gate:
             limit, what = settings.max_request_bytes, ""
         else:
             limit, what = settings.max_upload_bytes, " for one uploaded file"
+        limit = min(limit, settings.max_request_bytes)  # the per-request limit bounds every body
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit}{what}",
@@ -159,6 +166,25 @@ class Gate:
         metrics = self.runtime.metrics
         metrics.requests.labels(label, state.get("modality", "none"), str(status)).inc()
         metrics.latency.labels(label).observe(seconds)
+
+
+async def _discard_small_body(receive, headers: dict[bytes, bytes], idle_s: float) -> None:
+    """Before refusing, read and drop a small body (never kept): a client still writing it would
+    otherwise see the connection reset instead of our answer. Large bodies are not read at all."""
+    declared = headers.get(b"content-length", b"")
+    if not declared.isdigit() or int(declared) > DISCARD_BYTES:
+        return
+    read, deadline = 0, time.monotonic() + DISCARD_SECONDS
+    while read < int(declared) and time.monotonic() < deadline:
+        try:
+            message = await asyncio.wait_for(receive(), min(idle_s, DISCARD_SECONDS))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
 
 
 async def _no_body():

@@ -12,7 +12,7 @@ import torch
 
 from model.api import Tokens
 from model.metrics import psnr
-from model.patchify import frames_to_sparse, unpatchify_frames, voxels_to_sparse
+from model.patchify import unpatchify_frames, voxels_to_sparse
 from model.sparse import SparseBatch
 
 from . import budget
@@ -24,7 +24,7 @@ from .media.detect import sniff
 from .media.errors import UnsupportedMediaError
 from .media.limits import MediaLimits
 from .media.volume import load_npz
-from .worker.jobs import JobResult
+from .worker.jobs import JobResult, pixel_patches
 
 Modality = Literal["image", "video", "mesh", "volume"]
 KIND_OF = {"image": "image", "video": "video", "mesh": "3D", "volume": "3D"}
@@ -83,7 +83,7 @@ def _image_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
     pixels = img.decode_image(data, limits, options.background)
     plan = img.plan_resize(*pixels.shape[:2], limits)
     model_pixels = img.resize_rgb(pixels, plan.model)
-    batch, _ = frames_to_sparse([torch.from_numpy(img.to_model_range(model_pixels))])
+    batch = pixel_patches(model_pixels[None])
     media = {"height": plan.original[0], "width": plan.original[1], "model_height": plan.model[0],
              "model_width": plan.model[1], "frames": 1}
     return Item("image", "image", batch, media, model_pixels[None])
@@ -98,7 +98,7 @@ def _video_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
     # drops a trailing partial tubelet); the output is trimmed back to `count` frames.
     pad = (-count) % vid.TUBELET if count >= vid.TUBELET else vid.TUBELET - count
     padded = np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
-    batch, _ = frames_to_sparse([torch.from_numpy(img.to_model_range(padded))])
+    batch = pixel_patches(padded)
     media = {"height": decoded.resize.original[0], "width": decoded.resize.original[1],
              "model_height": decoded.resize.model[0], "model_width": decoded.resize.model[1],
              "frames": count, "fps": decoded.fps, "source_fps": decoded.info.fps, "codec": decoded.info.codec}

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     triton_protocol: str = "http"
 
     # Batching and backpressure.
-    max_batch_tokens: int = 8192
+    # Token passes per batch; unset: 2048 on CPU (batch 8 of 256-token images is where this CPU
+    # peaks: docs/benchmarks/model_cpu.md; larger batches are slower per item), 8192 on GPUs.
+    max_batch_tokens: int | None = None
     max_wait_ms: float = 5.0
     max_queue_jobs: int = 256
     max_queue_tokens: int = 262144
@@ -75,6 +77,13 @@ class Settings(BaseSettings):
         if v not in ("process", "thread", "triton"):
             raise ValueError("worker must be process, thread or triton")
         return v
+
+    @field_validator("max_batch_tokens")
+    @classmethod
+    def _batch_tokens(cls, v: int | None, info) -> int:
+        if v is not None:
+            return v
+        return 8192 if str(info.data.get("device", "cpu")).startswith("cuda") else 2048
 
     @cached_property
     def keys(self) -> tuple[str, ...]:

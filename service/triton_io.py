@@ -13,7 +13,7 @@ from model.api import Tokens
 from model.sparse import SparseBatch
 
 from .worker.engine import GAUSSIAN_FIELDS
-from .worker.jobs import Job, JobResult
+from .worker.jobs import Job, JobResult, model_feats
 
 OUTPUTS = ("EMBEDDING", "FEATURES", "LATENTS", "LOGVAR", "INDICES_OUT", "TUBELETS", "GAUSSIANS", "ERROR")
 
@@ -36,7 +36,7 @@ def job_to_inputs(job: Job) -> dict[str, np.ndarray]:
     meta = {"op": job.op, "mode": job.mode, "dense": job.dense, "gaussians": job.gaussians}
     if job.batch is not None:
         coords, kind = job.batch.coords, job.batch.kinds[0]
-        feats = job.batch.feats.float().numpy()
+        feats = model_feats(job.batch).feats.float().numpy()
     else:
         coords, kind = job.tokens.coords, job.tokens.kinds[0]
         feats = (job.tokens.latents.float().numpy() if job.tokens.latents is not None

@@ -17,6 +17,7 @@ import torch
 
 from model.patchify import frames_to_sparse
 
+from . import transport
 from .engine import Engine
 from .jobs import Job, JobResult
 from .loader import ModelSpec, load_tokenizer
@@ -97,18 +98,18 @@ def _child_main(conn, spec: ModelSpec) -> None:
         tok = load_tokenizer(spec)
         engine = Engine(tok)
         canary(engine)
-        conn.send(("ready", describe(tok)))
+        conn.send_bytes(transport.dumps(("ready", describe(tok))))
     except Exception as exc:  # noqa: BLE001
-        conn.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        conn.send_bytes(transport.dumps(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
         return
     while True:
         try:
-            msg = conn.recv()
+            msg = transport.loads(conn.recv_bytes())
         except EOFError:
             return
         if msg is None:
             return
-        conn.send(("results", engine.run(msg)))
+        conn.send_bytes(transport.dumps(("results", engine.run(msg))))
 
 
 class ProcessBackend:
@@ -138,7 +139,7 @@ class ProcessBackend:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise WorkerDied(f"worker not ready after {self.start_timeout:.0f} s")
-        status, payload = parent.recv()
+        status, payload = transport.loads(parent.recv_bytes())
         if status != "ready":
             proc.join(5)
             raise RuntimeError(f"worker failed to load the model: {payload}")
@@ -156,11 +157,11 @@ class ProcessBackend:
         if not self.alive():
             raise WorkerDied("worker is not running")
         try:
-            self.conn.send(jobs)
+            self.conn.send_bytes(transport.dumps(jobs))
             while not self.conn.poll(0.05):
                 if not self.proc.is_alive():
                     raise WorkerDied(f"worker exited mid-batch (exit code {self.proc.exitcode})")
-            status, payload = self.conn.recv()
+            status, payload = transport.loads(self.conn.recv_bytes())
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as exc:
             raise WorkerDied(f"lost the worker: {exc}") from None
         return payload
@@ -169,7 +170,7 @@ class ProcessBackend:
         if self.proc is None:
             return
         try:
-            self.conn.send(None)
+            self.conn.send_bytes(transport.dumps(None))
         except (BrokenPipeError, OSError):
             pass
         self.proc.join(5)

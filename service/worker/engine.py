@@ -13,7 +13,7 @@ from model.errors import ATokenError
 from model.gaussians import Gaussians
 from model.sparse import SparseBatch, cat
 
-from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult
+from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult, model_feats
 
 GAUSSIAN_FIELDS = ("xyz_raw", "features_dc", "scaling_raw", "opacity_raw", "rotation_raw")
 
@@ -59,7 +59,7 @@ class Engine:
         return [results[j.id] for j in jobs]
 
     def _encode(self, jobs: list[Job], results: dict[int, JobResult], decode_inputs: dict[int, Tokens]) -> None:
-        packed = cat([j.batch for j in jobs])
+        packed = cat([model_feats(j.batch) for j in jobs])
         model = self.tok.model
         with torch.inference_mode():
             enc = model.encode(SparseBatch(packed.feats.to(self.tok.device), packed.coords.to(self.tok.device),

@@ -1,19 +1,55 @@
 """What travels between the front end and the model worker: plain tensors and strings
-(picklable, so the worker can live in another process or behind Triton)."""
+(picklable, so the worker can live in another process or behind Triton). Images and videos
+travel as uint8 pixel patches, made float on the worker's side."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from model.api import Tokens
+from model.config import PATCH_VALUES
 from model.sparse import SparseBatch
+
+PATCH = 16
+TUBELET = 4
 
 Op = Literal["embed", "tokenize", "reconstruct", "decode"]
 ENCODER_OPS = ("embed", "tokenize", "reconstruct")
 DECODER_OPS = ("reconstruct", "decode")
+
+
+def pixel_patches(frames: np.ndarray) -> SparseBatch:
+    """uint8 frames [T, h, w, 3] (h, w multiples of 16) -> one item of uint8 tubelet patches.
+
+    An image (T = 1) travels as [n, 768], its frame alone: the three zero frames the official
+    preprocessing pads it with are added by `model_feats` on the worker's side. A video
+    (T % 4 == 0) travels as [n, 3072]. Either way a quarter of the float32 bytes (a sixteenth
+    for images), exactly the values `x / 127.5 - 1` would give."""
+    t, h, w, c = frames.shape
+    pt = 1 if t == 1 else TUBELET
+    nt, nh, nw = t // pt, h // PATCH, w // PATCH
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    feats = x.reshape(nt, pt, nh, PATCH, nw, PATCH, c).permute(0, 2, 4, 1, 3, 5, 6).reshape(nt * nh * nw, -1)
+    grid = torch.stack(torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), indexing="ij"), -1)
+    coords = torch.cat([torch.zeros(nt * nh * nw, 1, dtype=torch.long), grid.reshape(-1, 3),
+                        torch.zeros(nt * nh * nw, 1, dtype=torch.long)], 1).to(torch.int32)
+    return SparseBatch(feats.contiguous(), coords, ("image" if t == 1 else "video",))
+
+
+def model_feats(batch: SparseBatch) -> SparseBatch:
+    """uint8 patches (from `pixel_patches`) -> the model's float32 input in [-1, 1]; float
+    batches (3D, or built by model.patchify) pass through."""
+    if batch.feats.dtype != torch.uint8:
+        return batch
+    feats = batch.feats.to(torch.float32) / 127.5 - 1.0
+    if feats.shape[1] * TUBELET == PATCH_VALUES:  # an image's one frame: zero frames after it
+        feats = torch.cat([feats, feats.new_zeros(feats.shape[0], PATCH_VALUES - feats.shape[1])], 1)
+    return batch.with_feats(feats)
 
 
 @dataclass
@@ -23,7 +59,7 @@ class Job:
     mode: Literal["continuous", "discrete"] = "continuous"
     dense: bool = False  # embed: also return per-token features
     gaussians: bool = False  # decode/reconstruct of 3D items: run the Gaussian decoder
-    batch: SparseBatch | None = None  # one item's tubelets (batch index 0), encoder ops
+    batch: SparseBatch | None = None  # one item's tubelets (batch index 0; uint8 pixels or float), encoder ops
     tokens: Tokens | None = None  # one item's tokens (batch index 0), decode
 
     @property
