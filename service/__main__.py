@@ -25,7 +25,8 @@ def _serve(args, settings) -> None:
     # On SIGTERM, in-flight requests may run to their deadline before the worker is stopped
     # (the Helm chart's grace period leaves room for this).
     uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", timeout_graceful_shutdown=int(settings.request_timeout_s) + 10)
+                log_level="info", access_log=settings.access_log,
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 10)
 
 
 def _offline(args, settings) -> int:

@@ -4,7 +4,10 @@ pools for pre- and post-processing. Routes call `infer` and never touch the mode
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +25,9 @@ from .scheduler import Scheduler
 from .settings import Settings
 from .worker.backends import Backend, LocalBackend, ProcessBackend
 from .worker.jobs import Job, JobResult
+
+
+log = logging.getLogger("atoken.runtime")
 
 
 def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
@@ -68,6 +74,20 @@ class Runtime:
             # and must not compete with it for cores.
             torch.set_num_threads(1)
         self.scheduler.start()
+        self._lower_frontend_priority()
+
+    def _lower_frontend_priority(self) -> None:
+        """Under overload the model's work comes first: this thread (the event loop) and the
+        pool threads it starts later run at a lower CPU priority than the dispatcher thread,
+        already started, and the worker it spawns. Linux nice values are per thread; elsewhere
+        this is a no-op. Idle cores are still used in full: nice only orders contention."""
+        nice = self.settings.frontend_nice
+        if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:  # a sandbox may refuse; serving matters more
+            log.warning("could not lower the front end's priority: %s", exc)
 
     def stop(self) -> None:
         self.scheduler.stop()

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # One log line per request; off by default: /metrics counts every response, and logging
+    # each refusal of a flood would itself cost CPU.
+    access_log: bool = False
 
     # The model (empty checkpoint: the default model that ships with the project).
     checkpoint: str | None = None
@@ -41,6 +44,9 @@ class Settings(BaseSettings):
     max_queue_tokens: int = 262144
     request_timeout_s: float = 120.0
     max_inflight_requests: int = 64
+    # The front end's threads run this much nicer than the model worker (0: same priority), so
+    # answering a flood of requests never takes CPU the model needs (docs/limits.md).
+    frontend_nice: int = 10
 
     # Limits (also shown in /info).
     max_upload_bytes: int = 64 * 2**20

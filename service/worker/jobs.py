@@ -33,12 +33,12 @@ def pixel_patches(frames: np.ndarray) -> SparseBatch:
     t, h, w, c = frames.shape
     pt = 1 if t == 1 else TUBELET
     nt, nh, nw = t // pt, h // PATCH, w // PATCH
-    x = torch.from_numpy(np.ascontiguousarray(frames))
-    feats = x.reshape(nt, pt, nh, PATCH, nw, PATCH, c).permute(0, 2, 4, 1, 3, 5, 6).reshape(nt * nh * nw, -1)
+    patches = frames.reshape(nt, pt, nh, PATCH, nw, PATCH, c).transpose(0, 2, 4, 1, 3, 5, 6)
+    feats = torch.from_numpy(np.ascontiguousarray(patches).reshape(nt * nh * nw, -1))  # a fresh copy
     grid = torch.stack(torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), indexing="ij"), -1)
     coords = torch.cat([torch.zeros(nt * nh * nw, 1, dtype=torch.long), grid.reshape(-1, 3),
                         torch.zeros(nt * nh * nw, 1, dtype=torch.long)], 1).to(torch.int32)
-    return SparseBatch(feats.contiguous(), coords, ("image" if t == 1 else "video",))
+    return SparseBatch(feats, coords, ("image" if t == 1 else "video",))
 
 
 def model_feats(batch: SparseBatch) -> SparseBatch:

@@ -1,0 +1,41 @@
+"""The hand-off to the model worker: uint8 pixel patches that become exactly the float input
+the official preprocessing gives, and by-value pickles that round-trip every tensor."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.api import Tokens
+from model.patchify import frames_to_sparse
+from service.media.image import to_model_range
+from service.worker import transport
+from service.worker.jobs import Job, model_feats, pixel_patches
+
+
+@pytest.mark.parametrize("frames", [1, 4, 8])
+def test_pixel_patches_equal_the_float_path(frames):
+    pixels = np.random.default_rng(frames).integers(0, 256, (frames, 48, 32, 3), dtype=np.uint8)
+    pixels.setflags(write=False)  # decoders hand out read-only arrays
+    reference, _ = frames_to_sparse([torch.from_numpy(to_model_range(pixels[0] if frames == 1 else pixels))])
+    compact = pixel_patches(pixels)
+    assert compact.feats.dtype == torch.uint8
+    # A byte per value; an image also travels without the three zero frames the model pads it with.
+    assert compact.feats.shape == (reference.feats.shape[0], 768 if frames == 1 else 3072)
+    ours = model_feats(compact)
+    assert torch.equal(ours.feats, reference.feats)
+    assert torch.equal(ours.coords, reference.coords) and ours.kinds == reference.kinds
+
+
+def test_float_batches_pass_through():
+    batch, _ = frames_to_sparse([torch.zeros(32, 32, 3)])
+    assert model_feats(batch) is batch
+
+
+def test_transport_round_trips_jobs_by_value():
+    batch = pixel_patches(np.zeros((1, 32, 32, 3), np.uint8))
+    tokens = Tokens(torch.zeros(4, 5, dtype=torch.int32), ("image",), latents=torch.randn(4, 48).to(torch.bfloat16))
+    jobs = [Job(1, "embed", batch=batch), Job(2, "decode", tokens=tokens)]
+    back = transport.loads(transport.dumps(jobs))
+    assert torch.equal(back[0].batch.feats, batch.feats) and back[0].batch.kinds == ("image",)
+    assert back[1].tokens.latents.dtype == torch.bfloat16
+    assert torch.equal(back[1].tokens.latents, tokens.latents)
