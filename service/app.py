@@ -15,11 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import ATokenError
 
-from .errors import ServiceError, error_body
+from .errors import ServiceError, error_body, openai_shape
 from .gate import Gate
 from .media.errors import MediaError
 from .openapi import document
-from .routes import health, inference
+from .routes import health, inference, openai
 from .runtime import Runtime, default_backend_factory
 from .settings import Settings
 from .worker.backends import Backend
@@ -67,9 +67,11 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(exc.detail)}}
+        if request.url.path.startswith("/v1/"):
+            body = openai_shape(exc.status_code, body)
         # Keep the router's headers: a 405 carries Allow.
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -78,5 +80,6 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
 
     app.include_router(health.router)
     app.include_router(inference.router)
+    app.include_router(openai.router)
     app.openapi = lambda: document(app)
     return app

@@ -50,6 +50,10 @@ class InvalidParameter(ServiceError):
     code = "invalid_parameter"
 
 
+class ModelNotFound(ServiceError):
+    code = "model_not_found"
+
+
 class NotAcceptable(ServiceError):
     code = "not_acceptable"
 
@@ -81,6 +85,7 @@ STATUS: list[tuple[type[Exception], int, str | None]] = [
     (BadRequest, 400, None),
     (Unauthorized, 401, None),
     (RequestTimeout, 408, None),
+    (ModelNotFound, 404, None),
     (NotAcceptable, 406, None),
     (PayloadTooLarge, 413, None),
     (MediaTooLargeError, 413, None),
@@ -135,3 +140,18 @@ def from_worker(name: str, message: str) -> Exception:
     if cls is TokenLimitError:
         return InvalidParameter(message)
     return cls(message) if cls else RuntimeError(f"{name}: {message}")
+
+
+OPENAI_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def openai_shape(status: int, body: dict) -> dict:
+    """Our error body in the shape OpenAI clients parse: {"error": {"message", "type", "param", "code"}}."""
+    error = body["error"]
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": error["message"], "type": kind, "param": None, "code": error["code"]}}
+
+
+def openai_error(exc: Exception) -> tuple[int, dict, dict]:
+    status, body, headers = error_body(exc)
+    return status, openai_shape(status, body), headers

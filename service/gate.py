@@ -16,13 +16,15 @@ import time
 
 from fastapi.responses import JSONResponse
 
-from .errors import DeadlineExceeded, PayloadTooLarge, RequestTimeout, ServiceError, Unauthorized, error_body
+from .errors import (DeadlineExceeded, PayloadTooLarge, RequestTimeout, ServiceError, Unauthorized, error_body,
+                     openai_shape)
 from .runtime import Runtime
 
 log = logging.getLogger("atoken.gate")
 
-INFERENCE = frozenset({"/encode", "/tokenize", "/decode", "/reconstruct"})
-PROTECTED = INFERENCE | {"/info"}
+INFERENCE = frozenset({"/encode", "/tokenize", "/decode", "/reconstruct", "/v1/embeddings"})
+PROTECTED = INFERENCE | {"/info", "/v1/models"}
+OPENAI_PREFIX = "/v1/"  # errors there come in the OpenAI shape
 JSON_TYPES = ("application/json",)
 DISCARD_BYTES = 1 << 20  # a refused body up to this size is read and dropped, see _discard_small_body
 DISCARD_SECONDS = 2.0
@@ -157,6 +159,8 @@ class Gate:
         status, body, headers = error_body(exc)
         if status == 500:
             log.error("unhandled error on %s", scope["path"], exc_info=exc)
+        if scope["path"].startswith(OPENAI_PREFIX):
+            body = openai_shape(status, body)
         response = JSONResponse(body, status_code=status, headers=headers)
         await response(scope, _no_body, send)
 

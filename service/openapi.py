@@ -27,6 +27,7 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 ERROR_TEXT = {
     400: "Malformed request (body, JSON, arrays)",
     401: "Missing or wrong API key",
+    404: "Unknown model (OpenAI routes)",
     405: "Method not allowed (see the Allow header)",
     406: "The requested representation cannot hold the answer",
     408: "The request body did not arrive in time",
@@ -113,11 +114,35 @@ OPERATIONS_GET = {
 }
 
 
-def _errors(statuses) -> dict[str, Any]:
+OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+                   "code": {"type": ["string", "null"]}}}}}
+EMBEDDINGS_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["input", "model"], "properties": {
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}],
+                  "description": "images as data URIs or base64; URLs when URL fetch is allowed"},
+        "model": {"type": "string", "description": "an id from GET /v1/models"},
+        "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+        "dimensions": {"type": "integer", "description": "must equal the model's embedding size"},
+        "user": {"type": "string"}}}}}}
+EMBEDDINGS_JSON = {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+    "object": {"type": "string", "enum": ["list"]}, "model": {"type": "string"},
+    "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"], "properties": {
+        "object": {"type": "string", "enum": ["embedding"]}, "index": {"type": "integer"},
+        "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}},
+    "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+        "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}}
+MODELS_JSON = {"type": "object", "required": ["object", "data"], "properties": {
+    "object": {"type": "string"}, "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"],
+                                                                     "properties": {"id": {"type": "string"}}}}}}
+
+
+def _errors(statuses, schema: str = "Error") -> dict[str, Any]:
     out = {}
     for status in statuses:
-        entry: dict[str, Any] = {"description": ERROR_TEXT[status],
-                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        entry: dict[str, Any] = {"description": ERROR_TEXT.get(status, "Not found"),
+                                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
         if status == 429:
             entry["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
         if status == 401:
@@ -138,6 +163,7 @@ def document(app: FastAPI) -> dict:
         return app.openapi_schema
     spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
+    spec["components"]["schemas"]["OpenAIError"] = OPENAI_ERROR
     spec["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer"},
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
@@ -149,6 +175,20 @@ def document(app: FastAPI) -> dict:
             op["responses"] = {"200": {"description": "OK", "content": SUCCESS[path], "headers": TIMING_HEADERS},
                                **_errors(INFERENCE_ERRORS)}
             op["security"] = [{}, {"bearer": []}, {"apiKey": []}]
+        elif path == "/v1/embeddings":
+            op = methods["post"]
+            op["requestBody"] = EMBEDDINGS_BODY
+            op["responses"] = {"200": {"description": "OK", "content": {"application/json": {"schema": EMBEDDINGS_JSON}},
+                                       "headers": TIMING_HEADERS},
+                               **_errors(INFERENCE_ERRORS + (404,), "OpenAIError")}
+            op["security"] = [{}, {"bearer": []}, {"apiKey": []}]
+        elif path == "/v1/models":
+            op = methods["get"]
+            op["responses"] = {"200": {"description": "OK", "content": {"application/json": {"schema": MODELS_JSON}}},
+                               **_errors((401, 405, 500), "OpenAIError")}
+            methods["head"] = {"summary": op.get("summary", "") + " (headers only)", "operationId": "head_v1_models",
+                               "responses": {code: {"description": r["description"]}
+                                             for code, r in op["responses"].items()}}
         elif path in OPERATIONS_GET:
             content, extra = OPERATIONS_GET[path]
             op = methods["get"]
