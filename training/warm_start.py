@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..autoencoder import AToken
-from ..config import PATCH_SIZE
+from model.autoencoder import AToken
+from model.config import PATCH_SIZE
 from .context import OFFSETS, ContextDecoder
 from .pca import TokenPCA
 

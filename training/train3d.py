@@ -1,7 +1,7 @@
 """Curriculum stage 3: the Gaussian decoder, trained with a rendering loss through our own
 differentiable splat rasteriser.
 
-    python -m model.training.train3d --tokenizer runs/default/model.safetensors --minutes 25 --out runs/gs
+    python -m training.train3d --tokenizer runs/default/model.safetensors --minutes 25 --out runs/gs
 
 The tokenizer stays frozen, so its image and video reconstructions are kept exactly. Each
 training mesh is normalised, turned by random rotations, rendered into the 16 standard views
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..api import FORMAT, ATokenizer
-from ..checkpoint import save_safetensors
-from ..config import GS_VARIANTS
-from ..gs_decoder import GaussianDecoder
-from ..patchify import voxel_features, voxels_to_sparse
+from model.api import FORMAT, ATokenizer
+from model.checkpoint import save_safetensors
+from model.config import GS_VARIANTS
+from model.gs_decoder import GaussianDecoder
+from model.patchify import voxel_features, voxels_to_sparse
 from .cli import add_config_flags, config_from, resolve_device
 from .lpips import LPIPS
 

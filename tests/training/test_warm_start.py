@@ -7,8 +7,8 @@ from model.autoencoder import AToken
 from model.config import get_variant
 from model.metrics import psnr
 from model.patchify import frames_to_sparse, sparse_to_frames
-from model.training.pca import to_patches
-from model.training.warm_start import pca_warm_start
+from training.pca import to_patches
+from training.warm_start import pca_warm_start
 from tests import assets
 
 
@@ -29,7 +29,7 @@ class _PCA:
     def __call__(self, img: np.ndarray) -> np.ndarray:
         x = img[None].astype(np.float32) / 127.5 - 1
         rows = to_patches(x, 1)
-        from model.training.pca import from_patches
+        from training.pca import from_patches
 
         rec = from_patches((rows - self.mean) @ self.basis.T @ self.basis + self.mean, x.shape, 1)[0]
         return np.clip((rec + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
@@ -76,7 +76,7 @@ def test_warm_start_writes_still_tubelets_for_video():
 def test_context_warm_start_is_the_least_squares_context_decoder():
     """The neighbour heads fetch exactly their neighbour: the fresh model reproduces the
     closed-form context decoder, which beats the plain PCA code it extends."""
-    from model.training.context import fit_context_decoder
+    from training.context import fit_context_decoder
 
     torch.manual_seed(0)
     pca = _PCA(_picture("chelsea.png", 256))
@@ -91,7 +91,7 @@ def test_context_warm_start_is_the_least_squares_context_decoder():
 
 
 def test_context_parameters_name_the_neighbour_heads():
-    from model.training.warm_start import context_parameters
+    from training.warm_start import context_parameters
 
     model = AToken(get_variant("tiny"))
     names = context_parameters(model)

@@ -1,6 +1,6 @@
 """Score any checkpoint on the held-out data, beside baselines at the same budget.
 
-    python -m model.training.evaluate --checkpoint service/assets/default.safetensors --out docs/eval.md
+    python -m training.evaluate --checkpoint service/assets/default.safetensors --out docs/eval.md
 
 Images (held-out scikit-image pictures): PSNR, SSIM, LPIPS at 256x256 (centre square, resized)
 and at native resolution (centre-cropped to multiples of 16, as the official wrapper does).
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..api import ATokenizer
-from ..metrics import psnr, ssim
-from ..patchify import frames_to_sparse
+from model.api import ATokenizer
+from model.metrics import psnr, ssim
+from model.patchify import frames_to_sparse
 from .data import HELD_OUT_CLIPS, clip_frames, clip_path, held_out_images
 from .lpips import LPIPS
 from .pca import PATCH, TokenPCA

@@ -2,7 +2,7 @@
 stages 1-2); with --distill-only, the pooling head alone against the teacher; with --fsq, an FSQ
 variant through its quantizer from a continuous checkpoint (stage 4).
 
-    python -m model.training.train --variant tiny --warm-start pca --steps 5000 --out runs/x
+    python -m training.train --variant tiny --warm-start pca --steps 5000 --out runs/x
 
 Objective: L1 (+ optional L2) + LPIPS + Gram (on the LPIPS network's features) + 1e-8 KL,
 decoder fed a posterior sample. Deterministic for a seed; checkpoints every --save-every steps
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..api import ATokenizer
-from ..autoencoder import AToken
-from ..config import get_variant
-from ..layout import TokenLayout
-from ..patchify import frames_to_sparse
+from model.api import ATokenizer
+from model.autoencoder import AToken
+from model.config import get_variant
+from model.layout import TokenLayout
+from model.patchify import frames_to_sparse
 from .data import HELD_OUT_CLIPS, HELD_OUT_IMAGES, TRAIN_CLIPS, ImageCrops, VideoCrops, training_clips, training_images
 from .losses import distillation_loss, gram_loss, kl_loss
 from .cli import add_config_flags, config_from, resolve_device
@@ -301,11 +301,11 @@ class Trainer:
 
     def _init_text(self) -> str:
         if self.cfg.warm_start == "pca":
-            return "PCA warm start: 48 principal components of training patches (model.training.warm_start)"
+            return "PCA warm start: 48 principal components of training patches (training.warm_start)"
         if self.cfg.warm_start == "pca-context":
             return ("PCA warm start with a context decoder: 48 principal components of training patches, "
                     "decoded with the least-squares fit of each patch's residual on its 3x3 neighbourhood "
-                    "(model.training.context, model.training.warm_start)")
+                    "(training.context, training.warm_start)")
         return self.cfg.init_from or "random"
 
     def save(self) -> None:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model.api import ATokenizer
-from model.training.lpips import weights_path
-from model.training.train3d import Train3DConfig, Trainer3D, random_rotation
+from training.lpips import weights_path
+from training.train3d import Train3DConfig, Trainer3D, random_rotation
 
 pytestmark = pytest.mark.skipif(not weights_path("alexnet").is_file(), reason="LPIPS weights not converted")
 
