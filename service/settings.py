@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     variant: str | None = Field(None, description="no checkpoint: serve this variant with random weights")
     gs_checkpoint: str | None = None
     gs_config: str | None = None
+    discrete_checkpoint: str | None = None  # tokens=discrete from a second model (FSQ fine-tune)
+    discrete_config: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 0
@@ -117,7 +119,7 @@ class Settings(BaseSettings):
     @property
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config, self.dtype,
-                         self.device, self.threads)
+                         self.device, self.threads, self.discrete_checkpoint, self.discrete_config)
 
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (

@@ -229,7 +229,30 @@ PAPER_ROWS = {  # headline figures of the paper's best model (abstract, v2), on 
 }
 
 
-def to_markdown(result: dict) -> str:
+def discrete_markdown(result: dict) -> list[str]:
+    """The discrete model's section of `make eval`: its rows beside the same baselines."""
+    card = result.get("card") or {}
+    lines = ["", "## Discrete tokens", "",
+             f"Checkpoint: `{result['checkpoint']}` ({result['variant']}; "
+             f"{card.get('total_steps', card.get('steps', '?'))} steps), scored on its FSQ indices: 8 indices of "
+             "12 bits (96 bits) per token, the rate JPEG gets below. Same held-out data, same run.", "",
+             "| data | method | PSNR (dB) | SSIM | LPIPS (alex) |", "| --- | --- | ---: | ---: | ---: |"]
+    for key, methods in result["summary"].items():
+        for method, (p, s, lp) in methods.items():
+            if method == OURS or method == JPEG:
+                name = "AToken discrete (this checkpoint)" if method == OURS else method
+                lp_text = "" if np.isnan(lp) else f"{lp:.4f}"
+                lines.append(f"| {key} | {name} | {p:.2f} | {s:.4f} | {lp_text} |")
+    lines += [""]
+    for key, methods in result["summary"].items():
+        if JPEG in methods:
+            ours, other = methods[OURS], methods[JPEG]
+            lines.append(f"- {key}: {ours[0] - other[0]:+.2f} dB PSNR, {ours[1] - other[1]:+.4f} SSIM "
+                         f"against {JPEG}.")
+    return lines
+
+
+def to_markdown(result: dict, discrete: dict | None = None) -> str:
     card = result.get("card") or {}
     lines = ["# Evaluation", "",
              f"Checkpoint: `{result['checkpoint']}` ({result['variant']}; "
@@ -271,6 +294,8 @@ def to_markdown(result: dict) -> str:
                   f"{agreement['top5']:.1%} (chance 0.1% / 0.5%)."]
     else:
         lines += ["", "No distilled head beside this checkpoint: teacher agreement not measured."]
+    if discrete is not None:
+        lines += discrete_markdown(discrete)
     lines += ["", "## The paper's figures", "",
               "The paper reports rFID/rFVD on ImageNet, video and Toys4k benchmarks that are not available "
               "offline, so they are listed for scale, not compared:", ""]
@@ -291,10 +316,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--head", type=Path, help="distilled classifier head (default: beside the checkpoint)")
     parser.add_argument("--gs", type=Path, help="Gaussian decoder (default: x_gs.safetensors beside the checkpoint)")
+    parser.add_argument("--discrete", type=Path, help="also score this FSQ checkpoint on its codes, in its own section")
     args = parser.parse_args()
     start = time.monotonic()
     result = evaluate(args.checkpoint, args.frames, args.head, args.gs)
-    text = to_markdown(result)
+    discrete = evaluate(args.discrete, args.frames, args.head, args.gs) if args.discrete else None
+    text = to_markdown(result, discrete)
     print(text)
     print(f"evaluated in {time.monotonic() - start:.0f} s")
     if args.out:

@@ -17,8 +17,9 @@ from ..worker.jobs import Job
 router = APIRouter(tags=["inference"])
 
 
-def _model_ref(runtime: Runtime) -> dict:
-    info = runtime.model_info
+def _model_ref(runtime: Runtime, mode: str = "continuous") -> dict:
+    """The model that made these tokens (tokens=discrete may come from a second model)."""
+    info = runtime.model_info.get("modes", {}).get(mode) or runtime.model_info
     return {"variant": info.get("variant"), "sha256": info.get("sha256"), "trained": info.get("trained")}
 
 
@@ -69,7 +70,7 @@ async def tokenize(request: Request, runtime: Runtime = Depends(get_runtime)):
     results, timing = await runtime.infer(request, _jobs(runtime, "tokenize", items, options.tokens))
     entries = [tokens_to_json(i, item, r.tokens, options.array_format)
                for i, (item, r) in enumerate(zip(items, results))]
-    doc = {"model": _model_ref(runtime), "mode": options.tokens, "items": entries}
+    doc = {"model": _model_ref(runtime, options.tokens), "mode": options.tokens, "items": entries}
     headers = timing.headers()
     if wants(request, SAFETENSORS):
         arrays, meta_items = {}, []

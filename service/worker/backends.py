@@ -15,12 +15,13 @@ from typing import Protocol
 
 import torch
 
+from model.api import ATokenizer
 from model.patchify import frames_to_sparse
 
 from . import transport
 from .engine import Engine
 from .jobs import Job, JobResult
-from .loader import ModelSpec, load_tokenizer
+from .loader import ModelSpec, load_tokenizers
 
 log = logging.getLogger("atoken.worker")
 
@@ -41,15 +42,24 @@ class Backend(Protocol):
     def stop(self) -> None: ...
 
 
-def describe(tokenizer) -> dict:
+def describe(tokenizers: dict | ATokenizer) -> dict:
+    """What /info shows: the continuous model, and under `modes` each token mode's model."""
+    if isinstance(tokenizers, ATokenizer):
+        tokenizers = Engine(tokenizers).tokenizers
+    tokenizer = tokenizers["continuous"]
+    discrete = tokenizers.get("discrete")
     info = asdict(tokenizer.info)
     cfg = tokenizer.config
+    quantizer = discrete.config.quantizer if discrete is not None else None
     info.update(
         latent_channels=cfg.latent_channels, embed_dim=cfg.embed_dim, max_tokens=cfg.max_tokens,
-        discrete=tokenizer.supports_discrete, gaussians=tokenizer.gs_decoder is not None,
-        codebook_size=cfg.quantizer.codebook_size if cfg.quantizer else None,
-        num_codebooks=cfg.quantizer.num_codebooks if cfg.quantizer else None,
+        discrete=discrete is not None, gaussians=tokenizer.gs_decoder is not None,
+        codebook_size=quantizer.codebook_size if quantizer else None,
+        num_codebooks=quantizer.num_codebooks if quantizer else None,
         encoder=asdict(cfg.encoder), decoder=asdict(cfg.decoder),
+        modes={mode: {"variant": tok.info.variant, "sha256": tok.info.sha256, "checkpoint": tok.info.checkpoint,
+                      "trained": tok.info.trained, "card": tok.info.card}
+               for mode, tok in tokenizers.items()},
     )
     return info
 
@@ -59,9 +69,12 @@ def canary(engine: Engine) -> None:
     ramp = torch.linspace(-1, 1, 32)
     image = torch.stack([ramp[:, None].expand(32, 32), ramp[None, :].expand(32, 32), -ramp[:, None].expand(32, 32)], -1)
     batch, _ = frames_to_sparse([image])
-    out = engine.run([Job(0, "reconstruct", batch=batch), Job(1, "embed", batch=batch)])
-    if out[0].error or out[0].tubelets is None or not torch.isfinite(out[0].tubelets).all():
-        raise RuntimeError(f"canary round trip failed: {out[0].error}")
+    jobs = [Job(0, "reconstruct", batch=batch), Job(1, "embed", batch=batch)]
+    if "discrete" in engine.tokenizers:
+        jobs.append(Job(2, "reconstruct", mode="discrete", batch=batch))
+    for r in engine.run(jobs):
+        if r.error or (r.id != 1 and (r.tubelets is None or not torch.isfinite(r.tubelets).all())):
+            raise RuntimeError(f"canary round trip failed: {r.error}")
 
 
 class LocalBackend:
@@ -73,10 +86,10 @@ class LocalBackend:
         self.info: dict = {}
 
     def start(self) -> dict:
-        tok = load_tokenizer(self.spec)
-        self.engine = Engine(tok)
+        tokenizers = load_tokenizers(self.spec)
+        self.engine = Engine(tokenizers)
         canary(self.engine)
-        self.info = describe(tok)
+        self.info = describe(tokenizers)
         return self.info
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
@@ -95,10 +108,10 @@ def _child_main(conn, spec: ModelSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        tok = load_tokenizer(spec)
-        engine = Engine(tok)
+        tokenizers = load_tokenizers(spec)
+        engine = Engine(tokenizers)
         canary(engine)
-        conn.send_bytes(transport.dumps(("ready", describe(tok))))
+        conn.send_bytes(transport.dumps(("ready", describe(tokenizers))))
     except Exception as exc:  # noqa: BLE001
         conn.send_bytes(transport.dumps(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
         return

@@ -9,7 +9,7 @@ import time
 import torch
 
 from model.api import ATokenizer, Tokens
-from model.errors import ATokenError
+from model.errors import ATokenError, UnsupportedError
 from model.gaussians import Gaussians
 from model.sparse import SparseBatch, cat
 
@@ -25,8 +25,13 @@ def gaussians_to_dict(g: Gaussians) -> dict:
 
 
 class Engine:
-    def __init__(self, tokenizer: ATokenizer):
-        self.tok = tokenizer
+    """Runs jobs on the tokenizer of their token mode (one model may serve both)."""
+
+    def __init__(self, tokenizers: dict[str, ATokenizer] | ATokenizer):
+        if isinstance(tokenizers, ATokenizer):
+            tokenizers = {"continuous": tokenizers, **({"discrete": tokenizers} if tokenizers.supports_discrete else {})}
+        self.tokenizers = tokenizers
+        self.tok = tokenizers["continuous"]
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
         start = time.perf_counter()
@@ -49,21 +54,29 @@ class Engine:
 
     def _run_packed(self, jobs: list[Job]) -> list[JobResult]:
         results = {job.id: JobResult(job.id) for job in jobs}
-        enc_jobs = [j for j in jobs if j.op in ENCODER_OPS]
-        decode_inputs: dict[int, Tokens] = {j.id: j.tokens for j in jobs if j.op == "decode"}
-        if enc_jobs:
-            self._encode(enc_jobs, results, decode_inputs)
-        dec_jobs = [j for j in jobs if j.op in DECODER_OPS]
-        if dec_jobs:
-            self._decode(dec_jobs, results, decode_inputs)
+        missing = {j.model_mode for j in jobs} - set(self.tokenizers)
+        if missing:
+            raise UnsupportedError(f"no tokenizer serves {sorted(missing)} tokens here")
+        # One packed pass per model: when one model serves both modes, all jobs share it.
+        for tok in {id(t): t for t in self.tokenizers.values()}.values():
+            group = [j for j in jobs if self.tokenizers[j.model_mode] is tok]
+            if not group:
+                continue
+            enc_jobs = [j for j in group if j.op in ENCODER_OPS]
+            decode_inputs: dict[int, Tokens] = {j.id: j.tokens for j in group if j.op == "decode"}
+            if enc_jobs:
+                self._encode(tok, enc_jobs, results, decode_inputs)
+            dec_jobs = [j for j in group if j.op in DECODER_OPS]
+            if dec_jobs:
+                self._decode(tok, dec_jobs, results, decode_inputs)
         return [results[j.id] for j in jobs]
 
-    def _encode(self, jobs: list[Job], results: dict[int, JobResult], decode_inputs: dict[int, Tokens]) -> None:
+    def _encode(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult],
+                decode_inputs: dict[int, Tokens]) -> None:
         packed = cat([model_feats(j.batch) for j in jobs])
-        model = self.tok.model
+        model = tok.model
         with torch.inference_mode():
-            enc = model.encode(SparseBatch(packed.feats.to(self.tok.device), packed.coords.to(self.tok.device),
-                                           packed.kinds))
+            enc = model.encode(SparseBatch(packed.feats.to(tok.device), packed.coords.to(tok.device), packed.kinds))
             mean = enc.mean
             discrete = [j.mode == "discrete" for j in jobs]
             indices = model.quantize(mean)[1] if any(discrete) else None
@@ -86,16 +99,17 @@ class Engine:
             r.embedding = enc.embedding[b].float().cpu()
             decode_inputs[job.id] = tokens
 
-    def _decode(self, jobs: list[Job], results: dict[int, JobResult], decode_inputs: dict[int, Tokens]) -> None:
-        latent_batches = [self.tok.latent_batch(decode_inputs[j.id]) for j in jobs]
+    def _decode(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult],
+                decode_inputs: dict[int, Tokens]) -> None:
+        latent_batches = [tok.latent_batch(decode_inputs[j.id]) for j in jobs]
         packed = cat(latent_batches)
         with torch.inference_mode():
-            rec = self.tok.model.decode(packed).float().cpu()
+            rec = tok.model.decode(packed).float().cpu()
         rows = packed.coords[:, 0].cpu()
         for b, job in enumerate(jobs):
             r = results[job.id]
             r.tubelets = rec[rows == b]
             if job.gaussians and decode_inputs[job.id].kinds[0] == "3D":
                 item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))
-                g = self.tok.decode_gaussians(item)[0]
+                g = tok.decode_gaussians(item)[0]
                 r.gaussians = gaussians_to_dict(g)

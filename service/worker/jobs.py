@@ -63,6 +63,13 @@ class Job:
     tokens: Tokens | None = None  # one item's tokens (batch index 0), decode
 
     @property
+    def model_mode(self) -> str:
+        """Which token mode's tokenizer runs this job (decoding indices needs the quantizer's)."""
+        if self.op == "decode":
+            return "discrete" if self.tokens.indices is not None else "continuous"
+        return self.mode
+
+    @property
     def num_tokens(self) -> int:
         source = self.batch.coords if self.batch is not None else self.tokens.coords
         return int(source.shape[0])

@@ -16,6 +16,7 @@ log = logging.getLogger("atoken.worker")
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_CHECKPOINT = ASSETS / "default.safetensors"
 DEFAULT_GS_CHECKPOINT = ASSETS / "default_gs.safetensors"
+DEFAULT_DISCRETE_CHECKPOINT = ASSETS / "default_fsq.safetensors"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 0  # 0 = torch's default
+    # A second tokenizer for tokens=discrete, when the first has no quantizer (the default
+    # model ships one: default_fsq.safetensors, the FSQ fine-tune of the continuous default).
+    discrete_checkpoint: str | None = None
+    discrete_config: str | None = None
 
 
 def load_tokenizer(spec: ModelSpec) -> ATokenizer:
@@ -50,3 +55,21 @@ def load_tokenizer(spec: ModelSpec) -> ATokenizer:
     if not tok.info.trained:
         log.warning("model %s is untrained: outputs are not meaningful", tok.info.variant)
     return tok
+
+
+def load_tokenizers(spec: ModelSpec) -> dict[str, ATokenizer]:
+    """The tokenizer for each token mode: {"continuous": ..., "discrete": ...}. A model with a
+    quantizer serves both modes; otherwise a separate discrete tokenizer, if one is configured
+    (or shipped, for the default model), serves tokens=discrete."""
+    tok = load_tokenizer(spec)
+    tokenizers = {"continuous": tok}
+    gs = spec.gs_checkpoint or (str(DEFAULT_GS_CHECKPOINT) if DEFAULT_GS_CHECKPOINT.is_file() else None)
+    if tok.supports_discrete:
+        tokenizers["discrete"] = tok
+    elif spec.discrete_checkpoint:
+        tokenizers["discrete"] = ATokenizer.load(spec.discrete_checkpoint, spec.discrete_config, gs, spec.gs_config,
+                                                 spec.dtype, spec.device)
+    elif not spec.checkpoint and not spec.variant and DEFAULT_DISCRETE_CHECKPOINT.is_file():
+        tokenizers["discrete"] = ATokenizer.load(DEFAULT_DISCRETE_CHECKPOINT, gs_checkpoint=gs, dtype=spec.dtype,
+                                                 device=spec.device)
+    return tokenizers

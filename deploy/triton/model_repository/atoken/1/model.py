@@ -23,17 +23,17 @@ from service.triton_io import inputs_to_job, pack_json, result_to_outputs, unpac
 from service.worker.backends import canary, describe  # noqa: E402
 from service.worker.engine import Engine  # noqa: E402
 from service.worker.jobs import JobResult  # noqa: E402
-from service.worker.loader import load_tokenizer  # noqa: E402
+from service.worker.loader import load_tokenizers  # noqa: E402
 
 INPUTS = ("META", "FEATS", "COORDS", "INDICES")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        tokenizer = load_tokenizer(Settings().model_spec)
-        self.engine = Engine(tokenizer)
+        tokenizers = load_tokenizers(Settings().model_spec)
+        self.engine = Engine(tokenizers)
         canary(self.engine)
-        self.info = describe(tokenizer)
+        self.info = describe(tokenizers)
 
     def execute(self, requests):
         jobs, info_requests = [], set()
