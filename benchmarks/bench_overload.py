@@ -179,8 +179,6 @@ def fairness_rows(live: ServerProcess) -> list[str]:
             c.post("/encode", content=image)
             alone.append(time.perf_counter() - t0)
 
-        heavy_done = threading.Event()
-
         def heavy():
             with live.client(timeout=120) as h:
                 h.post("/encode", files={"file": ("m.zip", mesh)})
@@ -196,7 +194,6 @@ def fairness_rows(live: ServerProcess) -> list[str]:
             beside.append(time.perf_counter() - t0)
         for t in threads:
             t.join()
-        heavy_done.set()
     return ["| small image /encode | median latency |", "| --- | --- |",
             f"| alone | {statistics.median(alone) * 1e3:.0f} ms |",
             f"| while two textured-mesh zips are pre-processed | {statistics.median(beside or [0]) * 1e3:.0f} ms "

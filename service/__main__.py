@@ -52,8 +52,9 @@ def _offline(args, settings) -> int:
         print(json.dumps({"items": [{"file": f, "embedding": r.embedding.tolist()}
                                     for f, r in zip(args.files, results)]}))
     elif args.command == "tokenize":
-        print(json.dumps({"model": {"variant": info.get("variant")}, "mode": args.tokens,
-                          "items": [tokens_to_json(i, item, r.tokens, "base64")
+        model = info.get("modes", {}).get(args.tokens, info)  # tokens=discrete may come from a second model
+        print(json.dumps({"model": {"variant": model.get("variant"), "sha256": model.get("sha256")},
+                          "mode": args.tokens, "items": [tokens_to_json(i, item, r.tokens, "base64")
                                     for i, (item, r) in enumerate(zip(items, results))]}))
     else:
         for f, item, r in zip(args.files, items, results):

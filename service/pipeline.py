@@ -80,6 +80,8 @@ def preprocess(data: bytes, options: Options, limits: MediaLimits) -> Item:
 
 
 def _image_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
+    width, height = img.probe_image(data, limits).size
+    img.plan_resize(height, width, limits)  # aspect and tokens refused from the header, before decoding
     pixels = img.decode_image(data, limits, options.background)
     plan = img.plan_resize(*pixels.shape[:2], limits)
     model_pixels = img.resize_rgb(pixels, plan.model)

@@ -16,7 +16,7 @@ import anyio
 import torch
 from fastapi import Request
 
-from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, PayloadTooLarge, from_worker
+from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, from_worker
 from .media.detect import sniff
 from .media.errors import MediaError
 from .metrics import Metrics
@@ -135,10 +135,6 @@ class Runtime:
                 if len(uploads) > 1 and hasattr(r, "message"):
                     r.message = f"item {i}: {r.message}"
                 raise r
-        total = sum(item.batch.coords.shape[0] for item in results)
-        if total > self.settings.max_queue_tokens:
-            raise PayloadTooLarge(f"the request holds {total} tokens, more than the queue can ever take "
-                                  f"({self.settings.max_queue_tokens})", limit=self.settings.max_queue_tokens)
         return list(results)
 
     def _pool_for(self, data: bytes) -> ThreadPoolExecutor:

@@ -17,7 +17,8 @@ import numpy as np
 from .errors import CorruptMediaError, check_limit
 from .image import decode_image
 from .limits import MediaLimits
-from .mesh import load_mesh, open_archive
+from .archive import open_archive
+from .mesh import load_mesh
 from .pack3d import intrinsics_from_fov, pack_views, w2c_from_c2w_opengl
 from .render import Views, render_views
 from .volume import check_volume, load_npz

@@ -13,11 +13,11 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from .archive import open_archive
 from .errors import CorruptMediaError, UnsupportedMediaError, check_limit
 from .limits import MediaLimits
 
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
-MAX_ARCHIVE_ENTRIES = 4096
 
 
 @dataclass
@@ -38,20 +38,6 @@ class ColoredMesh:
             raise CorruptMediaError("mesh has zero extent")
         v = (self.vertices - (lo + hi) / 2) / scale
         return ColoredMesh(v, self.faces, self.vertex_colors, self.face_colors, self.uv, self.texture)
-
-
-def open_archive(data: bytes, limits: MediaLimits) -> zipfile.ZipFile:
-    """A zip whose members may inflate to at most `max_inflated_bytes` in all. The sizes come
-    from the central directory, and zipfile never inflates a member past its declared size (a
-    lying entry fails its CRC instead), so the budget holds before anything is inflated."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CorruptMediaError(f"corrupt zip archive: {exc}") from None
-    check_limit("archive entries", len(members), MAX_ARCHIVE_ENTRIES)
-    check_limit("archive inflated size", sum(m.file_size for m in members), limits.max_inflated_bytes, "bytes")
-    return archive
 
 
 def _unzip(data: bytes, limits: MediaLimits) -> tuple[str, bytes, dict[str, bytes]]:

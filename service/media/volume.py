@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 
+from .archive import open_archive
 from .errors import CorruptMediaError, check_limit
 from .limits import MediaLimits
 
@@ -43,8 +44,6 @@ def check_volume(coords: np.ndarray, feats: np.ndarray, limits: MediaLimits) -> 
 def check_npz_headers(data: bytes, limits: MediaLimits) -> None:
     """Read each member's .npy header (shape and dtype) and check what it would allocate,
     before np.load sizes an array from it: a small npz of zeros can declare gigabytes."""
-    from .mesh import open_archive
-
     archive = open_archive(data, limits)
     for member in archive.infolist():
         if not member.filename.endswith(".npy"):

@@ -42,10 +42,8 @@ class Backend(Protocol):
     def stop(self) -> None: ...
 
 
-def describe(tokenizers: dict | ATokenizer) -> dict:
+def describe(tokenizers: dict[str, ATokenizer]) -> dict:
     """What /info shows: the continuous model, and under `modes` each token mode's model."""
-    if isinstance(tokenizers, ATokenizer):
-        tokenizers = Engine(tokenizers).tokenizers
     tokenizer = tokenizers["continuous"]
     discrete = tokenizers.get("discrete")
     info = asdict(tokenizer.info)

@@ -27,9 +27,8 @@ def gaussians_to_dict(g: Gaussians) -> dict:
 class Engine:
     """Runs jobs on the tokenizer of their token mode (one model may serve both)."""
 
-    def __init__(self, tokenizers: dict[str, ATokenizer] | ATokenizer):
-        if isinstance(tokenizers, ATokenizer):
-            tokenizers = {"continuous": tokenizers, **({"discrete": tokenizers} if tokenizers.supports_discrete else {})}
+    def __init__(self, tokenizers: dict[str, ATokenizer]):
+        """tokenizers: token mode -> model, as `loader.load_tokenizers` builds it."""
         self.tokenizers = tokenizers
         self.tok = tokenizers["continuous"]
 

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from model.api import Tokens
-from model.config import PATCH_VALUES
+from model.config import PATCH_SIZE, PATCH_VALUES
+from model.patchify import patchify_frames
 from model.sparse import SparseBatch
 
-PATCH = 16
-TUBELET = 4
+TUBELET = PATCH_SIZE[0]
 
 Op = Literal["embed", "tokenize", "reconstruct", "decode"]
 ENCODER_OPS = ("embed", "tokenize", "reconstruct")
@@ -24,21 +24,21 @@ DECODER_OPS = ("reconstruct", "decode")
 
 
 def pixel_patches(frames: np.ndarray) -> SparseBatch:
-    """uint8 frames [T, h, w, 3] (h, w multiples of 16) -> one item of uint8 tubelet patches.
+    """uint8 frames [T, h, w, 3] (h, w multiples of 16; T = 1 or T % 4 == 0) -> one item of
+    uint8 tubelet patches, cut by the same `patchify_frames` the float path uses.
 
     An image (T = 1) travels as [n, 768], its frame alone: the three zero frames the official
-    preprocessing pads it with are added by `model_feats` on the worker's side. A video
-    (T % 4 == 0) travels as [n, 3072]. Either way a quarter of the float32 bytes (a sixteenth
-    for images), exactly the values `x / 127.5 - 1` would give."""
-    t, h, w, c = frames.shape
-    pt = 1 if t == 1 else TUBELET
-    nt, nh, nw = t // pt, h // PATCH, w // PATCH
-    patches = frames.reshape(nt, pt, nh, PATCH, nw, PATCH, c).transpose(0, 2, 4, 1, 3, 5, 6)
-    feats = torch.from_numpy(np.ascontiguousarray(patches).reshape(nt * nh * nw, -1))  # a fresh copy
-    grid = torch.stack(torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), indexing="ij"), -1)
-    coords = torch.cat([torch.zeros(nt * nh * nw, 1, dtype=torch.long), grid.reshape(-1, 3),
-                        torch.zeros(nt * nh * nw, 1, dtype=torch.long)], 1).to(torch.int32)
-    return SparseBatch(feats, coords, ("image" if t == 1 else "video",))
+    preprocessing pads it with are added by `model_feats` on the worker's side. A video travels
+    as [n, 3072]. Either way a quarter of the float32 bytes (a sixteenth for images), exactly
+    the values `x / 127.5 - 1` would give."""
+    x = torch.from_numpy(np.require(frames, requirements=["C", "W"]))  # decoders hand out read-only arrays
+    if x.shape[0] == 1:
+        feats, coords = patchify_frames(x.expand(TUBELET, -1, -1, -1))
+        feats = feats[:, : PATCH_VALUES // TUBELET].contiguous()  # frame 0 of each tubelet
+    else:
+        feats, coords = patchify_frames(x)
+    coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
+    return SparseBatch(feats, coords, ("image" if x.shape[0] == 1 else "video",))
 
 
 def model_feats(batch: SparseBatch) -> SparseBatch:
