@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv run test test-slow parity bench-model bench-splat bench-service bench-overload train-default train-discrete eval clean
+.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload train-default train-discrete eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,27 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The browser tests drive Debian's Chromium (never a browser a test tool downloads).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
+
+# The page's JavaScript: the pinned npm packages in service/web/vendor, copied and hashed.
+vendor-js: venv
+	$(PY) service/web/vendor/update.py
+
+# The README's picture of the page, taken by the browser test.
+screenshot: venv chromium
+	ATOKEN_DOCS_SCREENSHOT=docs/images/web.png $(PY) -m pytest -q tests/service/test_web.py -k walkthrough
+
 run: venv
 	$(PY) -m service serve --host 127.0.0.1 --port $${PORT:-8000}
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest -q
 
-test-slow: venv
+test-slow: venv chromium
 	ATOKEN_SLOW_TESTS=1 $(PY) -m pytest -q
 
 parity: venv

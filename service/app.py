@@ -19,7 +19,7 @@ from .errors import ServiceError, error_body, openai_shape
 from .gate import Gate
 from .media.errors import MediaError
 from .openapi import document
-from .routes import health, inference, openai
+from .routes import health, inference, openai, web
 from .runtime import Runtime, default_backend_factory
 from .settings import Settings
 from .worker.backends import Backend
@@ -81,5 +81,6 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    web.mount(app)
     app.openapi = lambda: document(app)
     return app

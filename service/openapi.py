@@ -91,6 +91,10 @@ SUCCESS = {
 }
 TIMING_HEADERS = {name: {"schema": {"type": "string"}} for name in
                   ("X-Queue-Time-Ms", "X-Compute-Time-Ms", "X-Batch-Size")}
+MEDIA_HEADERS = {**TIMING_HEADERS, **{name: {"description": text, "schema": {"type": "string"}} for name, text in (
+    ("X-Tokens", "tokens per item, comma-separated"),
+    ("X-Token-Grid", "token grid per item: frames x rows x columns (3D: voxel extent x x y x z)"),
+    ("X-Round-Trip-PSNR", "/reconstruct: dB against the input, per item (empty for 3D)"))}}
 UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "minItems": 1, "items": BINARY}}}},
@@ -172,7 +176,9 @@ def document(app: FastAPI) -> dict:
             op = methods["post"]
             op["parameters"] = _parameters(path)
             op["requestBody"] = DECODE_BODY if path == "/decode" else UPLOAD_BODY
-            op["responses"] = {"200": {"description": "OK", "content": SUCCESS[path], "headers": TIMING_HEADERS},
+            media_out = path in ("/reconstruct", "/decode")
+            op["responses"] = {"200": {"description": "OK", "content": SUCCESS[path],
+                                       "headers": MEDIA_HEADERS if media_out else TIMING_HEADERS},
                                **_errors(INFERENCE_ERRORS)}
             op["security"] = [{}, {"bearer": []}, {"apiKey": []}]
         elif path == "/v1/embeddings":

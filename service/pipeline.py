@@ -138,6 +138,14 @@ def compact_indices(indices: torch.Tensor) -> np.ndarray:
     return idx.astype(np.uint16 if idx.max(initial=0) < 2**16 else np.int32)
 
 
+def token_grid(coords: torch.Tensor, kind: str) -> str:
+    """The token grid as a reader sees it: frames x rows x columns (latent frames for video),
+    the voxel grid's extent for 3D. coords: [n, 4 or 5] (..., t, x, y, z)."""
+    txyz = coords[:, -4:].long()
+    extent = (txyz.max(0).values + 1).tolist() if len(txyz) else [0, 0, 0, 0]
+    return "x".join(str(v) for v in (extent[1:] if kind == "3D" else extent[:3]))
+
+
 def tokens_to_json(item_index: int, item: Item, tokens: Tokens, fmt: str) -> dict:
     coords = tokens.coords[:, 1:].numpy().astype(np.int32)  # (t, x, y, z); the batch column is implicit
     out = {"index": item_index, "modality": item.modality, "kind": item.kind, "media": item.media,

@@ -10,7 +10,7 @@ from ..arrays import NPY, SAFETENSORS, array_to_json, from_safetensors, to_npy, 
 from ..deps import flag, get_runtime, is_safetensors, parse_options, read_json, read_uploads, wants
 from ..errors import BadRequest, InvalidParameter, NotAcceptable, PayloadTooLarge
 from ..outputs import MEDIA_TYPES, choose_format, preview_file, render, score_3d, zip_files
-from ..pipeline import Item, compact_indices, round_trip_psnr, tokens_from_json, tokens_to_json
+from ..pipeline import Item, compact_indices, round_trip_psnr, token_grid, tokens_from_json, tokens_to_json
 from ..runtime import Runtime
 from ..worker.jobs import Job
 
@@ -99,6 +99,8 @@ async def tokenize(request: Request, runtime: Runtime = Depends(get_runtime)):
 async def _media_response(runtime: Runtime, outputs: list[tuple[str, object, object, dict, dict | None]],
                           fmt: str | None, headers: dict, preview: str = "none") -> Response:
     """outputs: (kind, tubelets, coords, media, gaussians) per item; 3D previews ride along in a zip."""
+    headers["X-Tokens"] = ",".join(str(len(coords)) for _, _, coords, _, _ in outputs)
+    headers["X-Token-Grid"] = ",".join(token_grid(coords, kind) for kind, _, coords, _, _ in outputs)
     files = []
     for i, (kind, tubelets, coords, media, gaussians) in enumerate(outputs):
         chosen = choose_format(kind, fmt, gaussians is not None)

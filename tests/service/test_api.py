@@ -88,9 +88,12 @@ def test_reconstruct_image_formats_and_psnr(client):
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert decode_image(r.content).shape == (427, 640, 3)
     assert float(r.headers["X-Round-Trip-PSNR"]) > 0
+    frames, rows, cols = map(int, r.headers["X-Token-Grid"].split("x"))
+    assert frames == 1 and rows * cols == int(r.headers["X-Tokens"]) and cols > rows  # landscape
     two = client.post("/reconstruct", files=_files(PNG, JPG))
     names = zipfile.ZipFile(io.BytesIO(two.content)).namelist()
     assert names == ["item0.png", "item1.png"]
+    assert len(two.headers["X-Tokens"].split(",")) == len(two.headers["X-Token-Grid"].split(",")) == 2
 
 
 def test_reconstruct_video_keeps_fps_and_frames(client):
@@ -101,6 +104,7 @@ def test_reconstruct_video_keeps_fps_and_frames(client):
         assert abs(float(s.average_rate) - 30000 / 1001) < 0.01
         assert (s.codec_context.width, s.codec_context.height) == (176, 144)
         assert sum(1 for _ in c.decode(s)) == 6
+    assert r.headers["X-Token-Grid"] == "2x9x11"  # 6 frames pad to two 4-frame tubelets; 144x176 / 16
 
 
 def test_3d_volume_round_trip(client):
@@ -112,6 +116,8 @@ def test_3d_volume_round_trip(client):
     assert r.status_code == 200, r.text
     body = r.content
     assert body.startswith(b"ply") and b"property float f_dc_0" in body
+    assert r.headers["X-Tokens"] == str(len(coords))
+    assert [int(v) for v in r.headers["X-Token-Grid"].split("x")] == (coords.max(0) + 1).tolist()
 
 
 @pytest.mark.parametrize("data,status,code", [
