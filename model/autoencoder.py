@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .config import ATokenConfig
 from .errors import InvalidInputError, UnsupportedError
 from .fsq import FSQ
+from .layers.attention import PoolState
 from .layout import TokenLayout
 from .sparse import SparseBatch
 from .transformer import Decoder, Encoder
@@ -28,6 +29,7 @@ class EncoderOutput:
     posterior: Tensor  # [N, 2L] concat(mean, logvar)
     pooled: Tensor  # [B, C] attention-pooling head output, not normalised
     embedding: Tensor  # [B, C] L2-normalised pooled output
+    pool_state: PoolState | None = None  # the pooling's softmax state, to merge with other pieces
 
     @property
     def mean(self) -> Tensor:  # [N, L]
@@ -62,14 +64,21 @@ class AToken(nn.Module):
         layout = layout or self.layout(batch, self.cfg.in_channels)
         dtype = self.proj.weight.dtype
         x = self.encoder(layout.to_segment_order(batch.feats.to(dtype)), layout)
-        pooled = self.encoder.head(x, layout.sample, layout.batch_size)
+        state = self.encoder.head.state(x, layout.sample, layout.batch_size)
+        pooled = self.encoder.head.finish(state)
         posterior = self.proj(x)
         return EncoderOutput(
             features=layout.to_input_order(x),
             posterior=layout.to_input_order(posterior),
             pooled=pooled,
             embedding=F.normalize(pooled.float(), dim=-1),
+            pool_state=state,
         )
+
+    def pool(self, state: PoolState) -> tuple[Tensor, Tensor]:
+        """A merged pooling state (e.g. of a long video's tiles) -> (pooled [B, C], embedding [B, C])."""
+        pooled = self.encoder.head.finish(state.to(self.proj.weight.device))
+        return pooled, F.normalize(pooled.float(), dim=-1)
 
     def quantize(self, mean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """mean [N, L] -> (codes [N, F], indices [N, K], bounded [N, K, d]); FSQ reads the first F channels."""

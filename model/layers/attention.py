@@ -150,6 +150,48 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, scale: floa
     return _torch_backend(q, k, v, seg, scale, softcap)
 
 
+@dataclass
+class PoolState:
+    """Online-softmax state of the pooling attention, per sample and head: enough to pool a
+    sample whose tokens arrive in pieces (a long video's tiles) in constant memory, and equal
+    to pooling all tokens at once (up to float rounding). Merge pieces with `merge_pool_states`."""
+
+    peak: Tensor  # [B, H] largest logit seen
+    total: Tensor  # [B, H] sum of exp(logit - peak)
+    weighted: Tensor  # [B, H, D] sum of exp(logit - peak) * v
+
+    def select(self, b: int) -> "PoolState":
+        return PoolState(self.peak[b : b + 1], self.total[b : b + 1], self.weighted[b : b + 1])
+
+    def to(self, device) -> "PoolState":
+        return PoolState(self.peak.to(device), self.total.to(device), self.weighted.to(device))
+
+    def normalized(self) -> Tensor:  # [B, H, D]
+        return self.weighted / self.total[..., None]
+
+
+def merge_pool_states(states: list[PoolState]) -> PoolState:
+    """Pieces of the same samples -> one state, rescaled to the largest peak (log-sum-exp)."""
+    peak = torch.stack([s.peak for s in states]).amax(0)
+    scales = [(s.peak - peak).exp() for s in states]
+    total = sum(s.total * c for s, c in zip(states, scales))
+    weighted = sum(s.weighted * c[..., None] for s, c in zip(states, scales))
+    return PoolState(peak, total, weighted)
+
+
+def segment_softmax_state(q: Tensor, k: Tensor, v: Tensor, sample: Tensor, num_samples: int,
+                          scale: float) -> PoolState:
+    """q [B, H, D] one query per sample; k, v [N, H, D]; sample [N] int64 -> float32 state."""
+    logits = (k.float() * q.float()[sample]).sum(-1) * scale  # [N, H]
+    peak = torch.full((num_samples, logits.shape[1]), float("-inf"), device=k.device)
+    peak = peak.scatter_reduce(0, sample[:, None].expand_as(logits), logits, reduce="amax")
+    weights = (logits - peak[sample]).exp()  # [N, H]
+    total = torch.zeros_like(peak).index_add_(0, sample, weights)
+    weighted = torch.zeros(num_samples, *v.shape[1:], device=v.device).index_add_(
+        0, sample, weights[..., None] * v.float())
+    return PoolState(peak, total, weighted)
+
+
 def segment_softmax_pool(q: Tensor, k: Tensor, v: Tensor, sample: Tensor, num_samples: int, scale: float) -> Tensor:
     """Attention with one query per sample over that sample's tokens (the pooling head).
 
@@ -158,10 +200,4 @@ def segment_softmax_pool(q: Tensor, k: Tensor, v: Tensor, sample: Tensor, num_sa
     sample:  [N] int64 sample of each token
     returns: [B, H, D]
     """
-    logits = (k.float() * q.float()[sample]).sum(-1) * scale  # [N, H]
-    peak = torch.full((num_samples, logits.shape[1]), float("-inf"), device=k.device)
-    peak = peak.scatter_reduce(0, sample[:, None].expand_as(logits), logits, reduce="amax")
-    weights = (logits - peak[sample]).exp()  # [N, H]
-    total = torch.zeros_like(peak).index_add_(0, sample, weights)
-    out = torch.zeros(num_samples, *v.shape[1:], device=v.device).index_add_(0, sample, weights[..., None] * v.float())
-    return (out / total[..., None]).to(v.dtype)
+    return segment_softmax_state(q, k, v, sample, num_samples, scale).normalized().to(v.dtype)

@@ -161,3 +161,24 @@ def test_config_round_trips_and_rejects_unknowns(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: {foo: 1}\n")
     with pytest.raises(ConfigError):
         load_official_yaml(tmp_path / "bad.yaml")
+
+
+def test_a_long_video_tile_by_tile_equals_the_whole_clip(tiny):
+    """The official encoder runs 16-frame tiles independently, and the pooling's softmax state
+    merges exactly: tiles sent as separate items give the whole clip's tokens and embedding."""
+    from model.layers.attention import merge_pool_states
+
+    clip = torch.rand(40, 32, 48, 3) * 2 - 1  # 10 latent frames: tiles of 4, 4 and 2
+    whole, _ = frames_to_sparse([clip])
+    tiles = [frames_to_sparse([clip[i : i + 16]])[0] for i in range(0, 40, 16)]
+    model = tiny.model
+    with torch.inference_mode():
+        ref = model.encode(whole)
+        parts = [model.encode(t) for t in tiles]
+        pooled, embedding = model.pool(merge_pool_states([p.pool_state for p in parts]))
+        recon = model.decode(whole.with_feats(ref.mean))
+        recon_tiles = torch.cat([model.decode(t.with_feats(p.mean)) for t, p in zip(tiles, parts)])
+    torch.testing.assert_close(torch.cat([p.mean for p in parts]), ref.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, ref.pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embedding, ref.embedding, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recon_tiles, recon, rtol=1e-5, atol=1e-5)

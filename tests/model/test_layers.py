@@ -107,3 +107,15 @@ def test_flash_backend_matches_torch_backend_on_gpu():
             torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
     finally:
         attn.set_backend("auto")
+
+
+def test_pool_states_of_pieces_merge_to_the_whole():
+    from model.layers.attention import merge_pool_states, segment_softmax_state
+
+    q1, k, v = _qkv(9)
+    q = q1[:1]
+    k[5:] += 4  # a later piece with larger logits: the merge must rescale the earlier one
+    whole = segment_softmax_pool(q, k, v, torch.zeros(9, dtype=torch.long), 1, 0.3)
+    pieces = [segment_softmax_state(q, k[a:b], v[a:b], torch.zeros(b - a, dtype=torch.long), 1, 0.3)
+              for a, b in ((0, 2), (2, 5), (5, 9))]
+    torch.testing.assert_close(merge_pool_states(pieces).normalized(), whole, rtol=1e-5, atol=1e-6)
