@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from model.api import Tokens
+from model.layers.attention import PoolState
 from model.sparse import SparseBatch
 
 from .worker.engine import GAUSSIAN_FIELDS
@@ -33,8 +34,12 @@ def unpack_json(arr: np.ndarray):
 
 def job_to_inputs(job: Job) -> dict[str, np.ndarray]:
     """Named arrays for one job (leading batch dimension 1)."""
-    meta = {"op": job.op, "mode": job.mode, "dense": job.dense, "gaussians": job.gaussians}
-    if job.batch is not None:
+    meta = {"op": job.op, "mode": job.mode, "dense": job.dense, "gaussians": job.gaussians, "partial": job.partial}
+    if job.pool_state is not None:  # a few hundred floats: they ride in the JSON
+        meta["pool_state"] = _state_to_json(job.pool_state)
+    if job.op == "pool":
+        coords, kind, feats = torch.zeros(0, 5, dtype=torch.int32), "video", np.zeros((0, 0), np.float32)
+    elif job.batch is not None:
         coords, kind = job.batch.coords, job.batch.kinds[0]
         feats = model_feats(job.batch).feats.float().numpy()
     else:
@@ -58,12 +63,22 @@ def inputs_to_job(job_id: int, arrays: dict[str, np.ndarray]) -> Job:
     feats = torch.from_numpy(np.ascontiguousarray(arrays["FEATS"][0]))
     indices = arrays["INDICES"][0]
     kind = meta["kind"]
+    if meta["op"] == "pool":
+        return Job(job_id, "pool", meta["mode"], pool_state=_state_from_json(meta["pool_state"]))
     if meta["op"] == "decode":
         tokens = (Tokens(coords, (kind,), indices=torch.from_numpy(np.ascontiguousarray(indices)))
                   if indices.shape[1] else Tokens(coords, (kind,), latents=feats))
         return Job(job_id, "decode", meta["mode"], meta["dense"], meta["gaussians"], tokens=tokens)
     return Job(job_id, meta["op"], meta["mode"], meta["dense"], meta["gaussians"],
-               batch=SparseBatch(feats, coords, (kind,)))
+               batch=SparseBatch(feats, coords, (kind,)), partial=meta.get("partial", False))
+
+
+def _state_to_json(state: PoolState) -> dict:
+    return {f: getattr(state, f).tolist() for f in ("peak", "total", "weighted")}
+
+
+def _state_from_json(obj: dict) -> PoolState:
+    return PoolState(*(torch.tensor(obj[f], dtype=torch.float32) for f in ("peak", "total", "weighted")))
 
 
 def _arr(t, dtype, dims: int) -> np.ndarray:
@@ -78,6 +93,8 @@ def result_to_outputs(r: JobResult) -> dict[str, np.ndarray]:
     gauss = (np.concatenate([g[k].reshape(g[k].shape[0], -1).numpy() for k in GAUSSIAN_FIELDS], 1)
              if g else np.zeros((0, 14), np.float32))
     meta = {"error": r.error, "compute_ms": r.compute_ms}
+    if r.pool_state is not None:
+        meta["pool_state"] = _state_to_json(r.pool_state)
     if g:
         meta.update({k: g[k] for k in ("scaling_bias", "opacity_bias", "filter_3d")})
     return {
@@ -98,12 +115,16 @@ def outputs_to_result(job: Job, out: dict[str, np.ndarray]) -> JobResult:
     if meta.get("error"):
         r.error = tuple(meta["error"])
         return r
+    if meta.get("pool_state"):
+        r.pool_state = _state_from_json(meta["pool_state"])
     t = lambda name: torch.from_numpy(np.ascontiguousarray(out[name][0]))  # noqa: E731
     if out["EMBEDDING"].size:
         r.embedding = t("EMBEDDING")
     if out["FEATURES"].size:
         r.features = t("FEATURES")
     source = job.batch if job.batch is not None else job.tokens
+    if source is None:  # pool
+        return r
     coords, kinds = source.coords.to(torch.int32), tuple(source.kinds)
     if job.op in ("tokenize", "reconstruct"):
         if out["INDICES_OUT"].size:

@@ -11,6 +11,7 @@ import torch
 from model.api import ATokenizer, Tokens
 from model.errors import ATokenError, UnsupportedError
 from model.gaussians import Gaussians
+from model.layers.attention import PoolState
 from model.sparse import SparseBatch, cat
 
 from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult, model_feats
@@ -61,6 +62,9 @@ class Engine:
             group = [j for j in jobs if self.tokenizers[j.model_mode] is tok]
             if not group:
                 continue
+            pool_jobs = [j for j in group if j.op == "pool"]
+            if pool_jobs:
+                self._pool(tok, pool_jobs, results)
             enc_jobs = [j for j in group if j.op in ENCODER_OPS]
             decode_inputs: dict[int, Tokens] = {j.id: j.tokens for j in group if j.op == "decode"}
             if enc_jobs:
@@ -84,6 +88,9 @@ class Engine:
             mask = (rows == b).to(mean.device)
             r = results[job.id]
             coords = job.batch.coords.to(torch.int32)
+            if job.op == "embed" and job.partial:
+                r.pool_state = enc.pool_state.select(b).to("cpu")
+                continue
             if job.op == "embed":
                 r.embedding = enc.embedding[b].float().cpu()
                 if job.dense:
@@ -97,6 +104,14 @@ class Engine:
             r.tokens = tokens
             r.embedding = enc.embedding[b].float().cpu()
             decode_inputs[job.id] = tokens
+
+    def _pool(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult]) -> None:
+        states = [j.pool_state for j in jobs]
+        merged = PoolState(*(torch.cat([getattr(s, f) for s in states]) for f in ("peak", "total", "weighted")))
+        with torch.inference_mode():
+            _, embedding = tok.model.pool(merged)
+        for b, job in enumerate(jobs):
+            results[job.id].embedding = embedding[b].float().cpu()
 
     def _decode(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult],
                 decode_inputs: dict[int, Tokens]) -> None:

@@ -12,13 +12,15 @@ import torch
 from torch import Tensor
 
 from model.api import Tokens
+from model.layers.attention import PoolState
 from model.config import PATCH_SIZE, PATCH_VALUES
 from model.patchify import patchify_frames
 from model.sparse import SparseBatch
 
 TUBELET = PATCH_SIZE[0]
 
-Op = Literal["embed", "tokenize", "reconstruct", "decode"]
+# "pool" finishes an embedding from the merged pooling states of a long video's tiles.
+Op = Literal["embed", "tokenize", "reconstruct", "decode", "pool"]
 ENCODER_OPS = ("embed", "tokenize", "reconstruct")
 DECODER_OPS = ("reconstruct", "decode")
 
@@ -61,6 +63,8 @@ class Job:
     gaussians: bool = False  # decode/reconstruct of 3D items: run the Gaussian decoder
     batch: SparseBatch | None = None  # one item's tubelets (batch index 0; uint8 pixels or float), encoder ops
     tokens: Tokens | None = None  # one item's tokens (batch index 0), decode
+    partial: bool = False  # embed: return the pooling state of this piece, not an embedding
+    pool_state: PoolState | None = None  # pool: the merged state of every piece ([1, H], [1, H], [1, H, D])
 
     @property
     def model_mode(self) -> str:
@@ -71,6 +75,8 @@ class Job:
 
     @property
     def num_tokens(self) -> int:
+        if self.op == "pool":
+            return 1
         source = self.batch.coords if self.batch is not None else self.tokens.coords
         return int(source.shape[0])
 
@@ -78,7 +84,7 @@ class Job:
     def cost(self) -> int:
         """Compute cost in token passes: encoder and decoder each count once."""
         passes = (self.op in ENCODER_OPS) + (self.op in DECODER_OPS)
-        return self.num_tokens * passes
+        return max(1, self.num_tokens * passes)
 
 
 @dataclass
@@ -89,6 +95,7 @@ class JobResult:
     tokens: Tokens | None = None
     tubelets: Tensor | None = None  # [n, 3072] reconstruction, same coords as the input
     gaussians: dict[str, Tensor] | None = None  # raw Gaussian fields (see model.gaussians)
+    pool_state: PoolState | None = None  # partial embed jobs
     error: tuple[str, str] | None = None  # (error class name, message)
     compute_ms: float = 0.0
     extra: dict = field(default_factory=dict)

@@ -1,6 +1,7 @@
 """Conformance: a real Triton Inference Server (from the nvidia-pytriton wheel, CPU, loopback)
 gives the same tokens, embeddings and reconstructions as the in-process worker."""
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from service.pipeline import Options, preprocess
+from service.streaming import pad_to_tubelets
 from service.settings import Settings
 from service.worker.backends import LocalBackend
-from service.worker.jobs import Job
+from service.worker.jobs import Job, pixel_patches
 from tests import assets
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or
@@ -30,6 +32,9 @@ def _items():
     limits = Settings(max_side=128).limits
     files = [assets.image("chelsea.png"), assets.image("rocket.jpg"), assets.video("carphone_pristine.mp4")]
     items = [preprocess(f.read_bytes(), Options(max_frames=8), limits) for f in files]
+    # A video runs tile by tile: its first (here only) tile is the job.
+    items = [dataclasses.replace(i, batch=pixel_patches(pad_to_tubelets(next(i.stream.tiles())))) if i.streamed
+             else i for i in items]
     npz = np.random.default_rng(0)
     import io
 
@@ -64,6 +69,14 @@ def test_triton_matches_in_process(triton):
             torch.testing.assert_close(b.tubelets, a.tubelets, rtol=1e-4, atol=2e-4)
         if a.gaussians is not None:
             torch.testing.assert_close(b.gaussians["xyz_raw"], a.gaussians["xyz_raw"], rtol=1e-4, atol=1e-5)
+    # a long video's pieces: pooling states out, a merged state back in for the embedding
+    video = items[2].batch
+    pieces = [Job(500, "embed", batch=video, partial=True)]
+    state_ours, state_theirs = local.run(pieces)[0].pool_state, remote.run(pieces)[0].pool_state
+    torch.testing.assert_close(state_theirs.weighted, state_ours.weighted, rtol=1e-4, atol=1e-5)
+    pool = [Job(501, "pool", pool_state=state_ours)]
+    torch.testing.assert_close(remote.run(pool)[0].embedding, local.run(pool)[0].embedding, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(local.run(pool)[0].embedding, ours[6].embedding, rtol=1e-4, atol=1e-5)
     # decode of the tokens Triton produced, on both sides
     tok = theirs[1].tokens
     dec = [Job(999, "decode", tokens=tok)]
