@@ -78,7 +78,7 @@ def check_token_set(coords: np.ndarray, kind: str, limits: MediaLimits, where: s
         raise InvalidParameter(f"{where}: {kind} coords need z = 0")
     grid = (int(t.max()) + 1, int(x.max()) + 1, int(y.max()) + 1)
     max_cells = limits.max_side // PATCH
-    max_latent_frames = 1 if kind == "image" else math.ceil(limits.max_frames / TUBELET)
+    max_latent_frames = 1 if kind == "image" else math.ceil(limits.max_decode_frames / TUBELET)
     if grid[0] > max_latent_frames:
         raise InvalidParameter(f"{where}: {grid[0]} latent frames, over the limit of {max_latent_frames} "
                                f"for a {kind}", limit=max_latent_frames)

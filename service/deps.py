@@ -16,6 +16,7 @@ from .fetch import check_url, fetch
 from .pipeline import Options
 from .runtime import Runtime
 
+OUTPUT_FORMATS = {"png", "jpeg", "jpg", "webp", "mp4", "webm", "ply", "npz"}
 OPTION_NAMES = ("tokens", "format", "fps", "max_frames", "start", "end", "background", "array_format", "dense",
                 "preview", "score")
 
@@ -80,6 +81,11 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
     """Options from query parameters and form fields (form wins)."""
     raw = {k: v for k, v in request.query_params.items() if k in OPTION_NAMES}
     raw.update({k: v for k, v in fields.items() if k in OPTION_NAMES})
+    return options_from_raw(raw), raw
+
+
+def options_from_raw(raw: dict[str, str]) -> Options:
+    """Checked options from their text values (a job re-reads them from its record)."""
     opts = Options()
     try:
         if "tokens" in raw:
@@ -88,6 +94,8 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
             opts.tokens = raw["tokens"]
         if "format" in raw:
             opts.format = raw["format"].lower()
+            if opts.format not in OUTPUT_FORMATS:
+                raise InvalidParameter(f"format must be one of {sorted(OUTPUT_FORMATS)}, got {raw['format']!r}")
         if "fps" in raw:
             opts.fps = _number(raw["fps"], "fps", low=0.0, high=MAX_FPS, open_low=True)
         if "max_frames" in raw:
@@ -114,7 +122,7 @@ def parse_options(request: Request, fields: dict[str, str]) -> tuple[Options, di
         raise InvalidParameter("max_frames must be positive")
     if opts.end is not None and opts.end <= opts.start:
         raise InvalidParameter("end must be after start")
-    return opts, raw
+    return opts
 
 
 def _number(text: str, name: str, low: float, high: float = 1e9, open_low: bool = False) -> float:

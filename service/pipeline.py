@@ -45,13 +45,36 @@ class Options:
 
 
 @dataclass
+class VideoSource:
+    """A video item read tile by tile when it runs (service.streaming): the upload's bytes and
+    the plan made from its header; its frames never all exist at once."""
+
+    data: bytes
+    plan: vid.VideoPlan
+
+    def tiles(self) -> Iterator[np.ndarray]:
+        return vid.iter_tiles(vid.iter_frames(self.data, self.plan))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token rows and columns of every latent frame."""
+        h, w = self.plan.resize.model
+        return h // img.PATCH, w // img.PATCH
+
+
+@dataclass
 class Item:
     modality: str
     kind: str  # model kind: image | video | 3D
-    batch: SparseBatch  # this item alone (batch index 0)
+    batch: SparseBatch | None  # this item alone (batch index 0); None for a streamed video
     media: dict = field(default_factory=dict)  # sizes, fps, frames: what is needed to write outputs
     reference: np.ndarray | None = None  # uint8 [T, h, w, 3] at the model size, for round-trip PSNR
     views: object | None = None  # 3D: the renders (media.render.Views) the volume was packed from
+    stream: VideoSource | None = None  # videos: decoded tile by tile when the item runs
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None
 
 
 def preprocess(data: bytes, options: Options, limits: MediaLimits) -> Item:
@@ -92,19 +115,13 @@ def _image_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
 
 
 def _video_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
+    """Only the header is read here: frames are decoded tile by tile when the item runs."""
     sampling = vid.Sampling(options.fps, options.max_frames, options.start, options.end)
-    decoded = vid.decode_video(data, limits, sampling)
-    frames = decoded.frames
-    count = frames.shape[0]
-    # Repeat the last frame up to a multiple of 4 so no frame is dropped (the official rule
-    # drops a trailing partial tubelet); the output is trimmed back to `count` frames.
-    pad = (-count) % vid.TUBELET if count >= vid.TUBELET else vid.TUBELET - count
-    padded = np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
-    batch = pixel_patches(padded)
-    media = {"height": decoded.resize.original[0], "width": decoded.resize.original[1],
-             "model_height": decoded.resize.model[0], "model_width": decoded.resize.model[1],
-             "frames": count, "fps": decoded.fps, "source_fps": decoded.info.fps, "codec": decoded.info.codec}
-    return Item("video", "video", batch, media, frames)
+    plan = vid.plan_video(data, limits, sampling)
+    media = {"height": plan.resize.original[0], "width": plan.resize.original[1],
+             "model_height": plan.resize.model[0], "model_width": plan.resize.model[1],
+             "frames": plan.expected, "fps": plan.fps, "source_fps": plan.info.fps, "codec": plan.info.codec}
+    return Item("video", "video", None, media, stream=VideoSource(data, plan))
 
 
 # ---------------------------------------------------------------- model outputs -> arrays

@@ -57,6 +57,7 @@ class Runtime:
     backend_factory: Callable[[], Backend]
     metrics: Metrics = field(default_factory=Metrics)
     inflight: int = 0
+    jobs: object | None = None  # routes.jobs.Jobs, attached by the app
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(self.backend_factory, self.settings.batching, self.metrics.on_batch,
@@ -121,6 +122,10 @@ class Runtime:
     async def preprocess_light(self, fn, *args):
         return await self._in_pool(self.light_pool, fn, *args)
 
+    async def preprocess_heavy(self, fn, *args):
+        """Video decoding and other long CPU work, off the light pool (see __post_init__)."""
+        return await self._in_pool(self.heavy_pool, fn, *args)
+
     async def preprocess_all(self, uploads: list[bytes], options: Options) -> list[Item]:
         self.scheduler.preparing += 1
         try:
@@ -147,10 +152,11 @@ class Runtime:
     async def postprocess(self, fn, *args):
         return await self._in_pool(self.post_pool, fn, *args)
 
-    async def infer(self, request: Request, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
-        """Queue jobs, drop them if the client goes away, raise the first item error."""
+    async def infer(self, watch, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
+        """Queue jobs, drop them if the caller gives up (`watch()` returns: the client left, the
+        job was cancelled), raise the first item error. `watch` may be None."""
         submit = asyncio.ensure_future(self.scheduler.submit(jobs, self.settings.request_timeout_s))
-        watch = asyncio.ensure_future(_wait_disconnect(request))
+        watch = asyncio.ensure_future(watch() if watch else asyncio.Event().wait())
         done, _ = await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
         if submit not in done:
             submit.cancel()  # the client left: its queued jobs are skipped
@@ -170,7 +176,7 @@ class Runtime:
         return results, timing
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def wait_disconnect(request: Request) -> None:
     """Return when the client goes away. (Starlette's `is_disconnected` cancels its read before
     middleware-wrapped `receive` can deliver the disconnect, so read with a short window.)"""
     while True:

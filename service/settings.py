@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .jobs import JobsConfig
 from .media.limits import MediaLimits
 from .scheduler import BatchingConfig
 from .worker.loader import ModelSpec
@@ -57,8 +59,9 @@ class Settings(BaseSettings):
     max_pixels: int = 4096 * 4096
     max_side: int = 512
     min_side: int = 16
-    max_frames: int = 64
-    max_duration_s: float = 120.0
+    max_frames: int = 36_000  # video frames after sampling; streamed in 16-frame tiles (10 min at 60 fps)
+    max_duration_s: float = 600.0
+    max_decode_frames: int = 64  # frames /decode rebuilds from one token set, held in memory at once
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
     max_item_tokens: int = 16384  # model tokens (voxels for 3D) per item, from declared sizes
@@ -72,6 +75,13 @@ class Settings(BaseSettings):
     body_idle_timeout_s: float = 15.0  # between two chunks of the body
     fetch_timeout_s: float = 20.0  # each URL input, in total
     liveness_failures: int = 3  # consecutive failed worker starts before /healthz fails
+
+    # Jobs (POST /jobs/{op}): records and results on disk, kept for a while, capped in size.
+    jobs_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atoken" / "jobs")
+    job_ttl_s: float = 86400.0
+    jobs_max_bytes: int = 2 * 2**30
+    jobs_concurrency: int = 1  # jobs running at once (each one's tiles share the queue with requests)
+    jobs_max_queued: int = 64
 
     # Security.
     api_keys: str = ""  # comma-separated
@@ -108,9 +118,15 @@ class Settings(BaseSettings):
     def limits(self) -> MediaLimits:
         return MediaLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels, max_side=self.max_side,
                            min_side=self.min_side, max_frames=self.max_frames, max_duration_s=self.max_duration_s,
+                           max_decode_frames=self.max_decode_frames,
                            max_vertices=self.max_vertices, max_faces=self.max_faces,
                            max_voxels=self.max_item_tokens, max_tokens=self.max_item_tokens,
                            max_aspect=self.max_aspect, max_inflated_bytes=self.max_inflated_bytes)
+
+    @property
+    def jobs(self) -> JobsConfig:
+        return JobsConfig(Path(self.jobs_dir), self.job_ttl_s, self.jobs_max_bytes, self.jobs_concurrency,
+                          self.jobs_max_queued)
 
     @property
     def batching(self) -> BatchingConfig:
@@ -124,6 +140,6 @@ class Settings(BaseSettings):
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (
             "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",
-            "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
+            "max_frames", "max_duration_s", "max_decode_frames", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
             "max_inflated_bytes", "max_json_bytes", "max_json_depth", "max_batch_tokens", "max_queue_jobs",
             "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s")}

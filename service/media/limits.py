@@ -11,8 +11,9 @@ class MediaLimits:
     max_pixels: int = 4096 * 4096  # per image or video frame, read from the header
     max_side: int = 1024  # images/frames are resized so the longer side is at most this
     min_side: int = 16
-    max_frames: int = 128  # decoded video frames after sampling
-    max_duration_s: float = 120.0
+    max_frames: int = 36_000  # video frames after sampling, streamed through in 16-frame tiles
+    max_duration_s: float = 600.0
+    max_decode_frames: int = 64  # frames /decode rebuilds from a token set (held at once)
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
     max_voxels: int = 64**3

@@ -1,13 +1,16 @@
-"""Video: probe with PyAV, refuse over limits before decoding, decode with frame sampling,
-and encode reconstructions to MP4 (H.264) or WebM (VP9) in memory."""
+"""Video: probe with PyAV, refuse over limits before decoding, decode with frame sampling one
+frame at a time (`plan_video` + `iter_frames`: memory does not grow with the clip's length),
+and encode reconstructions to MP4 (H.264) or WebM (VP9), in memory or frame by frame to a file
+with the source's audio copied (`VideoWriter`)."""
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from io import BytesIO
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -31,6 +34,7 @@ class VideoInfo:
     fps: float
     duration_s: float
     frames: int  # as declared by the container (estimated from duration x fps when absent)
+    audio: str | None = None  # codec of the first audio stream, if any
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ def probe_video(data: bytes, limits: MediaLimits = MediaLimits()) -> VideoInfo:
         else:
             duration = 0.0
         frames = int(stream.frames or round(duration * fps))
-        info = VideoInfo(container.format.name, ctx.name, int(ctx.width), int(ctx.height), fps, duration, frames)
+        audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
+        info = VideoInfo(container.format.name, ctx.name, int(ctx.width), int(ctx.height), fps, duration, frames,
+                         audio)
     if info.width <= 0 or info.height <= 0 or info.fps <= 0:
         raise CorruptMediaError(f"video declares size {info.width}x{info.height} at {info.fps} fps")
     check_limit("frame size", info.width * info.height, limits.max_pixels, "pixels")
@@ -85,47 +91,101 @@ def probe_video(data: bytes, limits: MediaLimits = MediaLimits()) -> VideoInfo:
     return info
 
 
-def decode_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sampling = Sampling()) -> DecodedVideo:
-    """Decode the sampled frames, resized to the model size; memory bounded by max_frames."""
+@dataclass(frozen=True)
+class VideoPlan:
+    """What decoding will produce, from the header alone: checked before a frame is decoded."""
+
+    info: VideoInfo
+    resize: Resize
+    sampling: Sampling
+    step: float  # source frames per kept frame
+    fps: float  # of the kept frames
+    cap: int  # most frames kept
+    expected: int  # frames the declaration promises after sampling (the progress total)
+
+    @property
+    def tile_tokens(self) -> int:
+        return TILE // TUBELET * self.resize.tokens
+
+    @property
+    def tiles(self) -> int:
+        return max(1, math.ceil(self.expected / TILE))
+
+
+def plan_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sampling = Sampling()) -> VideoPlan:
     info = probe_video(data, limits)
     plan = plan_resize(info.height, info.width, limits)
     cap = min(limits.max_frames, sampling.max_frames or limits.max_frames)
     step = 1.0 if not sampling.fps or sampling.fps >= info.fps else info.fps / sampling.fps
-    out_fps = info.fps / step
-    # The decode below stops at `cap` frames whatever the container claims, so this bound on
-    # the model's tokens holds before any frame is decoded.
-    check_limit("video tokens", math.ceil(cap / TUBELET) * plan.tokens, limits.max_tokens,
+    end = min(info.duration_s, sampling.end_s) if sampling.end_s is not None else info.duration_s
+    span = max(0.0, end - sampling.start_s) if info.duration_s else info.frames / info.fps
+    expected = max(1, min(cap, math.ceil(round(span * info.fps, 3) / step)))
+    if expected >= cap and sampling.max_frames is None and sampling.end_s is None and \
+            math.ceil(round(span * info.fps, 3) / step) > cap:
+        raise MediaTooLargeError(f"video has more than {cap} frames after sampling; ask for fewer (max_frames, "
+                                 f"fps, start/end) or raise the limit", limit=cap,
+                                 actual=math.ceil(span * info.fps / step))
+    # The model sees one 16-frame tile at a time: that, not the clip, bounds its tokens.
+    check_limit("video tokens per tile", TILE // TUBELET * plan.tokens, limits.max_tokens,
                 error=MediaOutOfRangeError)
-    frames: list[np.ndarray] = []
-    next_pick, index = 0.0, -1
+    return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected)
+
+
+def iter_frames(data: bytes, plan: VideoPlan) -> Iterator[np.ndarray]:
+    """The sampled frames, uint8 [h, w, 3] at the model size, one at a time. A decoding error,
+    or a stream that ends well before what its container declares, raises CorruptMediaError
+    naming the frame and time where it happened: a damaged file is never half-returned."""
+    sampling, info = plan.sampling, plan.info
+    kept, index, t, next_pick = 0, -1, 0.0, 0.0
     try:
         with _open(data) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                t = float(frame.pts * frame.time_base) if frame.pts is not None else (index + 1) / info.fps
                 index += 1
+                t = float(frame.pts * frame.time_base) if frame.pts is not None else index / info.fps
                 if t < sampling.start_s - 1e-6:
                     continue
                 if sampling.end_s is not None and t > sampling.end_s + 1e-6:
-                    break
+                    return
+                if t > info.duration_s + 1.0 or kept >= plan.cap:
+                    if sampling.max_frames is None and sampling.end_s is None:
+                        raise MediaTooLargeError(f"video runs past what its header declares ({kept} frames, "
+                                                 f"{t:.2f} s); ask for fewer (max_frames, start/end)",
+                                                 limit=plan.cap, actual=kept + 1)
+                    return
                 if index < next_pick - 1e-6:
                     continue
-                next_pick = index + step
-                if len(frames) >= cap:
-                    if sampling.max_frames is None and sampling.end_s is None:
-                        raise MediaTooLargeError(
-                            f"video has more than {cap} frames after sampling; ask for fewer "
-                            f"(max_frames, fps, start/end) or raise the limit", limit=cap, actual=cap + 1)
-                    break
-                frames.append(resize_rgb(frame.to_ndarray(format="rgb24"), plan.model))
+                next_pick = index + plan.step
+                kept += 1
+                yield resize_rgb(frame.to_ndarray(format="rgb24"), plan.resize.model)
     except av.error.FFmpegError as exc:
-        if not frames:
-            raise CorruptMediaError(f"cannot decode video: {exc}") from None
-        # A truncated tail still leaves the decoded prefix usable.
-    if not frames:
+        raise CorruptMediaError(f"video decoding failed after frame {index + 1} (at {t:.2f} s): {exc}") from None
+    if kept == 0:
         raise CorruptMediaError("no frames decoded in the requested range")
-    return DecodedVideo(np.stack(frames), out_fps, info, plan)
+    # Declared durations are approximate; a stream a tenth short (and a second) is damaged.
+    if sampling.end_s is None and sampling.max_frames is None and kept < plan.expected * 0.9 - plan.fps:
+        raise CorruptMediaError(f"video stream ends at frame {index + 1} (t = {t:.2f} s), but its container "
+                                f"declares {info.duration_s:.2f} s: the file is truncated or damaged")
+
+
+def iter_tiles(frames: Iterable[np.ndarray], size: int = TILE) -> Iterator[np.ndarray]:
+    """Frames -> uint8 [<= size, h, w, 3] tiles, the official encoder's temporal unit."""
+    tile: list[np.ndarray] = []
+    for frame in frames:
+        tile.append(frame)
+        if len(tile) == size:
+            yield np.stack(tile)
+            tile = []
+    if tile:
+        yield np.stack(tile)
+
+
+def decode_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sampling = Sampling()) -> DecodedVideo:
+    """Every sampled frame in one array (short clips; long ones go through `iter_frames`)."""
+    plan = plan_video(data, limits, sampling)
+    frames = np.stack(list(iter_frames(data, plan)))
+    return DecodedVideo(frames, plan.fps, plan.info, plan.resize)
 
 
 def _even(n: int) -> int:
@@ -162,3 +222,116 @@ def encode_video(frames: Iterable[np.ndarray], fps: float, fmt: str = "mp4", crf
         for packet in stream.encode():
             container.mux(packet)
     return faststart(buf.getvalue()) if fmt == "mp4" else buf.getvalue()
+
+
+AUDIO_CODECS = {"mp4": {"aac", "mp3", "alac", "ac3", "eac3", "opus"}, "webm": {"opus", "vorbis"}}
+
+
+class VideoWriter:
+    """Frames -> an MP4 (H.264, fast start) or WebM (VP9) file, written one frame at a time, with
+    the source's first audio stream copied packet by packet (no re-encoding), trimmed to the
+    span the frames cover. Memory stays at one frame and the encoder's look-ahead."""
+
+    def __init__(self, path: str, fps: float, fmt: str = "mp4", audio_source: bytes | None = None,
+                 start_s: float = 0.0, crf: int = 18):
+        fmt = fmt.lower()
+        if fmt not in ("mp4", "webm"):
+            raise UnsupportedMediaError(f"video output format {fmt!r} unsupported; choose mp4 or webm")
+        self.fps, self.fmt, self.start_s, self.frames = fps, fmt, start_s, 0
+        options = {"movflags": "faststart"} if fmt == "mp4" else {}
+        self.container = av.open(path, mode="w", format=fmt, options=options)
+        codec = "libx264" if fmt == "mp4" else "libvpx-vp9"
+        self.stream = self.container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": str(crf), "preset": "veryfast"} if fmt == "mp4" else {"crf": "32", "b:v": "0"}
+        self.sized = False
+        # write() runs in a worker thread; abort() may come from another while it runs (a
+        # cancelled request): PyAV containers must never be used by two threads at once.
+        self._lock = threading.Lock()
+        self._closed = False
+        self.audio_note = "none"
+        self._audio_in = self._audio_out = self._packets = None
+        self._pending = None
+        if audio_source is not None:
+            self._open_audio(audio_source)
+
+    def _open_audio(self, data: bytes) -> None:
+        source = _open(data)
+        if not source.streams.audio:
+            source.close()
+            return
+        stream = source.streams.audio[0]
+        if stream.codec_context.name not in AUDIO_CODECS[self.fmt]:
+            self.audio_note = f"dropped ({stream.codec_context.name} does not fit {self.fmt})"
+            source.close()
+            return
+        self._audio_in, self._audio_src = stream, source
+        self._audio_out = self.container.add_stream_from_template(stream)
+        self._packets = source.demux(stream)
+        self.audio_note = "copied"
+
+    def write(self, frame: np.ndarray) -> None:
+        """uint8 [H, W, 3]; odd sides are padded by one edge pixel (yuv420p needs even sizes)."""
+        with self._lock:
+            if not self._closed:
+                self._write(frame)
+
+    def _write(self, frame: np.ndarray) -> None:
+        h, w, _ = frame.shape
+        eh, ew = _even(h), _even(w)
+        if not self.sized:
+            self.stream.width, self.stream.height, self.sized = ew, eh, True
+        if (eh, ew) != (h, w):
+            frame = np.pad(frame, ((0, eh - h), (0, ew - w), (0, 0)), mode="edge")
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            self.container.mux(packet)
+        self.frames += 1
+        self._mux_audio(until_s=self.frames / self.fps)
+
+    def _mux_audio(self, until_s: float) -> None:
+        """Copy source audio packets up to `until_s` of output time, rebased by `start_s`."""
+        if self._packets is None:
+            return
+        tb = self._audio_in.time_base
+        offset = int(round(self.start_s / tb)) if tb else 0
+        while True:
+            packet = self._pending or next(self._packets, None)
+            self._pending = None
+            if packet is None or packet.pts is None:
+                if packet is None:
+                    self._packets = None
+                    return
+                continue
+            at = float(packet.pts * tb) - self.start_s
+            if at < -1e-6:
+                continue
+            if at > until_s:
+                self._pending = packet  # keep it for the next frame
+                return
+            packet.pts -= offset
+            if packet.dts is not None:
+                packet.dts -= offset
+            packet.stream = self._audio_out
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        with self._lock:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+            self._mux_audio(until_s=self.frames / self.fps)
+            self._release()
+
+    def abort(self) -> None:
+        """Stop, waiting for a write in progress; the file is discarded by the caller."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._release()
+                except Exception:  # noqa: BLE001 - the file is discarded anyway
+                    pass
+
+    def _release(self) -> None:
+        self._closed = True
+        self.container.close()
+        if self._audio_in is not None:
+            self._audio_src.close()

@@ -18,11 +18,11 @@ from pydantic import BaseModel, ValidationError
 from model.errors import ATokenError
 
 from ..deps import get_runtime, read_json
-from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ServiceError, openai_error
+from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ServiceError, UnsupportedType, openai_error
 from ..fetch import check_url, fetch
 from ..media.errors import MediaError
 from ..pipeline import Options
-from ..runtime import Runtime
+from ..runtime import Runtime, wait_disconnect
 from ..worker.jobs import Job
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -94,8 +94,10 @@ async def embeddings(request: Request, runtime: Runtime = Depends(get_runtime)):
                              f"{dim} dimensions (omit the field)", limit=dim)
         items = await runtime.preprocess_all(await _uploads(body, runtime), Options())
         request.state.modality = ",".join(sorted({i.modality for i in items}))
+        if any(i.streamed for i in items):
+            raise UnsupportedType("input must be images (POST /encode embeds videos and 3D assets)")
         jobs = [Job(runtime.scheduler.next_id(), "embed", batch=i.batch) for i in items]
-        results, timing = await runtime.infer(request, jobs)
+        results, timing = await runtime.infer(lambda: wait_disconnect(request), jobs)
     except (ServiceError, MediaError, ATokenError) as exc:
         status, content, headers = openai_error(exc)
         return JSONResponse(content, status_code=status, headers=headers)

@@ -1,0 +1,221 @@
+"""Videos of any length, tile by tile, in constant memory.
+
+A video is decoded one 16-frame tile at a time (the official encoder's temporal unit: tiles
+never attend to each other, so a tile sent alone gives exactly its part of the whole clip),
+each tile is its own job in the scheduler's queue (so other requests are served between two
+tiles), and each result is written out (frames muxed into a file, tokens appended to a file,
+pooling states merged) before the next tile is decoded. At most LOOKAHEAD tiles are decoded
+ahead of the one being written."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.layers.attention import PoolState, merge_pool_states
+from model.sparse import SparseBatch
+
+from .errors import Overloaded, from_worker
+from .media import image as img
+from .media import video as vid
+from .pipeline import VideoSource, model_size_frames
+from .runtime import Runtime, Timing
+from .worker.jobs import Job, JobResult, pixel_patches
+
+LOOKAHEAD = 2  # tiles decoded and queued ahead of the one being written
+MAX_BACKOFF_S = 1.0  # a full queue delays the next tile; it does not fail a long video
+
+
+@dataclass
+class Progress:
+    """Tiles done of the total the header promises; `on_change` sees every step (job records)."""
+
+    total: int
+    done: int = 0
+    unit: str = "tiles"
+    started: float = field(default_factory=time.monotonic)
+    on_change: Callable[["Progress"], None] | None = None
+
+    def advance(self) -> None:
+        self.done += 1
+        self.total = max(self.total, self.done)
+        if self.on_change:
+            self.on_change(self)
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.done:
+            return None
+        return (time.monotonic() - self.started) / self.done * max(0, self.total - self.done)
+
+
+@dataclass
+class Tile:
+    index: int
+    frames: np.ndarray  # uint8 [<= 16, h, w, 3] at the model size, as decoded
+    job: Job  # its coords (t from 0 within the tile) order the result's rows
+    result: JobResult
+
+
+Consumer = Callable[[Tile], None]
+
+
+def pad_to_tubelets(frames: np.ndarray) -> np.ndarray:
+    """Repeat the last frame up to a multiple of 4 (the official rule drops a partial tubelet;
+    we keep every frame and trim the output back)."""
+    count = frames.shape[0]
+    pad = (-count) % vid.TUBELET
+    return np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
+
+
+class TileRun:
+    """Drives one video through the scheduler: decode (heavy pool) -> job -> consume (post pool)."""
+
+    def __init__(self, runtime: Runtime, source: VideoSource, make_job: Callable[[SparseBatch], Job],
+                 progress: Progress | None = None):
+        self.runtime, self.source, self.make_job = runtime, source, make_job
+        self.progress = progress or Progress(source.plan.tiles)
+        self.queue_ms = self.compute_ms = 0.0
+        self.tiles = self.frames = self.tokens = 0
+
+    async def run(self, consume: Consumer) -> None:
+        tiles = self.source.tiles()
+        pending: deque[tuple[int, np.ndarray, Job, asyncio.Future]] = deque()
+        index, exhausted = 0, False
+        try:
+            while True:
+                while not exhausted and len(pending) < LOOKAHEAD:
+                    frames = await self.runtime.preprocess_heavy(next, tiles, None)
+                    if frames is None:
+                        exhausted = True
+                        break
+                    job = self.make_job(pixel_patches(pad_to_tubelets(frames)))
+                    pending.append((index, frames, job, asyncio.ensure_future(self._submit(job))))
+                    index += 1
+                if not pending:
+                    return
+                i, frames, job, future = pending.popleft()
+                result = await future
+                if result.error:
+                    raise from_worker(*result.error)
+                self._account(frames, result)
+                await self.runtime.postprocess(consume, Tile(i, frames, job, result))
+                self.progress.advance()
+        finally:
+            for *_, future in pending:
+                future.cancel()  # their queued jobs are skipped by the scheduler
+            await asyncio.gather(*(f for *_, f in pending), return_exceptions=True)
+            await self.runtime.preprocess_heavy(tiles.close)  # closes the decoder's container
+
+    async def _submit(self, job: Job) -> JobResult:
+        deadline = time.monotonic() + self.runtime.settings.request_timeout_s
+        while True:
+            try:
+                return (await self.runtime.scheduler.submit([job], self.runtime.settings.request_timeout_s))[0]
+            except Overloaded as exc:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(min(MAX_BACKOFF_S, exc.retry_after or MAX_BACKOFF_S))
+
+    def _account(self, frames: np.ndarray, result: JobResult) -> None:
+        self.tiles += 1
+        self.frames += frames.shape[0]
+        self.tokens += math.ceil(frames.shape[0] / vid.TUBELET) * math.prod(self.source.grid)
+        self.queue_ms = max(self.queue_ms, result.extra.get("queue_ms", 0.0))
+        self.compute_ms += result.compute_ms
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.queue_ms, self.compute_ms, 1)
+
+    @property
+    def token_grid(self) -> str:
+        rows, cols = self.source.grid
+        return f"{math.ceil(self.frames / vid.TUBELET)}x{rows}x{cols}"
+
+
+def temp_path(suffix: str) -> str:
+    handle, path = tempfile.mkstemp(prefix="atoken-", suffix=suffix)
+    os.close(handle)
+    return path
+
+
+# ----------------------------------------------------------------------------- operations
+@dataclass
+class Reconstruction:
+    path: str
+    psnr: float | None
+    audio: str
+    run: TileRun
+
+
+async def reconstruct(runtime: Runtime, source: VideoSource, mode: str, fmt: str,
+                      progress: Progress | None = None) -> Reconstruction:
+    """The video's reconstruction muxed frame by frame into a temporary file (audio copied)."""
+    plan = source.plan
+    path = temp_path("." + fmt)
+    writer = vid.VideoWriter(path, plan.fps, fmt, source.data if plan.info.audio else None, plan.sampling.start_s)
+    size = plan.resize.original
+    squared, count = 0.0, 0
+
+    def consume(tile: Tile) -> None:
+        nonlocal squared, count
+        rec = model_size_frames(tile.result.tubelets, tile.job.batch.coords, "video", tile.frames.shape[0])
+        squared += float(np.sum((rec.astype(np.float64) - tile.frames.astype(np.float64)) ** 2))
+        count += rec.size
+        for frame in rec:
+            writer.write(img.resize_rgb(frame, size))
+
+    run = TileRun(runtime, source, lambda batch: Job(runtime.scheduler.next_id(), "reconstruct", mode=mode,
+                                                      batch=batch), progress)
+    try:
+        await run.run(consume)
+        await runtime.postprocess(writer.close)
+    except BaseException:
+        writer.abort()
+        os.unlink(path)
+        raise
+    mse = squared / max(count, 1)
+    score = float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return Reconstruction(path, score, writer.audio_note, run)
+
+
+async def embed(runtime: Runtime, source: VideoSource, progress: Progress | None = None, dense: bool = False,
+                also: Consumer | None = None) -> tuple[torch.Tensor, TileRun]:
+    """The clip's embedding from its tiles' pooling states, merged exactly, then one pool job.
+    `also` sees every tile too (dense features)."""
+    states: list[PoolState] = []
+
+    def consume(tile: Tile) -> None:
+        # Merged as they come: constant memory however many tiles.
+        states[:] = [merge_pool_states(states + [tile.result.pool_state])] if states else [tile.result.pool_state]
+        if also:
+            also(tile)
+
+    run = TileRun(runtime, source, lambda batch: Job(runtime.scheduler.next_id(), "embed", batch=batch,
+                                                      partial=True, dense=dense), progress)
+    await run.run(consume)
+    job = Job(runtime.scheduler.next_id(), "pool", pool_state=states[0])
+    result = (await runtime.scheduler.submit([job], runtime.settings.request_timeout_s))[0]
+    if result.error:
+        raise from_worker(*result.error)
+    return result.embedding, run
+
+
+async def tokenize(runtime: Runtime, source: VideoSource, mode: str, write: Consumer,
+                   progress: Progress | None = None) -> TileRun:
+    """Each tile's tokens handed to `write` in order (its coords count t from the tile's start)."""
+    run = TileRun(runtime, source, lambda batch: Job(runtime.scheduler.next_id(), "tokenize", mode=mode,
+                                                      batch=batch), progress)
+    await run.run(write)
+    return run
+
