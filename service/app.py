@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from contextlib import asynccontextmanager
 from typing import Callable
 
@@ -19,7 +20,7 @@ from .errors import ServiceError, error_body, openai_shape
 from .gate import Gate
 from .media.errors import MediaError
 from .openapi import document
-from .routes import health, inference, openai, web
+from .routes import health, inference, jobs, openai, web
 from .runtime import Runtime, default_backend_factory
 from .settings import Settings
 from .worker.backends import Backend
@@ -36,16 +37,30 @@ class ServiceApp(FastAPI):
         return Gate(super().build_middleware_stack(), self.state.runtime)
 
 
+def _allowed(request: Request, fallback: str | None) -> str | None:
+    """The methods the API document lists for this path (Starlette names only those of the
+    first route whose path matches, and /jobs/{ref} is served by three)."""
+    spec = request.app.openapi()
+    for template, methods in spec["paths"].items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, request.url.path):
+            return ", ".join(m.upper() for m in methods)
+    return fallback
+
+
 def create_app(settings: Settings | None = None, backend_factory: Callable[[], Backend] | None = None) -> FastAPI:
     settings = settings or Settings()
     runtime = Runtime(settings, backend_factory or default_backend_factory(settings))
+    runtime.jobs = jobs.Jobs(runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime.start()
+        runtime.jobs.start()
         try:
             yield
         finally:
+            await runtime.jobs.stop()
             await asyncio.get_running_loop().run_in_executor(None, runtime.stop)
 
     app = ServiceApp(title="AToken service", version=VERSION, lifespan=lifespan,
@@ -70,8 +85,11 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
         body = {"error": {"code": code, "message": str(exc.detail)}}
         if request.url.path.startswith("/v1/"):
             body = openai_shape(exc.status_code, body)
-        # Keep the router's headers: a 405 carries Allow.
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        # Keep the router's headers: a 405 carries Allow, over every route of the path.
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (allowed := _allowed(request, headers.get("Allow"))):
+            headers["Allow"] = allowed
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -81,6 +99,7 @@ def create_app(settings: Settings | None = None, backend_factory: Callable[[], B
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(jobs.router)
     web.mount(app)
     app.openapi = lambda: document(app)
     return app

@@ -74,6 +74,28 @@ class DeadlineExceeded(ServiceError):
     code = "deadline_exceeded"
 
 
+class JobNotFound(ServiceError):
+    code = "job_not_found"
+
+
+class JobNotFinished(ServiceError):
+    """409: a job's result was asked for before the job finished."""
+
+    code = "job_not_finished"
+
+
+class JobGone(ServiceError):
+    """410: the job's result expired or the job was cancelled."""
+
+    code = "job_gone"
+
+
+class StorageFull(ServiceError):
+    """507: the jobs directory's cap is reached; live results are never deleted to make room."""
+
+    code = "insufficient_storage"
+
+
 class ClientClosedRequest(ServiceError):
     """Nobody is listening any more; logged and counted as 499, as nginx does."""
 
@@ -86,6 +108,10 @@ STATUS: list[tuple[type[Exception], int, str | None]] = [
     (Unauthorized, 401, None),
     (RequestTimeout, 408, None),
     (ModelNotFound, 404, None),
+    (JobNotFound, 404, None),
+    (JobNotFinished, 409, None),
+    (JobGone, 410, None),
+    (StorageFull, 507, None),
     (NotAcceptable, 406, None),
     (PayloadTooLarge, 413, None),
     (MediaTooLargeError, 413, None),

@@ -22,8 +22,10 @@ from .runtime import Runtime
 
 log = logging.getLogger("atoken.gate")
 
-INFERENCE = frozenset({"/encode", "/tokenize", "/decode", "/reconstruct", "/v1/embeddings"})
+JOB_SUBMIT = frozenset({"/jobs/encode", "/jobs/tokenize", "/jobs/reconstruct"})
+INFERENCE = frozenset({"/encode", "/tokenize", "/decode", "/reconstruct", "/v1/embeddings"}) | JOB_SUBMIT
 PROTECTED = INFERENCE | {"/info", "/v1/models"}
+JOBS_PREFIX = "/jobs/"  # every job route needs the key: jobs belong to it
 OPENAI_PREFIX = "/v1/"  # errors there come in the OpenAI shape
 JSON_TYPES = ("application/json",)
 DISCARD_BYTES = 1 << 20  # a refused body up to this size is read and dropped, see _discard_small_body
@@ -110,7 +112,7 @@ class Gate:
             path, method = scope["path"], scope["method"]
             headers = dict(scope.get("headers") or [])
             try:
-                if path in PROTECTED:
+                if path in PROTECTED or path.startswith(JOBS_PREFIX):
                     check_api_key(headers, settings.keys)
                 if method == "POST":
                     limit = self._body_limit(path, headers)

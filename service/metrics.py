@@ -31,13 +31,21 @@ class Metrics:
         self.inflight = Gauge("atoken_inflight_requests", "Admitted requests not yet answered", registry=r)
         self.dropped = Gauge("atoken_dropped_jobs", "Queued jobs skipped: client gone or deadline passed",
                              registry=r)
+        # The job API (POST /jobs/{op}); "jobs" above are the model queue's units.
+        self.jobs_submitted = Counter("atoken_async_jobs_submitted", "Jobs accepted by POST /jobs/{op}", ["op"],
+                                      registry=r)
+        self.jobs_by_status = Gauge("atoken_async_jobs", "Stored jobs by status", ["status"], registry=r)
+        self.job_tiles = Counter("atoken_async_job_steps", "Tiles (or items) the job API has processed",
+                                 registry=r)
 
     def on_batch(self, size: int, tokens: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.observe(tokens)
         self.batch_seconds.observe(seconds)
 
-    def render(self, scheduler) -> bytes:
+    def render(self, scheduler, job_counts: dict[str, int] | None = None) -> bytes:
+        for status, count in (job_counts or {}).items():
+            self.jobs_by_status.labels(status).set(count)
         self.queue_depth.set(scheduler.queue_depth)
         self.queue_drain.set(scheduler.drain_seconds())
         self.worker_restarts.set(scheduler.restarts)

@@ -27,10 +27,12 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 ERROR_TEXT = {
     400: "Malformed request (body, JSON, arrays)",
     401: "Missing or wrong API key",
-    404: "Unknown model (OpenAI routes)",
+    404: "Unknown model (OpenAI routes) or job (another key's jobs read as unknown)",
     405: "Method not allowed (see the Allow header)",
     406: "The requested representation cannot hold the answer",
     408: "The request body did not arrive in time",
+    409: "The job has not finished yet; retry after Retry-After seconds",
+    410: "The job's result expired or the job was cancelled",
     413: "Over a size limit (bytes, files, pixels, frames, tokens, inflated bytes); `limit` names it",
     415: "Unsupported media type",
     422: "Invalid content or parameters; `limit` names the limit when one applies",
@@ -39,6 +41,7 @@ ERROR_TEXT = {
     500: "A bug: the connection stays usable and the response is counted",
     503: "The model worker is starting or restarting",
     504: "The request's deadline passed",
+    507: "The jobs storage is full; finished results expire or can be deleted",
 }
 INFERENCE_ERRORS = (400, 401, 405, 406, 408, 413, 415, 422, 429, 500, 503, 504)
 
@@ -107,6 +110,22 @@ DECODE_BODY = {"required": True, "content": {
         "items": {"type": "array", "minItems": 1, "items": TOKEN_ITEM}}}},  # at most max_files
     SAFETENSORS: {"schema": BINARY}}}
 
+JOB_JSON = {"type": "object", "required": ["id", "op", "status", "progress", "links"], "properties": {
+    "id": {"type": "string"}, "op": {"type": "string", "enum": ["encode", "tokenize", "reconstruct"]},
+    "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled", "cancelling"]},
+    "progress": {"type": "object", "required": ["done", "total", "unit"], "properties": {
+        "done": {"type": "integer"}, "total": {"type": "integer"}, "unit": {"type": "string"}}},
+    "eta_s": {"type": ["number", "null"]}, "created": {"type": "string"},
+    "started": {"type": ["string", "null"]}, "finished": {"type": ["string", "null"]},
+    "expires": {"type": "string"}, "expired": {"type": "boolean"},
+    "error": {"type": ["object", "null"]},
+    "links": {"type": "object", "properties": {"self": {"type": "string"}, "result": {"type": "string"}}}}}
+JOB_OK = {"description": "The job", "content": {"application/json": {"schema": JOB_JSON}}}
+ANY_RESULT = {**{k: v for path in ("/encode", "/tokenize", "/reconstruct") for k, v in SUCCESS[path].items()},
+              "application/json": {"schema": {"oneOf": [ENCODE_JSON, TOKENIZE_JSON]}}}
+JOB_OPTIONS = tuple(dict.fromkeys(n for path in ("/encode", "/tokenize", "/reconstruct")
+                                  for n in ROUTE_PARAMETERS[path]))
+
 OPERATIONS_GET = {
     "/healthz": ({"application/json": {"schema": {"type": "object", "properties": {
         "status": {"type": "string"}, "worker_alive": {"type": "boolean"}, "restarts": {"type": "integer"},
@@ -162,6 +181,32 @@ def _parameters(path: str) -> list[dict]:
              "description": PARAMETERS[name][1]} for name in ROUTE_PARAMETERS[path]]
 
 
+def _document_jobs(path: str, methods: dict) -> None:
+    security = [{}, {"bearer": []}, {"apiKey": []}]
+    if path == "/jobs/{ref}":
+        op = methods["post"]
+        op["parameters"] = [{"name": "ref", "in": "path", "required": True, "description": "the operation",
+                             "schema": {"type": "string", "enum": ["encode", "tokenize", "reconstruct"]}}] + [
+            {"name": n, "in": "query", "required": False, "schema": PARAMETERS[n][0], "description": PARAMETERS[n][1]}
+            for n in JOB_OPTIONS]
+        op["requestBody"] = UPLOAD_BODY
+        op["responses"] = {"202": {**JOB_OK, "description": "Accepted; Location names the job",
+                                   "headers": {"Location": {"schema": {"type": "string"}}}},
+                           **_errors(INFERENCE_ERRORS + (507,))}
+        for name in ("get", "delete"):
+            methods[name]["parameters"] = [{"name": "ref", "in": "path", "required": True, "description": "a job id",
+                                            "schema": {"type": "string"}}]
+        methods["get"]["responses"] = {"200": JOB_OK, **_errors((401, 404, 405, 500))}
+        methods["delete"]["responses"] = {"200": JOB_OK, "202": {**JOB_OK, "description": "Cancelling"},
+                                          "204": {"description": "Deleted"}, **_errors((401, 404, 405, 500))}
+    elif path == "/jobs/{ref}/result":
+        op = methods["get"]
+        op["responses"] = {"200": {"description": "Exactly the synchronous route's answer", "content": ANY_RESULT},
+                           **_errors(INFERENCE_ERRORS + (404, 409, 410))}
+    for op in methods.values():
+        op["security"] = security
+
+
 def document(app: FastAPI) -> dict:
     if app.openapi_schema:
         return app.openapi_schema
@@ -195,6 +240,8 @@ def document(app: FastAPI) -> dict:
             methods["head"] = {"summary": op.get("summary", "") + " (headers only)", "operationId": "head_v1_models",
                                "responses": {code: {"description": r["description"]}
                                              for code, r in op["responses"].items()}}
+        elif path.startswith("/jobs/"):
+            _document_jobs(path, methods)
         elif path in OPERATIONS_GET:
             content, extra = OPERATIONS_GET[path]
             op = methods["get"]

@@ -38,7 +38,8 @@ def readyz(runtime: Runtime = Depends(get_runtime)):
 @router.get("/metrics", summary="Prometheus metrics")
 def metrics(runtime: Runtime = Depends(get_runtime)):
     runtime.metrics.inflight.set(runtime.inflight)
-    return Response(runtime.metrics.render(runtime.scheduler), media_type="text/plain; version=0.0.4")
+    counts = runtime.jobs.store.counts() if runtime.jobs and runtime.jobs.store else None
+    return Response(runtime.metrics.render(runtime.scheduler, counts), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/info", summary="Model, checkpoint, limits and versions")

@@ -42,7 +42,7 @@ def _status_kb(pid: int, field: str) -> int:
 class ServerProcess:
     def __init__(self, log_dir: Path, **settings):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ATOKEN_")}
-        env.update({"ATOKEN_VARIANT": "tiny", "ATOKEN_DEVICE": "cpu"})
+        env.update({"ATOKEN_VARIANT": "tiny", "ATOKEN_DEVICE": "cpu", "ATOKEN_JOBS_DIR": str(log_dir / "jobs")})
         env.update({f"ATOKEN_{k.upper()}": str(v) for k, v in settings.items()})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

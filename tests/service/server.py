@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 
@@ -16,6 +17,8 @@ class LiveServer:
     def __init__(self, **overrides):
         # Tests serve a randomly initialised tiny model (with a Gaussian decoder) unless told
         # otherwise, so they do not depend on the shipped default.
+        # Each server gets its own jobs directory unless told otherwise (a restart test shares one).
+        overrides.setdefault("jobs_dir", tempfile.mkdtemp(prefix="atoken-jobs-"))
         self.settings = Settings(**{"variant": "tiny", **overrides})
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
