@@ -1,18 +1,18 @@
-"""Command line: serve, or tokenize / encode / reconstruct files without HTTP.
+"""Command line: serve, or tokenize / encode / reconstruct files in-process or on a server.
 
     python -m service serve [--host 127.0.0.1] [--port 8000]
     python -m service tokenize photo.jpg [--tokens discrete] > tokens.json
     python -m service encode photo.jpg clip.mp4
-    python -m service reconstruct photo.jpg -o photo_rec.png
+    python -m service reconstruct long_clip.mp4 -o clip_rec.mp4           # a progress bar per file
+    python -m service reconstruct clip.mp4 --server http://gpu-box:8000    # via the job API
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import logging
 import sys
-from pathlib import Path
 
 from .errors import error_body
 
@@ -29,43 +29,6 @@ def _serve(args, settings) -> None:
                 timeout_graceful_shutdown=int(settings.request_timeout_s) + 10)
 
 
-def _offline(args, settings) -> int:
-    """Run one operation in-process on local files (the same pipeline the HTTP API uses)."""
-    from .outputs import choose_format, render
-    from .pipeline import Options, preprocess, round_trip_psnr, tokens_to_json
-    from .worker.backends import LocalBackend
-    from .worker.jobs import Job
-
-    backend = LocalBackend(settings.model_spec)
-    info = backend.start()
-    options = Options(tokens=args.tokens, format=args.format)
-    items = [preprocess(Path(f).read_bytes(), options, settings.limits) for f in args.files]
-    op = {"encode": "embed", "tokenize": "tokenize", "reconstruct": "reconstruct"}[args.command]
-    jobs = [Job(i, op, mode=args.tokens, batch=item.batch, gaussians=bool(info.get("gaussians")))
-            for i, item in enumerate(items)]
-    results = backend.run(jobs)
-    for r in results:
-        if r.error:
-            print(f"error: {r.error[1]}", file=sys.stderr)
-            return 1
-    if args.command == "encode":
-        print(json.dumps({"items": [{"file": f, "embedding": r.embedding.tolist()}
-                                    for f, r in zip(args.files, results)]}))
-    elif args.command == "tokenize":
-        model = info.get("modes", {}).get(args.tokens, info)  # tokens=discrete may come from a second model
-        print(json.dumps({"model": {"variant": model.get("variant"), "sha256": model.get("sha256")},
-                          "mode": args.tokens, "items": [tokens_to_json(i, item, r.tokens, "base64")
-                                    for i, (item, r) in enumerate(zip(items, results))]}))
-    else:
-        for f, item, r in zip(args.files, items, results):
-            fmt = choose_format(item.kind, args.format, r.gaussians is not None)
-            out = Path(args.output) if args.output and len(args.files) == 1 else Path(f).with_suffix(f".rec.{fmt}")
-            out.write_bytes(render(item.kind, r.tubelets, item.batch.coords, item.media, r.gaussians, fmt))
-            score = round_trip_psnr(item, r)
-            print(f"{f} -> {out}" + (f" (PSNR {score:.2f} dB)" if score is not None else ""))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     from .settings import Settings
 
@@ -75,19 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     for name in ("tokenize", "encode", "reconstruct"):
-        p = sub.add_parser(name, help=f"{name} local files in-process")
+        p = sub.add_parser(name, help=f"{name} local files (in-process, or on --server)")
         p.add_argument("files", nargs="+")
         p.add_argument("--tokens", choices=["continuous", "discrete"], default="continuous")
         p.add_argument("--format", default=None, help="output format (png/jpeg/webp/mp4/webm/ply/npz)")
-        p.add_argument("-o", "--output", default=None)
+        p.add_argument("--fps", type=float, help="video: sample at this rate")
+        p.add_argument("--max-frames", type=int, help="video: at most this many frames")
+        p.add_argument("--start", type=float, help="video: from this time (s)")
+        p.add_argument("--end", type=float, help="video: up to this time (s)")
+        p.add_argument("-o", "--output", default=None, help="reconstruct: the output file (one input)")
+        p.add_argument("--server", help="a running service's URL: submit to its job API and follow progress")
+        p.add_argument("--api-key", help="for --server (or ATOKEN_API_KEY); sent as a header")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                       help="progress bars on stderr (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     if args.command == "serve":
         _serve(args, settings)
         return 0
+    from .cli import RemoteError, run_local, run_remote
+
     try:
-        return _offline(args, settings)
+        return run_remote(args) if args.server else asyncio.run(run_local(args, settings))
+    except RemoteError as exc:
+        print(f"error ({exc.status}): {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001
         status, body, _ = error_body(exc)
         print(f"error ({status}): {body['error']['message']}", file=sys.stderr)

@@ -29,3 +29,34 @@ def test_cli_reports_bad_input(tmp_path):
     bad.write_bytes(b"nope")
     proc = _run("encode", str(bad), tmp_path=tmp_path)
     assert proc.returncode == 2 and "error (415)" in proc.stderr
+
+
+def _frames(path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def test_cli_streams_a_video_with_a_progress_bar(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(assets.clip_with_audio(3))
+    out = tmp_path / "rec.mp4"
+    proc = _run("reconstruct", str(clip), "-o", str(out), "--progress", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _frames(out) == 90 and "6/6" in proc.stderr and "tile/s" in proc.stderr  # 90 frames: 6 tiles
+
+
+def test_cli_follows_a_job_on_a_server(tmp_path):
+    from tests.service.server import LiveServer
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(assets.clip_with_audio(2))
+    out = tmp_path / "rec.mp4"
+    with LiveServer(worker="thread", max_side=128, api_keys="cli-key") as live:
+        proc = _run("reconstruct", str(clip), "-o", str(out), "--server", live.url, "--api-key", "cli-key",
+                    "--progress", tmp_path=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert _frames(out) == 60 and "PSNR" in proc.stdout and "4/4" in proc.stderr
+        refused = _run("encode", str(clip), "--server", live.url, tmp_path=tmp_path)
+        assert refused.returncode == 2 and "error (401)" in refused.stderr
