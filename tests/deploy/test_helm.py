@@ -26,6 +26,8 @@ VALUE_SETS = {
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "apiKeys": {"keys": ["0123456789abcdef0123"]},
+        "jobs": {"volume": "pvc", "pvc": {"claimName": "atoken-jobs"}, "ttlSeconds": 3600},
+        "service": {"sessionAffinity": "ClientIP"},
     },
     "triton-grpc-init": {
         "triton": {"enabled": True, "protocol": "grpc"},
@@ -95,7 +97,8 @@ def test_gpu_checkpoint_hpa_and_secret_wiring():
     pod = _deployment(docs)["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == "atoken-weights"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "atoken-weights"
     cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert cm["ATOKEN_CHECKPOINT"] == "/models/atoken-soc.pt" and cm["ATOKEN_CONFIG"] == "/models/atoken-soc.yaml"
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
@@ -107,6 +110,23 @@ def test_gpu_checkpoint_hpa_and_secret_wiring():
     assert "0123456789abcdef0123" in secret["stringData"]["keys"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["ATOKEN_API_KEY_FILE"] == "/etc/atoken/keys/keys" and env["ATOKEN_DEVICE"] == "cuda"
+
+
+def test_jobs_storage_wiring():
+    default = _deployment(render({}))["spec"]["template"]["spec"]
+    pvc_docs = render(VALUE_SETS["gpu-pvc-autoscaling"])
+    on_pvc = _deployment(pvc_docs)["spec"]["template"]["spec"]
+    for pod in (default, on_pvc):
+        c = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert env["ATOKEN_JOBS_DIR"] == mounts["jobs"] == "/var/lib/atoken/jobs"
+        assert int(env["ATOKEN_JOBS_MAX_BYTES"]) == 2 * 2**30
+    assert {v["name"]: v for v in default["volumes"]}["jobs"]["emptyDir"]["sizeLimit"] == "4Gi"
+    assert {v["name"]: v for v in on_pvc["volumes"]}["jobs"]["persistentVolumeClaim"]["claimName"] == "atoken-jobs"
+    assert {e["name"]: e.get("value") for e in on_pvc["containers"][0]["env"]}["ATOKEN_JOB_TTL_S"] == "3600"
+    service = next(d for d in pvc_docs if d["kind"] == "Service" and not d["metadata"]["name"].endswith("triton"))
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
 
 
 def test_triton_beside_the_front_end():
@@ -127,6 +147,8 @@ def test_triton_beside_the_front_end():
     {"triton": {"protocol": "websocket"}},
     {"config": {"PORT": "8000"}},  # settings must be ATOKEN_*
     {"apiKeys": {"keys": ["short"]}},
+    {"jobs": {"volume": "pvc"}},  # no claim name
+    {"jobs": {"volume": "hostPath"}},
     {"unknownKey": True},
 ])
 def test_bad_values_fail(bad):
