@@ -67,6 +67,33 @@ export async function reconstruct(file, query = "") {
   return { blob: await response.blob(), headers: response.headers };
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Long work through the job API: submit, follow progress, fetch the result (the same bytes and
+// headers /reconstruct answers). `job.cancel()` asks the server to stop at its next tile.
+export function reconstructJob(file, query = "", onProgress = () => {}) {
+  const job = { id: null, cancelled: false };
+  job.cancel = async () => {
+    job.cancelled = true;
+    if (job.id) await call(`/jobs/${job.id}`, { method: "DELETE" }).catch(() => {});
+  };
+  job.done = (async () => {
+    let state = await (await call(`/jobs/reconstruct${query}`, { method: "POST", body: upload(file) })).json();
+    job.id = state.id;
+    if (job.cancelled) await job.cancel();
+    while (state.status === "queued" || state.status === "running") {
+      onProgress(state);
+      await sleep(400);
+      state = await (await call(state.links.self)).json();
+    }
+    onProgress(state);
+    if (state.status === "cancelled") throw new ApiError(410, "cancelled", "cancelled");
+    const response = await call(state.links.result); // a failed job answers its error here
+    return { blob: await response.blob(), headers: response.headers };
+  })();
+  return job;
+}
+
 export async function tokenize(file, query = "") {
   const params = new URLSearchParams(query);
   params.set("array_format", "list");

@@ -51,6 +51,10 @@ function showError(card, err) {
   setStatus(card, "error", "Failed");
   if (err.status === 401) showAuth(err.message);
   if (err.code === "too_large" && card.file.type.startsWith("video/") && !card.query) offerShorterClip(card);
+  if (err.code === "cancelled") {
+    box.hidden = true;
+    setStatus(card, "cancelled", "Cancelled");
+  }
 }
 
 // A clip over the frame limit can still be tried on its first frames, by the user's choice.
@@ -92,7 +96,10 @@ function addDownload(card, url, name, label) {
 
 async function showTokens(card) {
   setStatus(card, "working", "Tokenizing…");
-  const item = await api.tokenize(card.file, card.query);
+  // The picture shows at most 8 latent frames: two tiles of a video are all it needs.
+  const params = new URLSearchParams(card.query);
+  if (card.kind === "video") params.set("max_frames", String(Math.min(32, Number(params.get("max_frames")) || 32)));
+  const item = await api.tokenize(card.file, `?${params}`);
   setFact(card.root, "dims", "Latent width", item.latents ? String(item.latents.shape[1]) : null);
   if (!item.latents || item.kind === "3D") return;
   const frames = tokenFrames(item).slice(0, 8);
@@ -101,11 +108,41 @@ async function showTokens(card) {
   $(".tokens", card.root).hidden = false;
 }
 
+// Videos go through the job API: a progress bar per tile and a cancel button.
+async function reconstructVideo(card) {
+  const bar = $(".progress", card.root);
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.className = "cancel";
+  cancel.textContent = "Cancel";
+  $(".status", card.root).after(cancel);
+  const job = api.reconstructJob(card.file, card.query, (state) => {
+    const { done, total, unit } = state.progress;
+    bar.max = Math.max(total, 1);
+    bar.value = done;
+    const eta = state.eta_s ? `, about ${Math.ceil(state.eta_s)} s left` : "";
+    $(".status", card.root).textContent = state.status === "queued" ? "Queued on the server…"
+      : `Reconstructing: ${done} of ${total} ${unit}${eta}`;
+  });
+  card.cancel = job.cancel;
+  cancel.addEventListener("click", () => {
+    cancel.disabled = true;
+    job.cancel();
+  });
+  try {
+    return await job.done;
+  } finally {
+    cancel.remove();
+    bar.removeAttribute("value");
+  }
+}
+
 async function process(card) {
   setStatus(card, "working", "Reconstructing…");
   try {
     const started = performance.now();
-    const { blob, headers } = await api.reconstruct(card.file, card.query);
+    const isVideo = card.file.type.startsWith("video/");
+    const { blob, headers } = isVideo ? await reconstructVideo(card) : await api.reconstruct(card.file, card.query);
     card.kind = kindOfAnswer(headers);
     $(".kind", card.root).textContent = card.kind;
     describeAnswer(card, headers, blob.size, performance.now() - started);
@@ -128,6 +165,7 @@ async function process(card) {
 
 function removeCard(card) {
   card.stop?.();
+  if (card.state === "working") card.cancel?.();
   card.urls.forEach((url) => URL.revokeObjectURL(url));
   card.root.remove();
   cards.splice(cards.indexOf(card), 1);
