@@ -5,6 +5,8 @@
     python -m service encode photo.jpg clip.mp4
     python -m service reconstruct long_clip.mp4 -o clip_rec.mp4           # a progress bar per file
     python -m service reconstruct clip.mp4 --server http://gpu-box:8000    # via the job API
+    python -m service tokenize-dataset photos/ tokens/ --embeddings         # Parquet shards, resumable
+    python -m service decode tokens/ cats/001.jpg -o check.png              # a row back to media
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ def _serve(args, settings) -> None:
                 timeout_graceful_shutdown=int(settings.request_timeout_s) + 10)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .settings import Settings
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoken", description="AToken inference service")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the HTTP API")
@@ -51,15 +51,43 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--api-key", help="for --server (or ATOKEN_API_KEY); sent as a header")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                        help="progress bars on stderr (default: when stderr is a terminal)")
-    args = parser.parse_args(argv)
+    bulk = sub.add_parser("tokenize-dataset", help="tokenize a dataset into Parquet shards (resumable)")
+    bulk.add_argument("src", help="a folder (recursive, .tar files expand), a list of paths, or a .tar shard")
+    bulk.add_argument("out", help="output folder: part-*.parquet, manifest.json, errors.jsonl")
+    bulk.add_argument("--tokens", choices=["continuous", "discrete"], default="continuous")
+    bulk.add_argument("--embeddings", action="store_true", help="also store the global embedding")
+    bulk.add_argument("--shard-rows", type=int, default=1000, help="inputs per shard")
+    bulk.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="of latents")
+    bulk.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data (RAY_ADDRESS)")
+    bulk.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: all cores)")
+    for flag in ("fps", "start", "end"):
+        bulk.add_argument(f"--{flag}", type=float)
+    bulk.add_argument("--max-frames", type=int)
+    bulk.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+    dec = sub.add_parser("decode", help="turn one row of a tokenized dataset back into media")
+    dec.add_argument("out", help="the tokenize-dataset output folder")
+    dec.add_argument("key", help="the row's key (its input path relative to SRC)")
+    dec.add_argument("-o", "--output", help="file to write (default: <key's name>.rec.<ext>)")
+    dec.add_argument("--format", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .settings import Settings
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     if args.command == "serve":
         _serve(args, settings)
         return 0
-    from .cli import RemoteError, run_local, run_remote
+    from .cli import RemoteError, decode_row, run_dataset, run_local, run_remote
 
     try:
+        if args.command == "tokenize-dataset":
+            return run_dataset(args, settings)
+        if args.command == "decode":
+            return decode_row(args, settings)
         return run_remote(args) if args.server else asyncio.run(run_local(args, settings))
     except RemoteError as exc:
         print(f"error ({exc.status}): {exc}", file=sys.stderr)

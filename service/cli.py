@@ -5,6 +5,7 @@ as the HTTP API, with the model in a thread), or against a running server's job 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -184,3 +185,48 @@ def _raise_for(r) -> None:
         except Exception:  # noqa: BLE001 - not our JSON: show the status line
             message = r.text[:200]
         raise RemoteError(r.status_code, message)
+
+
+# ----------------------------------------------------------------------------- datasets
+def run_dataset(args, settings) -> int:
+    from .bulk.run import RunConfig, tokenize_dataset
+
+    options = {k: str(v) for k, v in {"fps": args.fps, "max_frames": args.max_frames, "start": args.start,
+                                      "end": args.end}.items() if v is not None}
+    cfg = RunConfig(args.src, args.out, args.tokens, args.embeddings, args.shard_rows, args.dtype, options,
+                    args.engine, args.threads, args.progress)
+    summary = tokenize_dataset(cfg, settings)
+    print(f"{summary['items']} inputs in {summary['seconds']:.1f} s ({summary['items_per_s']:.1f} items/s, "
+          f"{summary['tokens_per_s']:.0f} tokens/s): {summary['rows']} rows, {summary['errors']} errors"
+          + (f", {summary['skipped_shards']} finished shards skipped" if summary["skipped_shards"] else ""),
+          file=sys.stderr)
+    return 0
+
+
+def decode_row(args, settings) -> int:
+    """One row of a tokenized dataset -> the media its tokens decode to (a spot check)."""
+    from .bulk.reader import read_rows
+    from .outputs import choose_format, render
+    from .pipeline import tokens_from_json
+    from .worker.backends import LocalBackend
+    from .worker.jobs import Job
+
+    row = next((r for r in read_rows(args.out) if r["key"] == args.key), None)
+    if row is None:
+        raise RemoteError(404, f"no row with key {args.key!r} in {args.out}")
+    backend = LocalBackend(settings.model_spec)
+    info = backend.start()
+    field = "indices" if "indices" in row else "latents"
+    values = row[field].astype("float32") if field == "latents" else row[field]
+    entry = {"kind": row["kind"], "media": row["media"], "coords": row["coords"], field: values}
+    # A spot check on one's own machine may rebuild every frame of a long row at once.
+    limits = dataclasses.replace(settings.limits, max_decode_frames=settings.max_frames)
+    tokens, kind, media = tokens_from_json(entry, 0, limits, info)
+    result = backend.run([Job(0, "decode", tokens=tokens, gaussians=bool(info.get("gaussians")))])[0]
+    if result.error:
+        raise RemoteError(422, result.error[1])
+    fmt = choose_format(kind, args.format, result.gaussians is not None)
+    out = Path(args.output) if args.output else Path(Path(args.key).name).with_suffix(f".rec.{fmt}")
+    out.write_bytes(render(kind, result.tubelets, tokens.coords, media, result.gaussians, fmt))
+    print(f"{args.key} -> {out}")
+    return 0

@@ -96,6 +96,8 @@ class Engine:
                 if job.dense:
                     r.features = enc.features[mask].float().cpu()
                 continue
+            if job.partial:  # a tile of a longer video: its part of the embedding, to merge
+                r.pool_state = enc.pool_state.select(b).to("cpu")
             if discrete[b]:
                 tokens = Tokens(coords, job.batch.kinds, indices=indices[mask].cpu())
             else:

@@ -1,0 +1,163 @@
+"""One shard's work, the same for every engine: inputs -> model jobs (an image or 3D asset is
+one job, a video one job per 16-frame tile) -> batches formed greedily by token cost in input
+order -> rows. Batches depend only on the inputs, never on timing, so a resumed run and the Ray
+engine compute exactly the numbers a single uninterrupted local run computes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from model.layers.attention import PoolState, merge_pool_states
+from model.sparse import SparseBatch
+
+from ..errors import PayloadTooLarge, error_body, from_worker
+from ..media.limits import MediaLimits
+from ..pipeline import Options, preprocess
+from ..streaming import pad_to_tubelets
+from ..worker.jobs import Job, JobResult, pixel_patches
+from .sources import Entry
+
+
+@dataclass
+class Prepared:
+    key: str
+    modality: str
+    kind: str
+    media: dict
+    batches: Iterable[tuple[int, SparseBatch]]  # (frames, job input): one, or a video's tiles (lazy locally)
+    video: bool = False
+
+
+@dataclass
+class Failed:
+    key: str
+    status: int
+    code: str
+    message: str
+
+    def record(self) -> dict:
+        return {"key": self.key, "status": self.status, "code": self.code, "message": self.message}
+
+
+def failure(key: str, exc: BaseException) -> Failed:
+    """The error the HTTP API would have answered for this input."""
+    status, body, _ = error_body(exc) if isinstance(exc, Exception) else (500, {"error": {
+        "code": "internal_error", "message": str(exc)}}, {})
+    return Failed(key, status, body["error"]["code"], body["error"]["message"])
+
+
+def prepare(entry: Entry, options: Options, limits: MediaLimits, lazy: bool = True) -> Prepared | Failed:
+    """Read and pre-process one input (a worker thread's or a Ray task's job)."""
+    try:
+        if entry.size > limits.max_bytes:
+            raise PayloadTooLarge(f"file {entry.key!r} exceeds {limits.max_bytes} bytes", limit=limits.max_bytes)
+        item = preprocess(entry.read(), options, limits)
+        if not item.streamed:
+            return Prepared(entry.key, item.modality, item.kind, item.media, [(1, item.batch)])
+        tiles = ((len(frames), pixel_patches(pad_to_tubelets(frames))) for frames in item.stream.tiles())
+        media = dict(item.media)
+        return Prepared(entry.key, item.modality, item.kind, media, tiles if lazy else list(tiles), video=True)
+    except Exception as exc:  # noqa: BLE001 - a bad input is one line in errors.jsonl
+        return failure(entry.key, exc)
+
+
+@dataclass
+class _Row:
+    prepared: Prepared
+    parts: list[tuple[int, JobResult, Job]] = field(default_factory=list)
+    states: list[PoolState] = field(default_factory=list)
+    failed: Failed | None = None
+    embedding: np.ndarray | None = None
+    frames: int = 0
+
+
+class ShardRunner:
+    """Runs prepared inputs through a backend (`run(jobs) -> results`) in deterministic batches."""
+
+    def __init__(self, backend, mode: str, embeddings: bool, max_batch_tokens: int, value_dtype: np.dtype):
+        self.backend, self.mode, self.embeddings = backend, mode, embeddings
+        self.max_batch_tokens, self.value_dtype = max_batch_tokens, value_dtype
+        self.tokens = 0
+
+    def run(self, prepared: Iterator[Prepared | Failed]) -> tuple[list[dict], list[dict]]:
+        rows: list[_Row | Failed] = []
+        pending: list[tuple[_Row, int, Job]] = []
+        cost, next_id = 0, 0
+        for item in prepared:
+            if isinstance(item, Failed):
+                rows.append(item)
+                continue
+            row = _Row(item)
+            rows.append(row)
+            try:
+                for tile, (frames, batch) in enumerate(item.batches):
+                    row.frames += frames
+                    job = Job(next_id, "tokenize", mode=self.mode, batch=batch, partial=item.video and self.embeddings)
+                    next_id += 1
+                    if pending and cost + job.cost > self.max_batch_tokens:
+                        self._flush(pending)
+                        pending, cost = [], 0
+                    pending.append((row, tile, job))
+                    cost += job.cost
+            except Exception as exc:  # noqa: BLE001 - a video damaged part-way fails alone
+                row.failed = failure(item.key, exc)
+        if pending:
+            self._flush(pending)
+        self._pool([r for r in rows if isinstance(r, _Row) and r.prepared.video and self.embeddings and not r.failed])
+        return self._assemble(rows)
+
+    def _flush(self, pending: list[tuple[_Row, int, Job]]) -> None:
+        results = self.backend.run([job for _, _, job in pending])
+        for (row, tile, job), result in zip(pending, results):
+            if result.error:
+                row.failed = row.failed or failure(row.prepared.key, from_worker(*result.error))
+                continue
+            row.parts.append((tile, result, job))
+            if result.pool_state is not None:
+                row.states.append(result.pool_state)
+            self.tokens += job.num_tokens
+
+    def _pool(self, rows: list[_Row]) -> None:
+        if not rows:
+            return
+        jobs = [Job(-1 - i, "pool", pool_state=merge_pool_states(r.states)) for i, r in enumerate(rows)]
+        for row, result in zip(rows, self.backend.run(jobs)):
+            row.embedding = result.embedding.numpy()
+
+    def _assemble(self, rows: list) -> tuple[list[dict], list[dict]]:
+        out, errors = [], []
+        for row in rows:
+            if isinstance(row, Failed) or row.failed:
+                errors.append((row if isinstance(row, Failed) else row.failed).record())
+                continue
+            coords, values = [], []
+            for tile, result, job in sorted(row.parts, key=lambda p: p[0]):
+                c = job.batch.coords[:, 1:].numpy().astype(np.int32)
+                if row.prepared.video:
+                    c[:, 0] += tile * 4  # tiles count t from their own start
+                coords.append(c)
+                t = result.tokens
+                values.append((t.indices if t.indices is not None else t.latents).numpy())
+            media = dict(row.prepared.media)
+            if row.prepared.video:
+                media["frames"] = row.frames
+            embedding = row.embedding if row.prepared.video else row.parts[0][1].embedding.numpy()
+            out.append({"key": row.prepared.key, "modality": row.prepared.modality, "kind": row.prepared.kind,
+                        "media": media, "coords": np.concatenate(coords),
+                        "values": np.concatenate(values).astype(self.value_dtype), "embedding": embedding})
+        return out, errors
+
+
+def value_dtype(info: dict, mode: str, dtype: str) -> np.dtype:
+    if mode == "discrete":
+        return np.dtype(np.uint16 if (info.get("codebook_size") or 0) <= 2**16 else np.int32)
+    return np.dtype(dtype)
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

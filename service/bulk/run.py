@@ -1,0 +1,212 @@
+"""`atoken tokenize-dataset SRC OUT`: list the inputs, skip finished shards, run the rest on the
+local engine (pre-processing threads feeding the model in this process) or on Ray Data
+(pre-processing tasks, the model in actors), write shards, manifest and errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from ..deps import options_from_raw
+from ..settings import Settings
+from . import schema
+from .output import FORMAT, Output
+from .pipeline import ShardRunner, prepare, torch_threads, value_dtype
+from .sources import Entry, list_inputs
+
+
+@dataclass
+class RunConfig:
+    src: str
+    out: str
+    tokens: str = "continuous"
+    embeddings: bool = False
+    shard_rows: int = 1000
+    dtype: str = "float32"  # of latents: float32 or float16
+    options: dict = field(default_factory=dict)  # the API's sampling options, as text
+    engine: str = "local"
+    threads: int = 0  # torch threads for the model (0: all cores); the same on every engine
+    progress: bool = False
+
+
+def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+    """fn over items in worker threads, at most `window` ahead, results in input order."""
+    futures, it = [], iter(items)
+    for item in it:
+        futures.append(pool.submit(fn, item))
+        if len(futures) >= window:
+            break
+    while futures:
+        result = futures.pop(0).result()
+        nxt = next(it, None)
+        if nxt is not None:
+            futures.append(pool.submit(fn, nxt))
+        yield result
+
+
+def tokenize_dataset(cfg: RunConfig, settings: Settings | None = None) -> dict:
+    settings = settings or Settings()
+    options = options_from_raw(cfg.options)
+    if cfg.dtype not in ("float32", "float16"):
+        raise ValueError("--dtype must be float32 or float16")
+    entries = list_inputs(cfg.src)
+    shards = [entries[i:i + cfg.shard_rows] for i in range(0, len(entries), cfg.shard_rows)] or [[]]
+    threads = cfg.threads or os.cpu_count() or 1
+    engine = (RayEngine if cfg.engine == "ray" else LocalEngine)(settings, cfg, options, threads)
+    info = engine.start()
+    model = {**info, **info.get("modes", {}).get(cfg.tokens, {})}  # widths at the top, identity per mode
+    header = {"format": FORMAT, "source": os.path.abspath(cfg.src), "inputs": len(entries),
+              "model": {"variant": model.get("variant"), "sha256": model.get("sha256"), "card": model.get("card")},
+              "options": {"tokens": cfg.tokens, "embeddings": cfg.embeddings, "shard_rows": cfg.shard_rows,
+                          "dtype": cfg.dtype, **{k: str(v) for k, v in sorted(cfg.options.items())}}}
+    out = Output(cfg.out, header)
+    width = model.get("num_codebooks") if cfg.tokens == "discrete" else model.get("latent_channels")
+    dtype = value_dtype(model, cfg.tokens, cfg.dtype)
+    table_schema = schema.schema(cfg.tokens, int(width), cfg.dtype, model.get("embed_dim") if cfg.embeddings else None,
+                                 str(dtype))
+    todo = [k for k in range(len(shards)) if not out.done(k)]
+    done_items = sum(len(shards[k]) for k in range(len(shards)) if k not in todo)
+    bar = tqdm(total=len(entries), initial=done_items, unit="item", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True, desc="tokenize")
+    start, items, tokens, failed = time.monotonic(), 0, 0, 0
+    try:
+        for k, rows, errors, shard_tokens in engine.run(todo, shards, str(dtype), bar):
+            out.write_shard(k, schema.table(rows, table_schema), errors)
+            out.finish(len(shards))
+            items, tokens, failed = items + len(shards[k]), tokens + shard_tokens, failed + len(errors)
+            elapsed = max(time.monotonic() - start, 1e-9)
+            bar.set_postfix(tokens_per_s=f"{tokens / elapsed:.0f}", errors=failed)
+    finally:
+        bar.close()
+        engine.stop()
+    manifest = out.finish(len(shards))
+    elapsed = time.monotonic() - start
+    return {"items": items, "rows": manifest["rows"], "errors": manifest["errors"], "skipped_shards": len(shards) - len(todo),
+            "seconds": elapsed, "items_per_s": items / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+
+class LocalEngine:
+    """Pre-processing threads keep the next inputs ready while the model runs this batch."""
+
+    def __init__(self, settings: Settings, cfg: RunConfig, options, threads: int):
+        from ..worker.backends import LocalBackend
+
+        self.settings, self.cfg, self.options, self.threads = settings, cfg, options, threads
+        self.backend = LocalBackend(settings.model_spec)
+        self.pool = ThreadPoolExecutor(max(2, threads), thread_name_prefix="atoken-bulk")
+
+    def start(self) -> dict:
+        torch_threads(self.threads)
+        return self.backend.start()
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def run(self, todo: list[int], shards: list[list[Entry]], dtype: str, bar):
+        limits = self.settings.limits
+        for k in todo:
+            runner = ShardRunner(self.backend, self.cfg.tokens, self.cfg.embeddings, self.settings.max_batch_tokens,
+                                 _np_dtype(dtype))
+            prepared = _ordered(self.pool, lambda e: prepare(e, self.options, limits, lazy=True), shards[k],
+                                window=2 * self.threads + 2)
+            rows, errors = runner.run(_ticking(prepared, bar))
+            yield k, rows, errors, runner.tokens
+
+
+def _ticking(items: Iterator, bar) -> Iterator:
+    for item in items:
+        yield item
+        bar.update(1)
+
+
+def _np_dtype(name: str):
+    import numpy as np
+
+    return np.dtype(name)
+
+
+# ----------------------------------------------------------------------------- Ray Data
+class RayEngine:
+    """Ray Data: a dataset of shards; pre-processing in parallel tasks (`map`), the model in a
+    class-based `map_batches` stage held by actors (`num_gpus` each on GPU nodes), rows back to
+    the driver, which writes shards, manifest and errors exactly as the local engine does."""
+
+    def __init__(self, settings: Settings, cfg: RunConfig, options, threads: int):
+        self.settings, self.cfg, self.options, self.threads = settings, cfg, options, threads
+        self.started_ray = False
+
+    def start(self) -> dict:
+        import ray
+
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     **({} if address else {"num_cpus": os.cpu_count()}))
+            self.started_ray = True
+        spec = self.settings.model_spec
+        return ray.get(ray.remote(num_gpus=1 if spec.device.startswith("cuda") else 0)(_describe).remote(spec))
+
+    def stop(self) -> None:
+        import ray
+
+        if self.started_ray:
+            ray.shutdown()
+
+    def run(self, todo: list[int], shards: list[list[Entry]], dtype: str, bar):
+        import ray
+
+        if not todo:
+            return
+        spec, limits, cfg = self.settings.model_spec, self.settings.limits, self.cfg
+        gpu = spec.device.startswith("cuda")
+        ds = ray.data.from_items([{"shard": k, "entries": shards[k]} for k in todo], override_num_blocks=len(todo))
+        ds = ds.map(_prepare_shard, fn_kwargs={"options": self.options, "limits": limits}, num_cpus=1)
+        ds = ds.map_batches(_RayModel, batch_size=1, concurrency=1, num_gpus=1 if gpu else 0, num_cpus=1,
+                            fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
+                                                   "max_batch_tokens": self.settings.max_batch_tokens,
+                                                   "dtype": dtype, "threads": self.threads})
+        for row in ds.iter_rows():
+            k = int(row["shard"])
+            rows, errors, tokens = pickle.loads(row["result"])
+            bar.update(len(shards[k]))
+            yield k, rows, errors, tokens
+
+
+def _prepare_shard(item: dict, options, limits) -> dict:
+    """A Ray task: one shard's inputs read and cut into model inputs (pickled: tensors inside)."""
+    prepared = [prepare(e, options, limits, lazy=False) for e in item["entries"]]
+    return {"shard": item["shard"], "prepared": pickle.dumps(prepared)}
+
+
+class _RayModel:
+    """The model, loaded once per actor; runs one shard's prepared inputs per call."""
+
+    def __init__(self, spec, mode: str, embeddings: bool, max_batch_tokens: int, dtype: str, threads: int):
+        from ..worker.backends import LocalBackend
+
+        torch_threads(threads)
+        self.backend = LocalBackend(spec)
+        self.backend.start()
+        self.args = (mode, embeddings, max_batch_tokens, _np_dtype(dtype))
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"shard": [], "result": []}
+        for shard, prepared in zip(batch["shard"], batch["prepared"]):
+            runner = ShardRunner(self.backend, *self.args)
+            rows, errors = runner.run(iter(pickle.loads(prepared)))
+            out["shard"].append(int(shard))
+            out["result"].append(pickle.dumps((rows, errors, runner.tokens)))
+        return out
+
+
+def _describe(spec) -> dict:
+    from ..worker.backends import LocalBackend
+
+    return LocalBackend(spec).start()

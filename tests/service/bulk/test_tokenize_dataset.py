@@ -1,0 +1,156 @@
+"""`atoken tokenize-dataset` on a generated mixed folder: rows and errors, resumption, the Ray
+engine against the local one, the reader across workers, and `atoken decode`."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from service.bulk.reader import TokenShards, read_rows
+from service.bulk.run import RunConfig, tokenize_dataset
+from service.settings import Settings
+from tests import assets
+from tests.conftest import ROOT
+
+SETTINGS = dict(variant="tiny", max_side=128, worker="thread")
+CORRUPT = {"broken/truncated.png", "broken/noise.jpg", "broken/notes.png"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "images").mkdir()
+    for name in ("chelsea.png", "coffee.png", "camera.png", "rocket.jpg"):
+        (root / "images" / name).write_bytes(assets.image(name).read_bytes())
+    Image.open(assets.image("astronaut.png")).resize((96, 40)).save(root / "images" / "wide.png")
+    (root / "videos").mkdir()
+    (root / "videos" / "talk.mp4").write_bytes(assets.clip_with_audio(1.5))
+    (root / "videos" / "phone.mp4").write_bytes(assets.video("carphone_pristine.mp4").read_bytes())
+    (root / "meshes").mkdir()
+    for name in ("sphere.ply", "ant.ply"):
+        (root / "meshes" / name).write_bytes(assets.mesh(name).read_bytes())
+    (root / "broken").mkdir()
+    (root / "broken" / "truncated.png").write_bytes(assets.image("chelsea.png").read_bytes()[:300])
+    (root / "broken" / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    (root / "broken" / "notes.png").write_text("not a picture")
+    return root
+
+
+def _run(src, out, variant="tiny", **kw):
+    cfg = RunConfig(str(src), str(out), shard_rows=kw.pop("shard_rows", 4), threads=2, **kw)
+    return tokenize_dataset(cfg, Settings(**{**SETTINGS, "variant": variant}))
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def clean(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean")
+    _run(dataset, out, embeddings=True)
+    return out
+
+
+def test_rows_errors_and_manifest(dataset, clean):
+    manifest = json.loads((clean / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["inputs"] == 12 and manifest["rows"] == 8 and manifest["errors"] == 4
+    assert manifest["model"]["variant"] == "tiny" and manifest["options"]["embeddings"] is True
+    for shard in manifest["shards"]:
+        assert pq.ParquetFile(clean / shard["file"]).metadata.num_rows == shard["rows"]
+    errors = [json.loads(line) for line in (clean / "errors.jsonl").read_text().splitlines()]
+    # Corrupt and unsupported files, and a mesh over the voxel limit, each one line (as the API says).
+    assert {e["key"] for e in errors} == CORRUPT | {"meshes/sphere.ply"}
+    assert {e["status"] for e in errors} == {413, 415, 422} and all(e["message"] for e in errors)
+    rows = {r["key"]: r for r in read_rows(clean)}
+    assert set(rows) == {"images/chelsea.png", "images/coffee.png", "images/camera.png", "images/rocket.jpg",
+                         "images/wide.png", "videos/talk.mp4", "videos/phone.mp4", "meshes/ant.ply"}
+    talk = rows["videos/talk.mp4"]
+    assert talk["kind"] == "video" and talk["media"]["frames"] == 45
+    assert talk["coords"].shape == (talk["num_tokens"], 4) and talk["latents"].shape[0] == talk["num_tokens"]
+    assert talk["coords"][:, 0].max() == 11  # 45 frames: 12 latent frames over 3 tiles
+    assert np.isclose(np.linalg.norm(talk["embedding"]), 1, atol=1e-4)
+    assert rows["meshes/ant.ply"]["kind"] == "3D"
+
+
+def test_rows_equal_the_http_api(dataset, clean):
+    """The same tokens the API gives for each input (same model, same options)."""
+    from tests.service.server import LiveServer
+
+    rows = {r["key"]: r for r in read_rows(clean)}
+    with LiveServer(**SETTINGS) as live, live.client() as c:
+        for key in ("images/coffee.png", "videos/talk.mp4"):
+            doc = c.post("/tokenize?array_format=list", files={"file": (key, (dataset / key).read_bytes())}).json()
+            item = doc["items"][0]
+            np.testing.assert_allclose(np.array(item["latents"]["data"], np.float32), rows[key]["latents"],
+                                       rtol=1e-4, atol=1e-5)
+            assert np.array_equal(np.array(item["coords"]["data"]), rows[key]["coords"])
+            emb = c.post("/encode", files={"file": (key, (dataset / key).read_bytes())}).json()["items"][0]
+            np.testing.assert_allclose(emb["embedding"], rows[key]["embedding"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_run_resumes_to_identical_files(dataset, clean, tmp_path):
+    out = tmp_path / "resumed"
+    _run(dataset, out, embeddings=True)
+    first = _files(out)
+    # A run killed after two shards: later shards gone, a half-written shard left behind.
+    for name in list(first):
+        if name.startswith(("part-00002", "part-00003")) or name in ("manifest.json", "errors.jsonl"):
+            (out / name).unlink()
+    (out / ".part-00002.parquet.tmp").write_bytes(b"half a shard")
+    summary = _run(dataset, out, embeddings=True)
+    assert summary["skipped_shards"] == 2
+    assert _files(out) == first == _files(clean)
+    with pytest.raises(ValueError, match="other options"):
+        _run(dataset, out, embeddings=False)
+
+
+def test_the_ray_engine_writes_what_the_local_engine_writes(dataset, clean, tmp_path):
+    out = tmp_path / "ray"
+    summary = _run(dataset, out, embeddings=True, engine="ray")
+    assert summary["rows"] == 8
+    assert _files(out) == _files(clean)
+
+
+def test_the_reader_yields_every_row_once_across_two_workers(clean):
+    loader = torch.utils.data.DataLoader(TokenShards(clean), batch_size=None, num_workers=2)
+    keys = [row["key"] for row in loader]
+    assert sorted(keys) == sorted(r["key"] for r in read_rows(clean, columns=["key"])) and len(set(keys)) == 8
+    ranks = [[r["key"] for r in TokenShards(clean, rank=k, world_size=2)] for k in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 8
+
+
+def test_tar_shards_float16_discrete_and_decode_a_row(dataset, tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("images/chelsea.png", "images/wide.png"):
+            tar.add(dataset / key, arcname=Path(key).name)
+        caption = b'{"caption": "a cat"}'
+        info = tarfile.TarInfo("chelsea.json")
+        info.size = len(caption)
+        tar.addfile(info, io.BytesIO(caption))
+    out = tmp_path / "tar"
+    _run(shard, out, tokens="continuous", dtype="float16")
+    rows = list(read_rows(out))
+    assert [r["key"] for r in rows] == ["shard-000.tar/chelsea.png", "shard-000.tar/wide.png"]
+    assert rows[0]["latents"].dtype == np.float16
+    _run(shard, tmp_path / "discrete", variant="tiny-d", tokens="discrete")
+    coded = next(read_rows(tmp_path / "discrete"))
+    assert "latents" not in coded and coded["indices"].dtype == np.uint16
+    assert coded["indices"].shape[0] == coded["num_tokens"] and coded["indices"].max() < 4096
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ATOKEN_VARIANT": "tiny", "ATOKEN_MAX_SIDE": "128"}
+    picture = tmp_path / "check.png"
+    proc = subprocess.run([sys.executable, "-m", "service", "decode", str(out), "shard-000.tar/chelsea.png",
+                           "-o", str(picture)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(picture).size == Image.open(dataset / "images" / "chelsea.png").size
