@@ -12,6 +12,7 @@ target "cuda" {
   args = {
     TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
     TORCH_SPEC  = "torch>=2.7,<3"
+    EXTRAS      = "ray"
   }
   tags = ["atoken-serve:cuda"]
 }
