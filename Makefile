@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload bench-long-video train-default train-discrete eval clean
+.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload bench-long-video bench-bulk train-default train-discrete eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench-overload: venv
 
 bench-long-video: venv
 	$(PY) benchmarks/bench_long_video.py --out docs/benchmarks/long_video.md
+
+bench-bulk: venv
+	$(PY) benchmarks/bench_bulk.py --out docs/benchmarks/bulk.md
 
 # The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
 # 1. images from the PCA warm start with the context decoder (neighbour heads carrying the

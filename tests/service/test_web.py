@@ -205,12 +205,19 @@ def test_mesh_shows_gaussians_in_an_orbiting_splat_viewer(live, browser, shots):
     assert page.console_errors == []
 
 
+def _video_job(page: Page, folder: Path, seconds: float):
+    """Upload a clip with sound; returns it and its card's cancel button once its job runs."""
+    clip = folder / f"clip{seconds:g}s.mp4"
+    clip.write_bytes(assets.clip_with_audio(seconds))
+    page.upload(clip)
+    cancel = page.card(clip.name).locator("button.cancel")
+    cancel.wait_for(timeout=WAIT_MS)
+    return clip, cancel
+
+
 def test_a_video_goes_through_the_job_api_with_progress_and_plays_in_sync(live, browser, shots, tmp_path):
     page = Page(browser, live.url)
-    clip = tmp_path / "talk.mp4"
-    clip.write_bytes(assets.clip_with_audio(8))
-    page.upload(clip)
-    page.card(clip.name).locator("button.cancel").wait_for(timeout=WAIT_MS)  # the job is running
+    clip, _ = _video_job(page, tmp_path, 8)
     page.tab.wait_for_selector(".item[data-state=done]", timeout=WAIT_MS)
     submitted = page.answer("/jobs/reconstruct")
     assert submitted.status == 202
@@ -230,11 +237,7 @@ def test_a_video_goes_through_the_job_api_with_progress_and_plays_in_sync(live, 
 
 def test_a_long_video_can_be_cancelled_from_the_page(live, browser, shots, tmp_path):
     page = Page(browser, live.url)
-    clip = tmp_path / "long.mp4"
-    clip.write_bytes(assets.clip_with_audio(60))
-    page.upload(clip)
-    cancel = page.card(clip.name).locator("button.cancel")
-    cancel.wait_for(timeout=WAIT_MS)
+    _, cancel = _video_job(page, tmp_path, 60)
     page.tab.wait_for_function("() => /[1-9][0-9]* of [0-9]+ tiles/.test(document.querySelector('.item .status').textContent)")
     page.shot(shots, "06-video-progress")
     cancel.click()
