@@ -13,7 +13,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -113,10 +112,10 @@ def write(path: str, rows, idle, busy, state, sizes) -> None:
         "",
         "Peak RSS growth is measured from /proc (VmHWM, reset before each request) over the server and "
         "its model worker. Decoded frames never accumulate: only the tiles in flight (two ahead of the one "
-        "being written) exist at once, whatever the length. What still grows with the clip is the upload "
-        "itself: the compressed file is held in memory once while it is processed (bounded by "
-        "`ATOKEN_MAX_UPLOAD_BYTES`, 64 MiB by default; raised here to send the 5-minute clip). Reading "
-        "uploads from their spooled temporary file instead is the next step.",
+        "being written) exist at once, whatever the length. The upload stays on disk (a file over 1 MiB is "
+        "spooled into a file of its own and the decoder reads it from there) and the reconstruction is muxed "
+        "into a temporary file, so the compressed bytes are not held in memory either. "
+        "`ATOKEN_MAX_UPLOAD_BYTES` is raised here (64 MiB by default) to send the 5-minute clip.",
         "",
         f"## Image requests while a {max(s for s, _ in rows)} s video job runs",
         "",

@@ -14,6 +14,7 @@ from .budget import MAX_FPS, parse_json
 from .errors import BadRequest, InvalidParameter, PayloadTooLarge
 from .fetch import check_url, fetch
 from .pipeline import Options
+from .uploads import SPILL_BYTES, release, spill, spill_stream
 from .runtime import Runtime
 
 OUTPUT_FORMATS = {"png", "jpeg", "jpg", "webp", "mp4", "webm", "ply", "npz"}
@@ -27,6 +28,15 @@ def get_runtime(request: Request) -> Runtime:
 
 async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes], dict[str, str]]:
     """Media bytes from multipart `file` fields, JSON `urls`, or the raw body; plus form options."""
+    uploads: list = []
+    try:
+        return await _read_uploads(request, runtime, uploads)
+    except BaseException:
+        release(uploads)  # files spilled to disk before the failure
+        raise
+
+
+async def _read_uploads(request: Request, runtime: Runtime, uploads: list) -> tuple[list, dict[str, str]]:
     settings = runtime.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, str] = {}
@@ -37,10 +47,12 @@ async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes],
         stray = [k for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "file"]
         if stray:
             raise BadRequest(f"upload files in the form field 'file' (got {stray})")
-        uploads = []
         for f in files:
             if not isinstance(f, UploadFile):
                 raise BadRequest("the form field 'file' must hold a file")
+            if f.size is not None and f.size > SPILL_BYTES:  # already on disk: keep it there
+                uploads.append(await runtime.preprocess_light(spill, f.file, settings.max_upload_bytes, f.filename))
+                continue
             data = await f.read(settings.max_upload_bytes + 1)
             if len(data) > settings.max_upload_bytes:
                 raise PayloadTooLarge(f"file {f.filename!r} exceeds {settings.max_upload_bytes} bytes",
@@ -59,9 +71,13 @@ async def read_uploads(request: Request, runtime: Runtime) -> tuple[list[bytes],
                                   limit=settings.max_files)
         fields = {k: str(v) for k, v in body.items() if k in OPTION_NAMES}
         checked = [check_url(url, settings.allow_url_fetch, settings.allowlist) for url in urls]
-        uploads = [await fetch(url, settings.max_upload_bytes, settings.fetch_timeout_s) for url in checked]
+        uploads += [await fetch(url, settings.max_upload_bytes, settings.fetch_timeout_s) for url in checked]
     else:
-        uploads = [await request.body()]
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > SPILL_BYTES:
+            uploads.append(await spill_stream(request.stream(), settings.max_upload_bytes))
+        else:
+            uploads.append(await request.body())
     if not uploads or all(len(u) == 0 for u in uploads):
         raise BadRequest("no media: send multipart field 'file' or the raw bytes as the body")
     if len(uploads) > settings.max_files:

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import sqlite3
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from .errors import JobNotFound, Overloaded, StorageFull, error_body
+from .uploads import SPILL_BYTES, DiskUpload
 
 log = logging.getLogger("atoken.jobs")
 
@@ -120,7 +120,10 @@ class JobStore:
             raise Overloaded(f"{queued} jobs queued or running", limit=self.config.max_queued, retry_after=30)
         job_id = secrets.token_urlsafe(12)
         for k, data in enumerate(uploads):
-            self.input_path(job_id, k).write_bytes(data)
+            if isinstance(data, DiskUpload):
+                shutil.move(data.path, self.input_path(job_id, k))  # on disk already: no copy in memory
+            else:
+                self.input_path(job_id, k).write_bytes(data)
         now = time.time()
         self._exec("INSERT INTO jobs (id, owner, op, status, created, expires, request, inputs, input_bytes, total, "
                    "unit) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
@@ -134,8 +137,14 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r}")
         return dict(rows[0])
 
-    def load_inputs(self, job: dict) -> list[bytes]:
-        return [self.input_path(job["id"], k).read_bytes() for k in range(job["inputs"])]
+    def load_inputs(self, job: dict) -> list:
+        """Small inputs as bytes; large ones stay files (the store deletes them, not the reader)."""
+        out = []
+        for k in range(job["inputs"]):
+            path = self.input_path(job["id"], k)
+            size = path.stat().st_size
+            out.append(DiskUpload(str(path), size, owned=False) if size > SPILL_BYTES else path.read_bytes())
+        return out
 
     def set_running(self, job_id: str, total: int, unit: str) -> None:
         self._exec("UPDATE jobs SET status = 'running', started = ?, total = ?, unit = ? WHERE id = ?",

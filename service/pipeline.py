@@ -24,6 +24,7 @@ from .media.detect import sniff
 from .media.errors import UnsupportedMediaError
 from .media.limits import MediaLimits
 from .media.volume import load_npz
+from .uploads import DiskUpload, Upload
 from .worker.jobs import JobResult, pixel_patches
 
 Modality = Literal["image", "video", "mesh", "volume"]
@@ -49,7 +50,7 @@ class VideoSource:
     """A video item read tile by tile when it runs (service.streaming): the upload's bytes and
     the plan made from its header; its frames never all exist at once."""
 
-    data: bytes
+    data: bytes | str  # the upload, or the path of the file it is kept in
     plan: vid.VideoPlan
 
     def tiles(self) -> Iterator[np.ndarray]:
@@ -77,8 +78,13 @@ class Item:
         return self.stream is not None
 
 
-def preprocess(data: bytes, options: Options, limits: MediaLimits) -> Item:
-    """Upload bytes -> one model item. Modality comes from the content, never the file name."""
+def preprocess(data: Upload, options: Options, limits: MediaLimits) -> Item:
+    """Upload bytes (or a large upload's file) -> one model item. Modality comes from the
+    content, never the file name. A video on disk is read from there, tile by tile."""
+    if isinstance(data, DiskUpload):
+        if data.looks_like_video():
+            return _video_item(data.path, options, limits)
+        data = data.read()
     if not data:
         raise BadRequest("empty upload")
     try:
@@ -114,7 +120,7 @@ def _image_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
     return Item("image", "image", batch, media, model_pixels[None])
 
 
-def _video_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
+def _video_item(data: bytes | str, options: Options, limits: MediaLimits) -> Item:
     """Only the header is read here: frames are decoded tile by tile when the item runs."""
     sampling = vid.Sampling(options.fps, options.max_frames, options.start, options.end)
     plan = vid.plan_video(data, limits, sampling)

@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .pipeline import Item, Options, preprocess
 from .scheduler import Scheduler
 from .settings import Settings
+from .uploads import DiskUpload
 from .worker.backends import Backend, LocalBackend, ProcessBackend
 from .worker.jobs import Job, JobResult
 
@@ -142,7 +143,9 @@ class Runtime:
                 raise r
         return list(results)
 
-    def _pool_for(self, data: bytes) -> ThreadPoolExecutor:
+    def _pool_for(self, data) -> ThreadPoolExecutor:
+        if isinstance(data, DiskUpload):
+            return self.heavy_pool if data.looks_like_video() else self.light_pool
         try:
             modality, fmt = sniff(data)
         except MediaError:

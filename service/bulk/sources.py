@@ -8,6 +8,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..uploads import SPILL_BYTES, DiskUpload
+
 # WebDataset keeps labels and captions beside each sample; they are not media.
 SIDECARS = {".json", ".txt", ".cls", ".csv", ".md", ".yaml", ".yml"}
 
@@ -19,8 +21,11 @@ class Entry:
     member: str | None = None
     size: int = 0
 
-    def read(self) -> bytes:
+    def read(self):
+        """Bytes, or for a large plain file the file itself (a video is then decoded from disk)."""
         if self.member is None:
+            if self.size > SPILL_BYTES:
+                return DiskUpload(self.path, self.size, owned=False)
             return Path(self.path).read_bytes()
         with tarfile.open(self.path) as tar:
             handle = tar.extractfile(self.member)

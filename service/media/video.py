@@ -6,6 +6,7 @@ with the source's audio copied (`VideoWriter`)."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
@@ -55,17 +56,28 @@ class DecodedVideo:
     resize: Resize
 
 
-def _open(data: bytes) -> av.container.InputContainer:
+Source = bytes | str  # the file's bytes, or its path (a large upload kept on disk)
+
+
+def _open(data: Source) -> av.container.InputContainer:
     try:
-        return av.open(BytesIO(data), mode="r")
+        return av.open(data if isinstance(data, str) else BytesIO(data), mode="r")
     except (av.error.FFmpegError, ValueError) as exc:
         raise CorruptMediaError(f"cannot open video: {exc}") from None
 
 
-def probe_video(data: bytes, limits: MediaLimits = MediaLimits()) -> VideoInfo:
+def _size_and_head(data: Source) -> tuple[int, bytes]:
+    if isinstance(data, str):
+        with open(data, "rb") as f:
+            return os.path.getsize(data), f.read(4096)
+    return len(data), data
+
+
+def probe_video(data: Source, limits: MediaLimits = MediaLimits()) -> VideoInfo:
     """Container, codec, size, fps, duration and frame count; limits checked here."""
-    check_limit("upload", len(data), limits.max_bytes, "bytes")
-    modality, fmt = sniff(data)
+    size, head = _size_and_head(data)
+    check_limit("upload", size, limits.max_bytes, "bytes")
+    modality, fmt = sniff(head)
     if modality != "video" or fmt not in VIDEO_FORMATS:
         raise UnsupportedMediaError(f"expected a video, got {modality} ({fmt})")
     with _open(data) as container:
@@ -112,7 +124,7 @@ class VideoPlan:
         return max(1, math.ceil(self.expected / TILE))
 
 
-def plan_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sampling = Sampling()) -> VideoPlan:
+def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Sampling = Sampling()) -> VideoPlan:
     info = probe_video(data, limits)
     plan = plan_resize(info.height, info.width, limits)
     cap = min(limits.max_frames, sampling.max_frames or limits.max_frames)
@@ -131,7 +143,7 @@ def plan_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sampl
     return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected)
 
 
-def iter_frames(data: bytes, plan: VideoPlan) -> Iterator[np.ndarray]:
+def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
     """The sampled frames, uint8 [h, w, 3] at the model size, one at a time. A decoding error,
     or a stream that ends well before what its container declares, raises CorruptMediaError
     naming the frame and time where it happened: a damaged file is never half-returned."""
@@ -232,7 +244,7 @@ class VideoWriter:
     the source's first audio stream copied packet by packet (no re-encoding), trimmed to the
     span the frames cover. Memory stays at one frame and the encoder's look-ahead."""
 
-    def __init__(self, path: str, fps: float, fmt: str = "mp4", audio_source: bytes | None = None,
+    def __init__(self, path: str, fps: float, fmt: str = "mp4", audio_source: Source | None = None,
                  start_s: float = 0.0, crf: int = 18):
         fmt = fmt.lower()
         if fmt not in ("mp4", "webm"):
@@ -255,7 +267,7 @@ class VideoWriter:
         if audio_source is not None:
             self._open_audio(audio_source)
 
-    def _open_audio(self, data: bytes) -> None:
+    def _open_audio(self, data: Source) -> None:
         source = _open(data)
         if not source.streams.audio:
             source.close()

@@ -15,17 +15,23 @@ from ..deps import get_runtime, is_safetensors, parse_options, read_json, read_u
 from ..errors import BadRequest, PayloadTooLarge
 from ..pipeline import tokens_from_json
 from ..runtime import Runtime, wait_disconnect
+from ..uploads import release
 from ..worker.jobs import Job
 
 router = APIRouter(tags=["inference"])
 
 
-async def _items(request: Request, runtime: Runtime):
+async def _answer(request: Request, runtime: Runtime, operation) -> Response:
+    """Uploads -> items -> `operation(items, options, raw)`; large uploads kept on disk are
+    deleted once the operation is done (its answer is a separate file or bytes)."""
     uploads, fields = await read_uploads(request, runtime)
-    options, raw = parse_options(request, fields)
-    items = await runtime.preprocess_all(uploads, options)
-    request.state.modality = ",".join(sorted({i.modality for i in items}))
-    return items, options, raw
+    try:
+        options, raw = parse_options(request, fields)
+        items = await runtime.preprocess_all(uploads, options)
+        request.state.modality = ",".join(sorted({i.modality for i in items}))
+        return send(await operation(items, options, raw))
+    finally:
+        release(uploads)
 
 
 def _call(request: Request) -> ops.Call:
@@ -44,20 +50,20 @@ def send(answer: ops.Answer) -> Response:
 
 @router.post("/encode", summary="Global L2-normalised embedding per item")
 async def encode(request: Request, runtime: Runtime = Depends(get_runtime)):
-    items, options, raw = await _items(request, runtime)
-    return send(await ops.encode(runtime, items, options, raw, _call(request)))
+    return await _answer(request, runtime, lambda items, options, raw: ops.encode(runtime, items, options, raw,
+                                                                                    _call(request)))
 
 
 @router.post("/tokenize", summary="Continuous latents or discrete FSQ indices with 4D coords")
 async def tokenize(request: Request, runtime: Runtime = Depends(get_runtime)):
-    items, options, _ = await _items(request, runtime)
-    return send(await ops.tokenize(runtime, items, options, _call(request)))
+    return await _answer(request, runtime, lambda items, options, _: ops.tokenize(runtime, items, options,
+                                                                                  _call(request)))
 
 
 @router.post("/reconstruct", summary="Media in, its reconstruction out (PNG / MP4 / PLY)")
 async def reconstruct(request: Request, runtime: Runtime = Depends(get_runtime)):
-    items, options, _ = await _items(request, runtime)
-    return send(await ops.reconstruct(runtime, items, options, _call(request)))
+    return await _answer(request, runtime, lambda items, options, _: ops.reconstruct(runtime, items, options,
+                                                                                     _call(request)))
 
 
 @router.post("/decode", summary="Tokens (as /tokenize returned them) back to media")

@@ -13,6 +13,7 @@ from ..deps import get_runtime, options_from_raw, parse_options, read_uploads
 from ..errors import InvalidParameter, JobGone, JobNotFinished
 from ..jobs import OPS, JobRunner, JobStore, describe, owner_of
 from ..runtime import Runtime
+from ..uploads import release
 
 router = APIRouter(tags=["jobs"])
 
@@ -42,17 +43,20 @@ async def submit(ref: str, request: Request, runtime: Runtime = Depends(get_runt
     if op not in OPS:
         raise InvalidParameter(f"POST /jobs/{{op}} takes op = {', '.join(OPS)}; got {op!r}")
     uploads, fields = await read_uploads(request, runtime)
-    options, raw = parse_options(request, fields)
-    # Refuse bad input now, not minutes later: headers are read and limits checked (a video's
-    # frames are not decoded here; that happens tile by tile when the job runs).
-    items = await runtime.preprocess_all(uploads, options)
-    if op != "encode":
-        ops.check_mode(runtime, options.tokens)
-    progress = ops.progress_for(items)
-    record = {"raw": raw, "accept": request.headers.get("accept", "")}
-    store = _store(runtime)
-    job = await asyncio.get_running_loop().run_in_executor(
-        None, store.create, _owner(request, runtime), op, uploads, record, progress.total, progress.unit)
+    try:
+        options, raw = parse_options(request, fields)
+        # Refuse bad input now, not minutes later: headers are read and limits checked (a video's
+        # frames are not decoded here; that happens tile by tile when the job runs).
+        items = await runtime.preprocess_all(uploads, options)
+        if op != "encode":
+            ops.check_mode(runtime, options.tokens)
+        progress = ops.progress_for(items)
+        record = {"raw": raw, "accept": request.headers.get("accept", "")}
+        store = _store(runtime)
+        job = await asyncio.get_running_loop().run_in_executor(
+            None, store.create, _owner(request, runtime), op, uploads, record, progress.total, progress.unit)
+    finally:
+        release(uploads)  # a large upload was moved into the job's files; nothing else is kept
     runtime.jobs.runner.submitted()
     runtime.metrics.jobs_submitted.labels(op).inc()
     body = describe(job)
