@@ -167,8 +167,11 @@ class RayEngine:
         spec, limits, cfg = self.settings.model_spec, self.settings.limits, self.cfg
         gpu = spec.device.startswith("cuda")
         ds = ray.data.from_items([{"shard": k, "entries": shards[k]} for k in todo], override_num_blocks=len(todo))
-        ds = ds.map(_prepare_shard, fn_kwargs={"options": self.options, "limits": limits}, num_cpus=1)
-        ds = ds.map_batches(_RayModel, batch_size=1, concurrency=1, num_gpus=1 if gpu else 0, num_cpus=1,
+        # Half a CPU per pre-processing task: they run beside the model actor (and, having other
+        # resources than the actor, are not fused into it by Ray Data's optimiser).
+        ds = ds.map(_prepare_shard, fn_kwargs={"options": self.options, "limits": limits}, num_cpus=0.5)
+        ds = ds.map_batches(_RayModel, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
+                            num_gpus=1 if gpu else 0, num_cpus=1,
                             fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
                                                    "max_batch_tokens": self.settings.max_batch_tokens,
                                                    "dtype": dtype, "threads": self.threads})
