@@ -32,13 +32,19 @@ DISCARD_BYTES = 1 << 20  # a refused body up to this size is read and dropped, s
 DISCARD_SECONDS = 2.0
 
 
-def check_api_key(headers: dict[bytes, bytes], keys: tuple[str, ...]) -> None:
-    if not keys:
-        return
+def supplied_key(headers: dict[bytes, bytes]) -> str:
+    """The key a request carries: X-API-Key, else Authorization: Bearer."""
     supplied = headers.get(b"x-api-key", b"").decode("latin-1").strip()
     auth = headers.get(b"authorization", b"").decode("latin-1")
     if not supplied and auth.lower().startswith("bearer "):
         supplied = auth[7:].strip()
+    return supplied
+
+
+def check_api_key(headers: dict[bytes, bytes], keys: tuple[str, ...]) -> None:
+    if not keys:
+        return
+    supplied = supplied_key(headers)
     if not supplied:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
     # Compare against every key (constant time each), so timing reveals neither key nor position.

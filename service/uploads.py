@@ -46,43 +46,47 @@ class DiskUpload:
 Upload = bytes | DiskUpload
 
 
-def _new_file() -> tuple[int, str]:
-    return tempfile.mkstemp(prefix="atoken-upload-")
+class _SpillFile:
+    """A new file written block by block, refused (and removed) past `limit` bytes."""
+
+    def __init__(self, limit: int, refusal: str):
+        self.limit, self.refusal, self.size = limit, refusal, 0
+        handle, self.path = tempfile.mkstemp(prefix="atoken-upload-")
+        self.out = os.fdopen(handle, "wb")
+
+    def write(self, block: bytes) -> None:
+        self.size += len(block)
+        if self.size > self.limit:
+            raise PayloadTooLarge(self.refusal, limit=self.limit)
+        self.out.write(block)
+
+    def __enter__(self) -> "_SpillFile":
+        return self
+
+    def __exit__(self, failed, *_) -> None:
+        self.out.close()
+        if failed:
+            os.unlink(self.path)
+
+    def upload(self) -> DiskUpload:
+        return DiskUpload(self.path, self.size)
 
 
 def spill(source: BinaryIO, limit: int, name: str = "upload") -> DiskUpload:
     """A file-like object (a spooled upload) -> its own file on disk, refused past `limit`."""
-    handle, path = _new_file()
-    size = 0
-    try:
-        source.seek(0)
-        with os.fdopen(handle, "wb") as out:
-            while block := source.read(CHUNK):
-                size += len(block)
-                if size > limit:
-                    raise PayloadTooLarge(f"file {name!r} exceeds {limit} bytes", limit=limit)
-                out.write(block)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return DiskUpload(path, size)
+    source.seek(0)
+    with _SpillFile(limit, f"file {name!r} exceeds {limit} bytes") as f:
+        while block := source.read(CHUNK):
+            f.write(block)
+    return f.upload()
 
 
 async def spill_stream(chunks: AsyncIterator[bytes], limit: int) -> DiskUpload:
     """A request body, as it arrives -> a file on disk (writes are small and sequential)."""
-    handle, path = _new_file()
-    size = 0
-    try:
-        with os.fdopen(handle, "wb") as out:
-            async for block in chunks:
-                size += len(block)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes for one uploaded file", limit=limit)
-                out.write(block)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return DiskUpload(path, size)
+    with _SpillFile(limit, f"request body exceeds {limit} bytes for one uploaded file") as f:
+        async for block in chunks:
+            f.write(block)
+    return f.upload()
 
 
 def release(uploads: list) -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from .. import ops
 from ..deps import get_runtime, options_from_raw, parse_options, read_uploads
 from ..errors import InvalidParameter, JobGone, JobNotFinished
+from ..gate import supplied_key
 from ..jobs import OPS, JobRunner, JobStore, describe, owner_of
 from ..runtime import Runtime
 from ..uploads import release
@@ -18,17 +19,11 @@ from ..uploads import release
 router = APIRouter(tags=["jobs"])
 
 
-def _key(request: Request) -> str | None:
-    """The caller's API key (the gate has checked it), for job ownership."""
-    key = request.headers.get("x-api-key", "").strip()
-    auth = request.headers.get("authorization", "")
-    if not key and auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
-    return key or None
-
-
 def _owner(request: Request, runtime: Runtime) -> str:
-    return owner_of(_key(request)) if runtime.settings.keys else ""
+    """Jobs belong to the caller's key (the gate has checked it)."""
+    if not runtime.settings.keys:
+        return ""
+    return owner_of(supplied_key(dict(request.scope["headers"])) or None)
 
 
 def _store(runtime: Runtime) -> JobStore:
