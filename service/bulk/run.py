@@ -145,13 +145,16 @@ class RayEngine:
     def start(self) -> dict:
         import ray
 
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     **({} if address else {"num_cpus": os.cpu_count()}))
-            self.started_ray = True
-        spec = self.settings.model_spec
-        return ray.get(ray.remote(num_gpus=1 if spec.device.startswith("cuda") else 0)(_describe).remote(spec))
+        # The driver reads the model's identity on its own CPU while Ray starts: a Ray task for
+        # it would cost a worker process and a second model load before any work begins.
+        with ThreadPoolExecutor(1) as pool:
+            info = pool.submit(_describe, self.settings.model_spec)
+            if not ray.is_initialized():
+                address = os.environ.get("RAY_ADDRESS")
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         **({} if address else {"num_cpus": os.cpu_count()}))
+                self.started_ray = True
+            return info.result()
 
     def stop(self) -> None:
         import ray
@@ -169,7 +172,8 @@ class RayEngine:
         ds = ray.data.from_items([{"shard": k, "entries": shards[k]} for k in todo], override_num_blocks=len(todo))
         # Half a CPU per pre-processing task: they run beside the model actor (and, having other
         # resources than the actor, are not fused into it by Ray Data's optimiser).
-        ds = ds.map(_prepare_shard, fn_kwargs={"options": self.options, "limits": limits}, num_cpus=0.5)
+        ds = ds.map(_prepare_shard, fn_kwargs={"options": self.options, "limits": limits, "idle": PREPARE_IDLE},
+                    num_cpus=0.5)
         ds = ds.map_batches(_RayModel, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
                             num_gpus=1 if gpu else 0, num_cpus=1,
                             fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
@@ -182,10 +186,27 @@ class RayEngine:
             yield k, rows, errors, tokens
 
 
-def _prepare_shard(item: dict, options, limits) -> dict:
+# Pre-processing is a small share of the work and runs ahead of the model; at idle priority it
+# fills the cores the model leaves idle between operations instead of taking them from it.
+PREPARE_IDLE = True
+
+
+def _prepare_shard(item: dict, options, limits, idle: bool = False) -> dict:
     """A Ray task: one shard's inputs read and cut into model inputs (pickled: tensors inside)."""
-    prepared = [prepare(e, options, limits, lazy=False) for e in item["entries"]]
+    prepared = _in_thread(lambda: [prepare(e, options, limits, lazy=False) for e in item["entries"]], idle)
     return {"shard": item["shard"], "prepared": pickle.dumps(prepared)}
+
+
+def _in_thread(fn: Callable, idle: bool):
+    """fn() in a fresh thread, at idle scheduling priority if asked (Linux: per thread), so the
+    pooled Ray worker running this task keeps its own priority for whatever it runs next."""
+    def run():
+        if idle and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return fn()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="atoken-prepare") as pool:
+        return pool.submit(run).result()
 
 
 class _RayModel:
@@ -210,6 +231,10 @@ class _RayModel:
 
 
 def _describe(spec) -> dict:
-    from ..worker.backends import LocalBackend
+    """What the model stage will report, read on the CPU without a forward pass."""
+    from dataclasses import replace
 
-    return LocalBackend(spec).start()
+    from ..worker.backends import describe
+    from ..worker.loader import load_tokenizers
+
+    return describe(load_tokenizers(replace(spec, device="cpu")))
