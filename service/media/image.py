@@ -126,13 +126,18 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
+# zlib level 1: a 256x256 photograph encodes in half the time of level 6 (14 vs 27 ms here)
+# for 8% more bytes (131 vs 121 KB); level 0 is faster again but 62% larger (docs/media.md).
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_image(pixels: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     """uint8 [H, W, 3] -> PNG / JPEG / WebP bytes."""
     fmt = fmt.lower()
     if fmt not in ENCODE_FORMATS:
         raise UnsupportedMediaError(f"image output format {fmt!r} unsupported; choose png, jpeg or webp")
     buf = BytesIO()
-    options = {"quality": quality} if fmt != "png" else {"compress_level": 6}
+    options = {"quality": quality} if fmt != "png" else {"compress_level": PNG_COMPRESS_LEVEL}
     Image.fromarray(pixels).save(buf, ENCODE_FORMATS[fmt], **options)
     return buf.getvalue()
 
