@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -84,6 +85,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._rate = config.default_rate  # EMA of token passes per second
+        self._inflight: threading.BoundedSemaphore | None = None  # batch slots, for backends that take several
+        self._batch_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -102,6 +105,8 @@ class Scheduler:
             p.resolve(error=WorkerUnavailable("the service is shutting down"))
         if self._thread:
             self._thread.join(10)
+        if self._batch_pool:
+            self._batch_pool.shutdown(wait=True)  # batches on the wire get their answers
         if self.backend:
             self.backend.stop()
 
@@ -188,8 +193,21 @@ class Scheduler:
                 self._start_backend()
                 continue
             batch = self._form_batch()
-            if batch:
+            if not batch:
+                continue
+            if self._inflight is None:
                 self._run_batch(batch)
+                continue
+            # A remote engine (Triton) batches again on its side: keep several batches on the
+            # wire so that it sees enough requests at once, and a slot frees as each returns.
+            self._inflight.acquire()
+            self._batch_pool.submit(self._run_batch_in_slot, self.backend, batch)
+
+    def _run_batch_in_slot(self, backend: Backend, batch: list[Pending]) -> None:
+        try:
+            self._run_batch(batch, backend)
+        finally:
+            self._inflight.release()
 
     def _start_backend(self) -> None:
         self.ready = False
@@ -201,6 +219,10 @@ class Scheduler:
         try:
             backend = self.backend_factory()
             self.info = backend.start()
+            slots = getattr(backend, "max_inflight_batches", 1)
+            self._inflight = threading.BoundedSemaphore(slots) if slots > 1 else None
+            if slots > 1 and self._batch_pool is None:
+                self._batch_pool = ThreadPoolExecutor(slots, thread_name_prefix="atoken-batch")
             self.backend = backend
             self.start_error = None
             self.start_failures = 0
@@ -261,24 +283,29 @@ class Scheduler:
             if not p.cancelled:
                 p.resolve(error=DeadlineExceeded("the request's deadline passed while it was queued"))
 
-    def _run_batch(self, batch: list[Pending]) -> None:
+    def _run_batch(self, batch: list[Pending], backend: Backend | None = None) -> None:
+        backend = backend or self.backend
         start = time.monotonic()
         for p in batch:
             p.started = start
-        self.running_batch = len(batch)
+        with self._cond:
+            self.running_batch += len(batch)
         try:
-            results = self.backend.run([p.job for p in batch])
+            results = backend.run([p.job for p in batch])
         except WorkerDied as exc:
-            self.running_batch = 0
-            self.ready = False
-            self.restarts += 1
+            with self._cond:
+                self.running_batch -= len(batch)
+                if self.backend is backend:  # the first batch to notice restarts it
+                    self.ready = False
+                    self.restarts += 1
+                    self.backend = None
             log.error("model worker died: %s; restarting", exc)
             for p in batch:
                 p.resolve(error=WorkerUnavailable(f"the model worker died while running this request ({exc}); "
                                                   "it is being restarted, retry shortly", retry_after=5))
-            self.backend = None
             return
-        self.running_batch = 0
+        with self._cond:
+            self.running_batch -= len(batch)
         elapsed = time.monotonic() - start
         cost = sum(p.job.cost for p in batch)
         if elapsed > 0:

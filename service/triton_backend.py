@@ -2,7 +2,9 @@
 
 Same Backend interface, same jobs and results (service/triton_io.py does the conversion), so
 the API, the errors and the outputs do not change. Each job is one Triton request; they are
-sent concurrently so Triton's dynamic batcher can group them.
+sent concurrently, and the scheduler keeps several batches in flight (`max_inflight_batches`)
+instead of waiting for each, so Triton's dynamic batcher sees enough requests at once to form
+full batches of its own.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np
 
 
 class TritonBackend:
-    def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 64):
+    def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 64,
+                 max_inflight_batches: int = 4):
         if not url:
             raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
         self.url, self.protocol, self.model = url, protocol, model
-        self.concurrency = concurrency
+        self.concurrency = concurrency  # requests on the wire at once
+        self.max_inflight_batches = max_inflight_batches
         self.info: dict = {}
-        self.pool = ThreadPoolExecutor(8, thread_name_prefix="atoken-triton")
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="atoken-triton")
         if protocol == "grpc":
             import tritonclient.grpc as client
         else:
@@ -47,7 +51,8 @@ class TritonBackend:
             raise WorkerDied(f"Triton at {self.url} has no ready model {self.model!r}")
         meta = {"op": "info", "mode": "continuous", "dense": False, "gaussians": False, "kind": "image"}
         arrays = {"META": pack_json(meta),
-                  "FEATS": np.zeros((1, 1, 1), np.float32), "COORDS": np.zeros((1, 1, 5), np.int32),
+                  "FEATS": np.zeros((1, 1, 1), np.float32), "PIXELS": np.zeros((1, 1, 0), np.uint8),
+                  "COORDS": np.zeros((1, 1, 5), np.int32),
                   "INDICES": np.zeros((1, 1, 0), np.int64)}
         out = self._infer(arrays)
         self.info = unpack_json(out["ERROR"])["info"]

@@ -37,8 +37,14 @@ def job_to_inputs(job: Job) -> dict[str, np.ndarray]:
     meta = {"op": job.op, "mode": job.mode, "dense": job.dense, "gaussians": job.gaussians, "partial": job.partial}
     if job.pool_state is not None:  # a few hundred floats: they ride in the JSON
         meta["pool_state"] = _state_to_json(job.pool_state)
+    pixels = None
     if job.op == "pool":
         coords, kind, feats = torch.zeros(0, 5, dtype=torch.int32), "video", np.zeros((0, 0), np.float32)
+    elif job.batch is not None and job.batch.feats.dtype == torch.uint8:
+        # Pixels travel as the uint8 patches they are (a quarter of the float bytes, a
+        # sixteenth for images); the model side makes them float as the process worker does.
+        coords, kind = job.batch.coords, job.batch.kinds[0]
+        feats, pixels = np.zeros((coords.shape[0], 0), np.float32), job.batch.feats.numpy()
     elif job.batch is not None:
         coords, kind = job.batch.coords, job.batch.kinds[0]
         feats = model_feats(job.batch).feats.float().numpy()
@@ -52,6 +58,7 @@ def job_to_inputs(job: Job) -> dict[str, np.ndarray]:
     return {
         "META": pack_json(meta),
         "FEATS": feats[None].astype(np.float32),
+        "PIXELS": (pixels if pixels is not None else np.zeros((coords.shape[0], 0), np.uint8))[None],
         "COORDS": coords.numpy().astype(np.int32)[None],
         "INDICES": indices.astype(np.int64)[None],
     }
@@ -61,6 +68,9 @@ def inputs_to_job(job_id: int, arrays: dict[str, np.ndarray]) -> Job:
     meta = unpack_json(arrays["META"])
     coords = torch.from_numpy(np.ascontiguousarray(arrays["COORDS"][0])).to(torch.int32)
     feats = torch.from_numpy(np.ascontiguousarray(arrays["FEATS"][0]))
+    pixels = arrays.get("PIXELS")
+    if pixels is not None and pixels.shape[-1]:
+        feats = torch.from_numpy(np.ascontiguousarray(pixels[0]))
     indices = arrays["INDICES"][0]
     kind = meta["kind"]
     if meta["op"] == "pool":
@@ -117,7 +127,7 @@ def outputs_to_result(job: Job, out: dict[str, np.ndarray]) -> JobResult:
         return r
     if meta.get("pool_state"):
         r.pool_state = _state_from_json(meta["pool_state"])
-    t = lambda name: torch.from_numpy(np.ascontiguousarray(out[name][0]))  # noqa: E731
+    t = lambda name: torch.from_numpy(np.array(out[name][0]))  # noqa: E731 - a writable copy
     if out["EMBEDDING"].size:
         r.embedding = t("EMBEDDING")
     if out["FEATURES"].size:
