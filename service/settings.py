@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .jobs import JobsConfig
 from .media.limits import MediaLimits
 from .scheduler import BatchingConfig
-from .worker.loader import ModelSpec
+from .worker.loader import ModelSpec, resolve_dtype
 
 
 class Settings(BaseSettings):
@@ -32,9 +32,14 @@ class Settings(BaseSettings):
     gs_config: str | None = None
     discrete_checkpoint: str | None = None  # tokens=discrete from a second model (FSQ fine-tune)
     discrete_config: str | None = None
-    dtype: str = "float32"
+    # auto: bfloat16 where the hardware has native bf16 units (AVX512-BF16/AMX CPUs, GPUs that
+    # support it), else float32; accuracy bounds in docs/benchmarks/peers.md. Parity: float32.
+    dtype: str = "auto"
     device: str = "cpu"
     threads: int = 0
+    # Lanes: a batch is cut into this many parts run side by side, one core each (0: one per
+    # core on a CPU, 1 on a GPU); measured in docs/benchmarks/peers.md.
+    lanes: int = 0
     worker: str = Field("process", description="process | thread | triton")
     triton_url: str | None = None
     triton_protocol: str = "http"
@@ -134,8 +139,9 @@ class Settings(BaseSettings):
 
     @property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config, self.dtype,
-                         self.device, self.threads, self.discrete_checkpoint, self.discrete_config)
+        return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config,
+                         resolve_dtype(self.dtype, self.device),
+                         self.device, self.threads, self.discrete_checkpoint, self.discrete_config, self.lanes)
 
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import signal
 import threading
 import time
@@ -85,7 +84,7 @@ class LocalBackend:
 
     def start(self) -> dict:
         tokenizers = load_tokenizers(self.spec)
-        self.engine = Engine(tokenizers)
+        self.engine = Engine(tokenizers, self.spec.engine_lanes, self.spec.threads)
         canary(self.engine)
         self.info = describe(tokenizers)
         return self.info
@@ -100,14 +99,15 @@ class LocalBackend:
         self.engine = None
 
 
-def _child_main(conn, spec: ModelSpec) -> None:
+def _child_main(conn, spec: ModelSpec, arenas: tuple[str, str]) -> None:
     # SIGTERM or Ctrl-C sent to the whole process group must not kill a batch half-way: the
     # front end drains its requests, then asks the worker to exit (or closes the pipe).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inbox, outbox = (transport.Arena(path) for path in arenas)
     try:
         tokenizers = load_tokenizers(spec)
-        engine = Engine(tokenizers)
+        engine = Engine(tokenizers, spec.engine_lanes, spec.threads)
         canary(engine)
         conn.send_bytes(transport.dumps(("ready", describe(tokenizers))))
     except Exception as exc:  # noqa: BLE001
@@ -115,12 +115,12 @@ def _child_main(conn, spec: ModelSpec) -> None:
         return
     while True:
         try:
-            msg = transport.loads(conn.recv_bytes())
+            msg = transport.loads(conn.recv_bytes(), inbox)
         except EOFError:
             return
         if msg is None:
             return
-        conn.send_bytes(transport.dumps(("results", engine.run(msg))))
+        conn.send_bytes(transport.dumps(("results", engine.run(msg)), outbox))
 
 
 class ProcessBackend:
@@ -133,29 +133,54 @@ class ProcessBackend:
         self.conn = None
         self.info: dict = {}
         self._lock = threading.Lock()
+        self.outbox: transport.Arena | None = None
+        self.inbox: transport.Arena | None = None
 
     def start(self) -> dict:
         ctx = mp.get_context("spawn")
-        # The worker shares the cores with the front end: idle OpenMP threads should sleep,
-        # not spin (the child reads this when it first loads torch).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # OpenMP's own default is kept: threads spin briefly between the operations of a batch,
+        # then sleep, so an idle worker costs no CPU. PASSIVE (sleep at once) made batch-1
+        # requests 12-17% slower here; with lanes, larger batches run one thread per part and
+        # never wait on a team (docs/benchmarks/peers.md).
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_main, args=(child, self.spec), name="atoken-worker", daemon=True)
-        proc.start()
-        child.close()
+        outbox, inbox = transport.Arena(), transport.Arena()  # jobs to the worker, results back
+        try:
+            proc = ctx.Process(target=_child_main, args=(child, self.spec, (outbox.path, inbox.path)),
+                               name="atoken-worker", daemon=True)
+            proc.start()
+            child.close()
+            status, payload = self._await_ready(proc, parent)
+        except BaseException:
+            outbox.close()
+            inbox.close()
+            raise
+        for arena in (outbox, inbox):  # both sides have mapped them by now
+            arena.forget_name()
+        if status != "ready":
+            proc.join(5)
+            outbox.close()
+            inbox.close()
+            raise RuntimeError(f"worker failed to load the model: {payload}")
+        self._close_arenas()
+        self.proc, self.conn, self.info = proc, parent, payload
+        self.outbox, self.inbox = outbox, inbox
+        return payload
+
+    def _await_ready(self, proc, conn) -> tuple[str, object]:
         deadline = time.monotonic() + self.start_timeout
-        while not parent.poll(0.1):
+        while not conn.poll(0.1):
             if not proc.is_alive():
                 raise WorkerDied(f"worker exited during start-up (exit code {proc.exitcode})")
             if time.monotonic() > deadline:
                 proc.kill()
                 raise WorkerDied(f"worker not ready after {self.start_timeout:.0f} s")
-        status, payload = transport.loads(parent.recv_bytes())
-        if status != "ready":
-            proc.join(5)
-            raise RuntimeError(f"worker failed to load the model: {payload}")
-        self.proc, self.conn, self.info = proc, parent, payload
-        return payload
+        return transport.loads(conn.recv_bytes())
+
+    def _close_arenas(self) -> None:
+        for arena in (self.outbox, self.inbox):
+            if arena is not None:
+                arena.close()
+        self.outbox = self.inbox = None
 
     @property
     def pid(self) -> int | None:
@@ -167,14 +192,15 @@ class ProcessBackend:
     def run(self, jobs: list[Job]) -> list[JobResult]:
         if not self.alive():
             raise WorkerDied("worker is not running")
-        try:
-            self.conn.send_bytes(transport.dumps(jobs))
-            while not self.conn.poll(0.05):
-                if not self.proc.is_alive():
-                    raise WorkerDied(f"worker exited mid-batch (exit code {self.proc.exitcode})")
-            status, payload = transport.loads(self.conn.recv_bytes())
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as exc:
-            raise WorkerDied(f"lost the worker: {exc}") from None
+        with self._lock:  # one batch at a time: each arena holds one message
+            try:
+                self.conn.send_bytes(transport.dumps(jobs, self.outbox))
+                while not self.conn.poll(0.05):
+                    if not self.proc.is_alive():
+                        raise WorkerDied(f"worker exited mid-batch (exit code {self.proc.exitcode})")
+                status, payload = transport.loads(self.conn.recv_bytes(), self.inbox)
+            except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as exc:
+                raise WorkerDied(f"lost the worker: {exc}") from None
         return payload
 
     def stop(self) -> None:
@@ -189,3 +215,4 @@ class ProcessBackend:
             self.proc.kill()
             self.proc.join(5)
         self.proc = None
+        self._close_arenas()

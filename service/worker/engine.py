@@ -5,6 +5,7 @@ breaks the batch is retried alone so that it fails alone."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -25,24 +26,61 @@ def gaussians_to_dict(g: Gaussians) -> dict:
     return out
 
 
-class Engine:
-    """Runs jobs on the tokenizer of their token mode (one model may serve both)."""
+def split_by_cost(jobs: list[Job], n: int) -> list[list[Job]]:
+    """At most n contiguous, non-empty groups of jobs of near-equal total cost."""
+    n = max(1, min(n, len(jobs)))
+    total = sum(j.cost for j in jobs)
+    groups: list[list[Job]] = []
+    current: list[Job] = []
+    acc = 0
+    for i, job in enumerate(jobs):
+        current.append(job)
+        acc += job.cost
+        left = n - len(groups) - 1  # groups still to open after this one
+        if left > 0 and (acc * n >= total * (len(groups) + 1) or len(jobs) - i - 1 == left):
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
 
-    def __init__(self, tokenizers: dict[str, ATokenizer]):
+
+class Engine:
+    """Runs jobs on the tokenizer of their token mode (one model may serve both).
+
+    On a CPU a batch is cut into `lanes` parts by cost, each run on its own thread with one
+    core's worth of intra-op threads: this CPU's matrix units stay busier with independent
+    single-threaded streams than with one stream split across cores (61 vs 42 images/s at
+    batch 8 on 2 cores; docs/benchmarks/peers.md). A batch of one job keeps every thread."""
+
+    def __init__(self, tokenizers: dict[str, ATokenizer], lanes: int = 1, threads: int = 0):
         """tokenizers: token mode -> model, as `loader.load_tokenizers` builds it."""
         self.tokenizers = tokenizers
         self.tok = tokenizers["continuous"]
+        self.threads = threads or torch.get_num_threads()
+        self.lanes = max(1, lanes)
+        self._lane_pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="atoken-lane") if self.lanes > 1 else None
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
         start = time.perf_counter()
-        try:
-            results = self._run_packed(jobs)
-        except Exception:  # noqa: BLE001 - isolate: one bad job must not fail its batch
-            results = [self._run_alone(job) for job in jobs] if len(jobs) > 1 else [self._run_alone(jobs[0])]
+        groups = split_by_cost(jobs, self.lanes)
+        per_lane = max(1, self.threads // len(groups))
+        rest = [self._lane_pool.submit(self._run_group, g, per_lane) for g in groups[1:]] if self._lane_pool else []
+        results = self._run_group(groups[0], per_lane)
+        for future in rest:
+            results += future.result()
         elapsed = (time.perf_counter() - start) * 1e3
         for r in results:
             r.compute_ms = elapsed
         return results
+
+    def _run_group(self, jobs: list[Job], threads: int) -> list[JobResult]:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # per thread for OpenMP: each lane sets its own
+        try:
+            return self._run_packed(jobs)
+        except Exception:  # noqa: BLE001 - isolate: one bad job must not fail its batch
+            return [self._run_alone(job) for job in jobs]
 
     def _run_alone(self, job: Job) -> JobResult:
         try:

@@ -4,6 +4,7 @@ ships with the project, else an untrained `tiny` (said loudly in /info and the l
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,33 @@ class ModelSpec:
     # model ships one: default_fsq.safetensors, the FSQ fine-tune of the continuous default).
     discrete_checkpoint: str | None = None
     discrete_config: str | None = None
+    lanes: int = 0  # batches cut into this many single-threaded parts; 0: one per core on a CPU, 1 elsewhere
+
+    @property
+    def engine_lanes(self) -> int:
+        if self.lanes:
+            return self.lanes
+        return (self.threads or torch.get_num_threads()) if self.device == "cpu" else 1
+
+
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 matrix units on this CPU (AVX512-BF16 or AMX-BF16; read on Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 where the hardware computes it natively (GPUs that support it, CPUs
+    with bf16 units), float32 elsewhere. Accuracy against float32 is bounded in
+    docs/benchmarks/peers.md and tests/service/worker/test_dtype.py."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
 
 
 def load_tokenizer(spec: ModelSpec) -> ATokenizer:

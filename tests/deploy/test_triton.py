@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or
 def triton():
     from service.triton_launch import TritonServer
 
-    with TritonServer(env={"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny"}) as server:
+    # float32: conformance compares numbers across different batchings (bf16 rounds them apart)
+    with TritonServer(env={"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny", "ATOKEN_DTYPE": "float32"}) as server:
         yield server
 
 
@@ -48,7 +49,7 @@ def _items():
 def test_triton_matches_in_process(triton):
     from service.triton_backend import TritonBackend
 
-    local = LocalBackend(Settings(variant="tiny").model_spec)
+    local = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
     local.start()
     remote = TritonBackend(triton.url)
     info = remote.start()
@@ -93,11 +94,11 @@ def test_http_api_through_triton_equals_process_worker(triton):
     from tests.service.server import LiveServer
 
     files = [("file", ("rocket.jpg", assets.image("rocket.jpg").read_bytes(), "image/jpeg"))]
-    with LiveServer(worker="triton", triton_url=triton.url, max_side=128) as live, live.client() as c:
+    with LiveServer(worker="triton", triton_url=triton.url, max_side=128, dtype="float32") as live, live.client() as c:
         via_triton = c.post("/encode", files=files)
         rec_triton = c.post("/reconstruct", files=files)
         info = c.get("/info").json()
-    with LiveServer(worker="thread", max_side=128) as live, live.client() as c:
+    with LiveServer(worker="thread", max_side=128, dtype="float32") as live, live.client() as c:
         local = c.post("/encode", files=files)
         rec_local = c.post("/reconstruct", files=files)
     assert via_triton.status_code == 200 and "triton" in info["model"]["backend"]

@@ -25,13 +25,14 @@ from service.worker.engine import Engine  # noqa: E402
 from service.worker.jobs import JobResult  # noqa: E402
 from service.worker.loader import load_tokenizers  # noqa: E402
 
-INPUTS = ("META", "FEATS", "COORDS", "INDICES")
+INPUTS = ("META", "FEATS", "PIXELS", "COORDS", "INDICES")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        tokenizers = load_tokenizers(Settings().model_spec)
-        self.engine = Engine(tokenizers)
+        spec = Settings().model_spec
+        tokenizers = load_tokenizers(spec)
+        self.engine = Engine(tokenizers, spec.engine_lanes, spec.threads)
         canary(self.engine)
         self.info = describe(tokenizers)
 

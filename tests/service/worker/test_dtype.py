@@ -1,0 +1,59 @@
+"""The default dtype per device, and bfloat16 kept within its documented bounds of float32."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from service.pipeline import Options, preprocess, round_trip_psnr
+from service.settings import Settings
+from service.worker import loader
+from service.worker.backends import LocalBackend
+from service.worker.jobs import Job
+from service.worker.loader import resolve_dtype
+from tests import assets
+
+# Documented in docs/benchmarks/peers.md ("bfloat16 by default").
+MIN_EMBEDDING_COSINE = 0.9995
+MIN_LATENT_COSINE = 0.9999
+MAX_PSNR_DROP_DB = 0.1
+
+
+def test_explicit_dtypes_are_kept():
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert resolve_dtype(dtype, "cpu") == dtype
+
+
+def test_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == "bfloat16"
+    assert Settings(dtype="auto").model_spec.dtype == "bfloat16"
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert Settings(dtype="auto").model_spec.dtype == "float32"
+
+
+def test_auto_on_a_gpu_needs_bf16_support():
+    expected = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    assert resolve_dtype("auto", "cuda") == expected
+
+
+def test_bfloat16_stays_within_its_bounds_of_float32():
+    settings = Settings(dtype="float32")
+    items = [preprocess(assets.image(name).read_bytes(), Options(), settings.limits)
+             for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")]
+    answers = {}
+    for dtype in ("float32", "bfloat16"):
+        backend = LocalBackend(replace(settings.model_spec, dtype=dtype))
+        assert backend.start()["dtype"] == dtype
+        answers[dtype] = backend.run([Job(i, "reconstruct", batch=it.batch) for i, it in enumerate(items)])
+    for item, exact, fast in zip(items, answers["float32"], answers["bfloat16"]):
+        cos = torch.nn.functional.cosine_similarity
+        assert cos(exact.embedding, fast.embedding, dim=0) >= MIN_EMBEDDING_COSINE
+        assert cos(exact.tokens.latents.flatten(), fast.tokens.latents.flatten(), dim=0) >= MIN_LATENT_COSINE
+        assert round_trip_psnr(item, exact) - round_trip_psnr(item, fast) <= MAX_PSNR_DROP_DB
+
+
+@pytest.mark.skipif(not loader.cpu_has_bf16(), reason="this CPU has no bf16 units: auto serves float32 here")
+def test_this_cpu_serves_bfloat16_by_default():
+    assert Settings().model_spec.dtype == "bfloat16"

@@ -1,0 +1,76 @@
+"""Lanes: a batch cut into parts run side by side gives the one-pass numbers (up to the float
+rounding of other matrix shapes), each result to its own job."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.patchify import frames_to_sparse
+from service.worker.engine import Engine, split_by_cost
+from service.worker.jobs import Job, pixel_patches
+from service.worker.loader import ModelSpec, load_tokenizers
+
+
+def _job(i: int, n: int, op: str = "embed") -> Job:
+    rng = np.random.default_rng(i)
+    return Job(i, op, batch=pixel_patches(rng.integers(0, 256, (1, 16 * n, 16, 3), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("sizes,lanes", [([1, 1, 1, 1], 2), ([8, 1, 1, 1, 1, 1, 1, 1, 1], 2), ([3, 5, 2], 3),
+                                         ([4], 4), ([1, 2, 3, 4, 5, 6, 7], 3), ([2, 2], 8)])
+def test_split_by_cost_keeps_order_and_balances(sizes, lanes):
+    jobs = [_job(i, n) for i, n in enumerate(sizes)]
+    groups = split_by_cost(jobs, lanes)
+    assert [j.id for g in groups for j in g] == list(range(len(jobs)))  # contiguous, in order, all there
+    assert len(groups) == min(lanes, len(jobs)) and all(groups)
+    costs = [sum(j.cost for j in g) for g in groups]
+    # No group exceeds an equal share by more than its largest job.
+    assert max(costs) <= sum(costs) / len(groups) + max(j.cost for j in jobs)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return load_tokenizers(ModelSpec(variant="tiny"))
+
+
+def test_lanes_give_the_numbers_of_one_pass(tokenizers):
+    ramp = torch.linspace(-1, 1, 32)
+    float_batch, _ = frames_to_sparse([torch.stack([ramp[:, None].expand(32, 32)] * 3, -1)])
+    jobs = [_job(0, 2, "reconstruct"), _job(1, 1, "tokenize"), _job(2, 3, "embed"),
+            Job(3, "reconstruct", batch=float_batch), _job(4, 2, "embed"), _job(5, 1, "reconstruct")]
+    threads = torch.get_num_threads()
+    try:
+        one = Engine(tokenizers, lanes=1).run(jobs)
+        three = Engine(tokenizers, lanes=3, threads=3).run(jobs)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.id for r in three] == [j.id for j in jobs]
+    for a, b in zip(one, three):
+        assert a.error is None and b.error is None
+        for field in ("embedding", "tubelets"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        if a.tokens is not None:
+            torch.testing.assert_close(a.tokens.latents, b.tokens.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bad_job_fails_alone_in_its_lane(tokenizers):
+    bad = Job(1, "embed", batch=pixel_patches(np.zeros((1, 16, 16, 3), np.uint8)))
+    bad.batch = bad.batch.with_feats(bad.batch.feats[:, :5])  # wrong patch width
+    jobs = [_job(0, 1), bad, _job(2, 1), _job(3, 1)]
+    results = Engine(tokenizers, lanes=2).run(jobs)
+    assert [r.id for r in results] == [0, 1, 2, 3]
+    assert results[1].error is not None
+    assert all(r.error is None and r.embedding is not None for k, r in enumerate(results) if k != 1)
+
+
+def test_long_video_pieces_pool_through_lanes(tokenizers):
+    video = pixel_patches(np.random.default_rng(7).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    engine = Engine(tokenizers, lanes=2)
+    pieces = engine.run([Job(0, "embed", batch=video, partial=True), Job(1, "embed", batch=video)])
+    assert pieces[0].error is None and pieces[0].pool_state is not None
+    pooled = engine.run([Job(2, "pool", pool_state=pieces[0].pool_state)])[0]
+    assert pooled.error is None
+    torch.testing.assert_close(pooled.embedding, pieces[1].embedding, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,65 @@
+"""The hand-off to the worker: arrays through a reused shared-memory arena, whole messages
+through the pipe when they do not fit, and no file left behind."""
+
+import os
+
+import numpy as np
+import torch
+
+from model.api import Tokens
+from service.worker import transport
+from service.worker.backends import ProcessBackend
+from service.worker.jobs import Job, JobResult, pixel_patches
+from service.worker.loader import ModelSpec
+
+
+def _pair(size: int = transport.ARENA_BYTES):
+    writer = transport.Arena(size=size)
+    reader = transport.Arena(writer.path)
+    writer.forget_name()
+    return writer, reader
+
+
+def test_arena_round_trip_is_by_value_and_small_on_the_pipe():
+    writer, reader = _pair()
+    result = JobResult(3, embedding=torch.randn(64), tubelets=torch.randn(256, 3072),
+                       tokens=Tokens(torch.zeros(256, 5, dtype=torch.int32), ("image",),
+                                     latents=torch.randn(256, 48).to(torch.bfloat16)))
+    message = transport.dumps([result], writer)
+    assert len(message) < 4096  # offsets, not 3 MB of pixels
+    back = transport.loads(message, reader)[0]
+    writer.write([memoryview(np.ones(2**20, np.uint8))])  # the next message overwrites the arena
+    assert torch.equal(back.tubelets, result.tubelets) and back.tubelets.numpy().flags.writeable
+    assert back.tokens.latents.dtype == torch.bfloat16 and torch.equal(back.tokens.latents, result.tokens.latents)
+    writer.close()
+    reader.close()
+
+
+def test_a_message_larger_than_the_arena_goes_through_the_pipe():
+    writer, reader = _pair(size=2**16)
+    big = [Job(1, "embed", batch=pixel_patches(np.full((1, 256, 256, 3), 7, np.uint8)))]
+    message = transport.dumps(big, writer)
+    assert len(message) > 2**16
+    assert torch.equal(transport.loads(message, reader)[0].batch.feats, big[0].batch.feats)
+    writer.close()
+    reader.close()
+
+
+def _arena_files() -> set[str]:
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    return {f for f in os.listdir(folder) if f.startswith(f"atoken-{os.getpid()}-")} if folder else set()
+
+
+def test_process_worker_uses_arenas_and_leaves_no_files():
+    backend = ProcessBackend(ModelSpec(variant="tiny"))
+    backend.start()
+    try:
+        assert not _arena_files()  # unlinked once the worker mapped them
+        jobs = [Job(i, "reconstruct", batch=pixel_patches(np.full((1, 32, 32, 3), 40 * i, np.uint8)))
+                for i in range(3)]
+        results = backend.run(jobs)
+        assert [r.id for r in results] == [0, 1, 2]
+        assert all(r.tubelets is not None and r.tubelets.shape == (4, 3072) for r in results)
+    finally:
+        backend.stop()
+    assert backend.inbox is None and backend.outbox is None
