@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload bench-long-video bench-bulk train-default train-discrete eval clean
+.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload bench-long-video bench-bulk bench-peers train-default train-discrete eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-long-video: venv
 
 bench-bulk: venv
 	$(PY) benchmarks/bench_bulk.py --out docs/benchmarks/bulk.md
+
+# This service against LitServe serving the same model (the peer is installed here, not in dev).
+bench-peers: venv
+	$(PY) -m pip install -q -e '.[peers]'
+	$(PY) benchmarks/bench_peers.py --json docs/benchmarks/peers.json --out docs/benchmarks/peers.md
 
 # The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
 # 1. images from the PCA warm start with the context decoder (neighbour heads carrying the
