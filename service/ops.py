@@ -19,7 +19,7 @@ from . import token_files as tf
 from .arrays import NPY, SAFETENSORS, array_to_json, to_npy, to_safetensors
 from .deps import flag
 from .errors import ClientClosedRequest, InvalidParameter, NotAcceptable, Overloaded, PayloadTooLarge
-from .outputs import MEDIA_TYPES, choose_format, preview_file, render, score_3d, zip_files
+from .outputs import MEDIA_TYPES, choose_format, preview_file, render, render_image, score_3d, zip_files
 from .pipeline import Item, Options, compact_indices, round_trip_psnr, token_grid, tokens_to_json
 from .runtime import Runtime, Timing
 from .streaming import Progress, Tile
@@ -330,9 +330,12 @@ async def reconstruct(runtime: Runtime, items: list[Item], options: Options, cal
 async def _render_plain(runtime: Runtime, k: int, item: Item, r: JobResult, options: Options,
                         extra: dict[str, list[str]]) -> list[Output]:
     chosen = choose_format(item.kind, options.format, r.gaussians is not None)
-    data = await runtime.postprocess(render, item.kind, r.tubelets, item.batch.coords, item.media, r.gaussians,
-                                     chosen)
-    score = await runtime.postprocess(round_trip_psnr, item, r)
+    if item.kind == "image":  # the common case: pixels rebuilt once for the file and the score
+        data, score = await runtime.postprocess(render_image, item, r, chosen)
+    else:
+        data = await runtime.postprocess(render, item.kind, r.tubelets, item.batch.coords, item.media,
+                                         r.gaussians, chosen)
+        score = await runtime.postprocess(round_trip_psnr, item, r)
     out = [Output(f"item{k}.{chosen}", MEDIA_TYPES[chosen], body=data, tokens=len(item.batch.coords),
                   grid=token_grid(item.batch.coords, item.kind), psnr=score)]
     if options.score and item.views is not None and r.gaussians is not None:

@@ -8,13 +8,15 @@ import zipfile
 import torch
 
 from model.gaussians import Gaussians
+from model.metrics import psnr
 
 from .errors import InvalidParameter
 from .media import image as img
 from .media import video as vid
 from .media.ply import gaussians_to_ply
 from .media.volume import to_npz
-from .pipeline import tubelets_to_frames
+from .pipeline import Item, frames_at_input_size, model_size_frames, tubelets_to_frames
+from .worker.jobs import JobResult
 
 FORMATS = {"image": ("png", "jpeg", "webp"), "video": ("mp4", "webm"), "3D": ("ply", "npz")}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4",
@@ -50,6 +52,14 @@ def render(kind: str, tubelets: torch.Tensor, coords: torch.Tensor, media: dict,
     if kind == "image":
         return img.encode_image(next(frames), fmt)
     return vid.encode_video(frames, float(media.get("fps") or 25.0), fmt)
+
+
+def render_image(item: Item, result: JobResult, fmt: str) -> tuple[bytes, float | None]:
+    """An image's reconstruction and its round-trip PSNR from one unpatchify (the same bytes and
+    score as `render` and `round_trip_psnr`, which would each rebuild the pixels)."""
+    pixels = model_size_frames(result.tubelets, item.batch.coords, "image", 1)
+    score = psnr(pixels, item.reference) if item.reference is not None else None
+    return img.encode_image(next(frames_at_input_size(pixels, item.media)), fmt), score
 
 
 def zip_files(files: list[tuple[str, bytes]]) -> bytes:

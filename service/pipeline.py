@@ -141,7 +141,11 @@ def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, c
 def tubelets_to_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, media: dict) -> Iterator[np.ndarray]:
     """Reconstructed tubelets -> uint8 frames [H, W, 3] at the input's original size, one at a
     time: only one full-size frame is ever held, whatever the frame count."""
-    pixels = model_size_frames(tubelets, coords, kind, media.get("frames"))
+    return frames_at_input_size(model_size_frames(tubelets, coords, kind, media.get("frames")), media)
+
+
+def frames_at_input_size(pixels: np.ndarray, media: dict) -> Iterator[np.ndarray]:
+    """uint8 [T, h, w, 3] at the model size -> frames at the input's original size, one at a time."""
     size = (int(media.get("height", pixels.shape[1])), int(media.get("width", pixels.shape[2])))
     for frame in pixels:
         yield img.resize_rgb(frame, size)

@@ -22,8 +22,8 @@ from fastapi import Response
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service.outputs import render  # noqa: E402
-from service.pipeline import Options, preprocess, round_trip_psnr  # noqa: E402
+from service.outputs import render_image  # noqa: E402
+from service.pipeline import Options, preprocess  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.worker.backends import LocalBackend  # noqa: E402
 from service.worker.jobs import Job  # noqa: E402
@@ -69,8 +69,7 @@ class ReconstructAPI(_ModelAPI):
 
     def encode_response(self, output) -> Response:
         item, result = output
-        png = render(item.kind, result.tubelets, item.batch.coords, item.media, None, "png")
-        score = round_trip_psnr(item, result)
+        png, score = render_image(item, result, "png")
         return Response(png, media_type="image/png", headers={"X-Round-Trip-PSNR": f"{score:.2f}"})
 
 
