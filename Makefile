@@ -70,7 +70,8 @@ bench-bulk: venv
 # This service against LitServe serving the same model (the peer is installed here, not in dev).
 bench-peers: venv
 	$(PY) -m pip install -q -e '.[peers]'
-	$(PY) benchmarks/bench_peers.py --json docs/benchmarks/peers.json --out docs/benchmarks/peers.md
+	$(PY) benchmarks/bench_peers.py --servers ours litserve-1 litserve-2 in-process ours-triton \
+		--before docs/benchmarks/peers-before.json --json docs/benchmarks/peers.json --out docs/benchmarks/peers.md
 
 # The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
 # 1. images from the PCA warm start with the context decoder (neighbour heads carrying the
