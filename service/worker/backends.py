@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -123,6 +124,9 @@ def _child_main(conn, spec: ModelSpec, arenas: tuple[str, str]) -> None:
         conn.send_bytes(transport.dumps(("results", engine.run(msg)), outbox))
 
 
+GOMP_SPINCOUNT = 20000
+
+
 class ProcessBackend:
     """The model in a child process (spawned, so no state leaks from the front end)."""
 
@@ -138,10 +142,11 @@ class ProcessBackend:
 
     def start(self) -> dict:
         ctx = mp.get_context("spawn")
-        # OpenMP's own default is kept: threads spin briefly between the operations of a batch,
-        # then sleep, so an idle worker costs no CPU. PASSIVE (sleep at once) made batch-1
-        # requests 12-17% slower here; with lanes, larger batches run one thread per part and
-        # never wait on a team (docs/benchmarks/peers.md).
+        # OpenMP threads spin a short while between the operations of a batch, then sleep:
+        # PASSIVE (sleep at once) made batch-1 requests 10-25% slower, libgomp's default spin
+        # (300000) took CPU the front end and clients needed under load (16.8 vs 21.7 req/s),
+        # 20000 spins kept both (docs/performance.md). The child reads this when torch loads.
+        os.environ.setdefault("GOMP_SPINCOUNT", str(GOMP_SPINCOUNT))
         parent, child = ctx.Pipe()
         outbox, inbox = transport.Arena(), transport.Arena()  # jobs to the worker, results back
         try:

@@ -55,6 +55,9 @@ def test_process_worker_uses_arenas_and_leaves_no_files():
     backend.start()
     try:
         assert not _arena_files()  # unlinked once the worker mapped them
+        if os.path.exists(f"/proc/{backend.pid}/environ"):  # the measured OpenMP spin (docs/performance.md)
+            environ = open(f"/proc/{backend.pid}/environ", "rb").read().split(b"\0")
+            assert f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '20000')}".encode() in environ
         jobs = [Job(i, "reconstruct", batch=pixel_patches(np.full((1, 32, 32, 3), 40 * i, np.uint8)))
                 for i in range(3)]
         results = backend.run(jobs)
