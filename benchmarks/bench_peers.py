@@ -85,7 +85,9 @@ class Server:
             from service.triton_launch import TritonServer
 
             self.triton = TritonServer().start()
-            env.update(ATOKEN_WORKER="triton", ATOKEN_TRITON_URL=self.triton.url)
+            grpc = env.get("ATOKEN_TRITON_PROTOCOL") == "grpc"
+            env.update(ATOKEN_WORKER="triton",
+                       ATOKEN_TRITON_URL=f"127.0.0.1:{self.triton.grpc_port}" if grpc else self.triton.url)
         if name.startswith("ours"):
             cmd, self.ready = [sys.executable, "-m", "service", "serve", "--port", str(self.port)], "/readyz"
         else:
@@ -247,6 +249,7 @@ def main() -> int:
     image = test_image()
     runs: dict[str, list[dict]] = {name: [] for name in args.servers}
     samples: dict[str, dict] = {}
+    failures: list[str] = []
     for rep in range(args.reps):
         order = args.servers[rep % len(args.servers):] + args.servers[:rep % len(args.servers)]
         print(f"repetition {rep + 1}/{args.reps}: {', '.join(order)}", flush=True)
@@ -254,12 +257,17 @@ def main() -> int:
             if name == "in-process":
                 runs[name].append(measure_in_process(image, args.levels))
             else:
-                cells, sample = measure_server(name, image, args.levels)
+                try:
+                    cells, sample = measure_server(name, image, args.levels)
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 - one server failing must not lose the rest
+                    print(f"  {name} failed in repetition {rep + 1}: {exc}", flush=True)
+                    failures.append(f"{name}, repetition {rep + 1}: {exc}")
+                    continue
                 runs[name].append(cells)
                 samples.setdefault(name, sample)
     parity = {name: compare(samples["ours"], s) for name, s in samples.items() if name != "ours" and "ours" in samples}
     raw = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-           "levels": args.levels, "parity": parity,
+           "levels": args.levels, "parity": parity, "failures": failures,
            "runs": {n: [{f"{r} {lv}": v for (r, lv), v in cells.items()} for cells in rs] for n, rs in runs.items()}}
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1) + "\n")
@@ -338,6 +346,8 @@ def report(raw: dict, before: dict | None) -> str:
               "Server CPU per request minus the model's own CPU per item (measured in-process on the same "
               "batches, same repetition): HTTP, decoding, hand-off to the worker, encoding the answer.", ""]
     lines += _outside_table(raw, before)
+    if raw.get("failures"):
+        lines += ["", "## Failed runs", ""] + [f"- {f}" for f in raw["failures"]]
     if raw.get("parity"):
         lines += ["", "## Same answers", ""]
         for name, p in raw["parity"].items():
