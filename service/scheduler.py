@@ -200,14 +200,15 @@ class Scheduler:
                 continue
             # A remote engine (Triton) batches again on its side: keep several batches on the
             # wire so that it sees enough requests at once, and a slot frees as each returns.
-            self._inflight.acquire()
-            self._batch_pool.submit(self._run_batch_in_slot, self.backend, batch)
+            slots = self._inflight  # a restart makes new slots; each batch frees the one it took
+            slots.acquire()
+            self._batch_pool.submit(self._run_batch_in_slot, self.backend, batch, slots)
 
-    def _run_batch_in_slot(self, backend: Backend, batch: list[Pending]) -> None:
+    def _run_batch_in_slot(self, backend: Backend, batch: list[Pending], slots: threading.BoundedSemaphore) -> None:
         try:
             self._run_batch(batch, backend)
         finally:
-            self._inflight.release()
+            slots.release()
 
     def _start_backend(self) -> None:
         self.ready = False

@@ -33,12 +33,12 @@ class Settings(BaseSettings):
     discrete_checkpoint: str | None = None  # tokens=discrete from a second model (FSQ fine-tune)
     discrete_config: str | None = None
     # auto: bfloat16 where the hardware has native bf16 units (AVX512-BF16/AMX CPUs, GPUs that
-    # support it), else float32; accuracy bounds in docs/benchmarks/peers.md. Parity: float32.
+    # support it), else float32; accuracy bounds in docs/performance.md. Parity: float32.
     dtype: str = "auto"
     device: str = "cpu"
     threads: int = 0
     # Lanes: a batch is cut into this many parts run side by side, one core each (0: one per
-    # core on a CPU, 1 on a GPU); measured in docs/benchmarks/peers.md.
+    # core on a CPU, 1 on a GPU); measured in docs/performance.md.
     lanes: int = 0
     worker: str = Field("process", description="process | thread | triton")
     triton_url: str | None = None

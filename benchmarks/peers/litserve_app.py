@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import litserve as ls
@@ -40,8 +40,7 @@ class _ModelAPI(ls.LitAPI):
         self.limits = settings.limits
         # The model as a user would wrap it: one forward pass per batch on torch's threads,
         # without this service's worker policy (lanes).
-        spec = settings.model_spec
-        self.backend = LocalBackend(replace(spec, lanes=1) if "lanes" in {f.name for f in fields(spec)} else spec)
+        self.backend = LocalBackend(replace(settings.model_spec, lanes=1))
         self.info = self.backend.start()
 
     def decode_request(self, request):

@@ -155,18 +155,15 @@ class ProcessBackend:
             proc.start()
             child.close()
             status, payload = self._await_ready(proc, parent)
+            if status != "ready":
+                proc.join(5)
+                raise RuntimeError(f"worker failed to load the model: {payload}")
         except BaseException:
             outbox.close()
             inbox.close()
             raise
         for arena in (outbox, inbox):  # both sides have mapped them by now
             arena.forget_name()
-        if status != "ready":
-            proc.join(5)
-            outbox.close()
-            inbox.close()
-            raise RuntimeError(f"worker failed to load the model: {payload}")
-        self._close_arenas()
         self.proc, self.conn, self.info = proc, parent, payload
         self.outbox, self.inbox = outbox, inbox
         return payload

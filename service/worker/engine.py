@@ -51,7 +51,7 @@ class Engine:
     On a CPU a batch is cut into `lanes` parts by cost, each run on its own thread with one
     core's worth of intra-op threads: this CPU's matrix units stay busier with independent
     single-threaded streams than with one stream split across cores (61 vs 42 images/s at
-    batch 8 on 2 cores; docs/benchmarks/peers.md). A batch of one job keeps every thread."""
+    batch 8 on 2 cores; docs/performance.md). A batch of one job keeps every thread."""
 
     def __init__(self, tokenizers: dict[str, ATokenizer], lanes: int = 1, threads: int = 0):
         """tokenizers: token mode -> model, as `loader.load_tokenizers` builds it."""

@@ -55,7 +55,7 @@ def cpu_has_bf16() -> bool:
 def resolve_dtype(dtype: str, device: str) -> str:
     """`auto`: bfloat16 where the hardware computes it natively (GPUs that support it, CPUs
     with bf16 units), float32 elsewhere. Accuracy against float32 is bounded in
-    docs/benchmarks/peers.md and tests/service/worker/test_dtype.py."""
+    docs/performance.md and tests/service/worker/test_dtype.py."""
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):

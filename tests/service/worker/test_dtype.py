@@ -13,7 +13,7 @@ from service.worker.jobs import Job
 from service.worker.loader import resolve_dtype
 from tests import assets
 
-# Documented in docs/benchmarks/peers.md ("bfloat16 by default").
+# Documented in docs/performance.md ("bfloat16 where the hardware has it").
 MIN_EMBEDDING_COSINE = 0.9995
 MIN_LATENT_COSINE = 0.9999
 MAX_PSNR_DROP_DB = 0.1

@@ -1,0 +1,71 @@
+"""Batches in flight for a remote engine (Triton): every request is answered, at most
+`max_inflight_batches` batches are on the wire at once, also across a restart of the engine."""
+
+import asyncio
+import threading
+import time
+
+from service.errors import WorkerUnavailable
+from service.scheduler import BatchingConfig, Scheduler
+from service.worker.backends import WorkerDied
+from service.worker.jobs import Job, JobResult
+
+
+class Remote:
+    """Takes two batches at once; the first engine dies mid-batch, the next ones live."""
+
+    max_inflight_batches = 2
+    started = 0
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def __init__(self):
+        Remote.started += 1
+        self.generation = Remote.started
+
+    def start(self) -> dict:
+        return {"variant": "remote"}
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        with Remote.lock:
+            Remote.running += 1
+            Remote.most = max(Remote.most, Remote.running)
+        try:
+            time.sleep(0.05)
+            if self.generation == 1:
+                raise WorkerDied("connection reset")
+            return [JobResult(j.id) for j in jobs]
+        finally:
+            with Remote.lock:
+                Remote.running -= 1
+
+
+def test_inflight_batches_are_bounded_and_survive_a_restart():
+    scheduler = Scheduler(Remote, BatchingConfig(max_batch_tokens=1, max_wait_ms=0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+
+    async def ask(n: int) -> list:
+        jobs = [[Job(scheduler.next_id(), "pool")] for _ in range(n)]  # cost 1: one job a batch
+        return await asyncio.gather(*(scheduler.submit(j, 10) for j in jobs), return_exceptions=True)
+
+    try:
+        first = asyncio.run(ask(6))
+        assert all(isinstance(r, (list, WorkerUnavailable)) for r in first)
+        assert any(isinstance(r, WorkerUnavailable) for r in first)  # the first engine died
+        deadline = time.monotonic() + 5
+        while not scheduler.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = asyncio.run(ask(12))
+        assert all(isinstance(r, list) and r[0].error is None for r in second)
+        assert Remote.most <= Remote.max_inflight_batches
+        assert scheduler.running_batch == 0
+    finally:
+        scheduler.stop()
