@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .jobs import JobsConfig
 from .media.limits import MediaLimits
 from .scheduler import BatchingConfig
-from .worker.loader import ModelSpec, resolve_dtype
+from .worker.loader import ModelSpec
 
 
 class Settings(BaseSettings):
@@ -139,8 +139,7 @@ class Settings(BaseSettings):
 
     @property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config,
-                         resolve_dtype(self.dtype, self.device),
+        return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config, self.dtype,
                          self.device, self.threads, self.discrete_checkpoint, self.discrete_config, self.lanes)
 
     def public_limits(self) -> dict:

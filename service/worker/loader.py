@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ class ModelSpec:
     variant: str | None = None  # no checkpoint: serve this variant randomly initialised (tests, benchmarks)
     gs_checkpoint: str | None = None
     gs_config: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # or auto: resolved where the model is loaded (resolve_dtype)
     device: str = "cpu"
     threads: int = 0  # 0 = torch's default
     # A second tokenizer for tokens=discrete, when the first has no quantizer (the default
@@ -64,6 +64,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def load_tokenizer(spec: ModelSpec) -> ATokenizer:
+    spec = replace(spec, dtype=resolve_dtype(spec.dtype, spec.device))
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.checkpoint:
@@ -88,7 +89,9 @@ def load_tokenizer(spec: ModelSpec) -> ATokenizer:
 def load_tokenizers(spec: ModelSpec) -> dict[str, ATokenizer]:
     """The tokenizer for each token mode: {"continuous": ..., "discrete": ...}. A model with a
     quantizer serves both modes; otherwise a separate discrete tokenizer, if one is configured
-    (or shipped, for the default model), serves tokens=discrete."""
+    (or shipped, for the default model), serves tokens=discrete. `auto` dtypes are resolved
+    here, on the machine that runs the model (a Ray driver may have no GPU, its actors do)."""
+    spec = replace(spec, dtype=resolve_dtype(spec.dtype, spec.device))
     tok = load_tokenizer(spec)
     tokenizers = {"continuous": tok}
     gs = spec.gs_checkpoint or (str(DEFAULT_GS_CHECKPOINT) if DEFAULT_GS_CHECKPOINT.is_file() else None)

@@ -24,13 +24,15 @@ def test_explicit_dtypes_are_kept():
         assert resolve_dtype(dtype, "cpu") == dtype
 
 
-def test_auto_follows_the_cpu(monkeypatch):
+def test_auto_follows_the_machine_that_loads_the_model(monkeypatch):
+    spec = Settings(dtype="auto", variant="tiny").model_spec
+    assert spec.dtype == "auto"  # resolved where the model loads, not where settings are read
     monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") == "bfloat16"
-    assert Settings(dtype="auto").model_spec.dtype == "bfloat16"
+    assert loader.load_tokenizers(spec)["continuous"].info.dtype == "bfloat16"
     monkeypatch.setattr(loader, "cpu_has_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") == "float32"
-    assert Settings(dtype="auto").model_spec.dtype == "float32"
+    assert loader.load_tokenizers(spec)["continuous"].info.dtype == "float32"
 
 
 def test_auto_on_a_gpu_needs_bf16_support():
@@ -56,4 +58,4 @@ def test_bfloat16_stays_within_its_bounds_of_float32():
 
 @pytest.mark.skipif(not loader.cpu_has_bf16(), reason="this CPU has no bf16 units: auto serves float32 here")
 def test_this_cpu_serves_bfloat16_by_default():
-    assert Settings().model_spec.dtype == "bfloat16"
+    assert resolve_dtype(Settings().dtype, Settings().device) == "bfloat16"
