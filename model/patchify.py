@@ -84,18 +84,23 @@ def patchify_frames(x: Tensor) -> tuple[Tensor, Tensor]:
     return feats.contiguous(), coords.to(torch.int32).to(x.device)
 
 
-def unpatchify_frames(feats: Tensor, coords: Tensor) -> Tensor:
+def unpatchify_frames(feats: Tensor, coords: Tensor, fill: float = 0) -> Tensor:
     """Tokens of one item back to frames.
 
-    feats:   [n, 3072]
+    feats:   [n, 3072] (or [n, 768 * k]: the first k frames of each tubelet)
     coords:  [n, 4 or 5] (..., t, x, y, z); the grid is max coord + 1 on each axis
-    returns: [T, 3, H, W] channels first (T = 4 x latent frames)
+    fill:    the value of places no token covers
+    returns: [T, 3, H, W] channels first (T = 4 x latent frames, or k x latent frames)
     """
+    pt = feats.shape[1] // (PH * PW * 3)
+    if pt * PH * PW * 3 != feats.shape[1] or not 1 <= pt <= PT:
+        raise InvalidInputError(f"tubelet features of width {feats.shape[1]}: expected a multiple of "
+                                f"{PH * PW * 3} up to {PT * PH * PW * 3}")
     txy = coords[:, -4:-1].long()
     nt, nh, nw = (txy.max(0).values + 1).tolist()
-    grid = feats.new_zeros(nt, nh, nw, PT, PH, PW, 3)
-    grid[txy[:, 0], txy[:, 1], txy[:, 2]] = feats.reshape(-1, PT, PH, PW, 3)
-    return grid.permute(0, 3, 6, 1, 4, 2, 5).reshape(nt * PT, 3, nh * PH, nw * PW)
+    grid = feats.new_full((nt, nh, nw, pt, PH, PW, 3), fill)
+    grid[txy[:, 0], txy[:, 1], txy[:, 2]] = feats.reshape(-1, pt, PH, PW, 3)
+    return grid.permute(0, 3, 6, 1, 4, 2, 5).reshape(nt * pt, 3, nh * PH, nw * PW)
 
 
 def frames_to_sparse(items: Sequence[Tensor]) -> tuple[SparseBatch, list[Crop]]:

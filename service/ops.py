@@ -298,8 +298,10 @@ async def reconstruct(runtime: Runtime, items: list[Item], options: Options, cal
     check_mode(runtime, options.tokens)
     gaussians = bool(runtime.model_info.get("gaussians"))
     plain = [i for i in items if not i.streamed]
-    results, timing = await _infer_plain(runtime, call, _jobs(runtime, "reconstruct", plain, options.tokens,
-                                                              gaussians=gaussians))
+    jobs = _jobs(runtime, "reconstruct", plain, options.tokens, gaussians=gaussians)
+    for job, item in zip(jobs, plain):
+        job.pixels = item.kind != "3D"  # only the rendered pixels come back, not float tubelets
+    results, timing = await _infer_plain(runtime, call, jobs)
     by_item = {id(i): r for i, r in zip(plain, results)}
     outputs: list[Output] = []
     extra_headers: dict[str, list[str]] = {"X-Render-PSNR": [], "X-Render-SSIM": [], "X-Audio": []}

@@ -25,7 +25,7 @@ from .media.errors import UnsupportedMediaError
 from .media.limits import MediaLimits
 from .media.volume import load_npz
 from .uploads import DiskUpload, Upload
-from .worker.jobs import JobResult, pixel_patches
+from .worker.jobs import PIXEL_FILL, JobResult, pixel_patches
 
 Modality = Literal["image", "video", "mesh", "volume"]
 KIND_OF = {"image": "image", "video": "video", "mesh": "3D", "volume": "3D"}
@@ -132,7 +132,12 @@ def _video_item(data: bytes | str, options: Options, limits: MediaLimits) -> Ite
 
 # ---------------------------------------------------------------- model outputs -> arrays
 def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, count: int | None) -> np.ndarray:
-    """Reconstructed tubelets -> uint8 [T, h, w, 3] at the model size (images: frame 0 only)."""
+    """Reconstructed tubelets (float, or already pixels: `reconstruction_pixels`) -> uint8
+    [T, h, w, 3] at the model size (images: frame 0 only)."""
+    if tubelets.dtype == torch.uint8:
+        frames = unpatchify_frames(tubelets, coords, fill=PIXEL_FILL)  # [T, 3, h, w]
+        frames = frames[:1] if kind == "image" else frames[:count]
+        return np.ascontiguousarray(frames.permute(0, 2, 3, 1).numpy())
     frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)  # [T, 3, h, w]
     frames = frames[:1] if kind == "image" else frames[:count]
     return img.from_model_range(frames.permute(0, 2, 3, 1).numpy())

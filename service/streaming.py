@@ -176,7 +176,7 @@ async def reconstruct(runtime: Runtime, source: VideoSource, mode: str, fmt: str
             writer.write(img.resize_rgb(frame, size))
 
     run = TileRun(runtime, source, lambda batch: Job(runtime.scheduler.next_id(), "reconstruct", mode=mode,
-                                                      batch=batch), progress)
+                                                      batch=batch, pixels=True), progress)
     try:
         await run.run(consume)
         await runtime.postprocess(writer.close)

@@ -15,7 +15,7 @@ from model.gaussians import Gaussians
 from model.layers.attention import PoolState
 from model.sparse import SparseBatch, cat
 
-from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult, model_feats
+from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult, model_feats, reconstruction_pixels
 
 GAUSSIAN_FIELDS = ("xyz_raw", "features_dc", "scaling_raw", "opacity_raw", "rotation_raw")
 
@@ -43,6 +43,20 @@ def split_by_cost(jobs: list[Job], n: int) -> list[list[Job]]:
     if current:
         groups.append(current)
     return groups
+
+
+def chunks_by_cost(jobs: list[Job], cap: int) -> list[list[Job]]:
+    """Jobs in order, cut into consecutive chunks of at most `cap` total cost (a job costlier
+    than the cap alone), the way the scheduler forms batches."""
+    chunks: list[list[Job]] = []
+    cost = 0
+    for job in jobs:
+        if not chunks or (chunks[-1] and cost + job.cost > cap):
+            chunks.append([])
+            cost = 0
+        chunks[-1].append(job)
+        cost += job.cost
+    return chunks
 
 
 class Engine:
@@ -163,7 +177,10 @@ class Engine:
         for b, job in enumerate(jobs):
             r = results[job.id]
             r.tubelets = rec[rows == b]
-            if job.gaussians and decode_inputs[job.id].kinds[0] == "3D":
+            kind = decode_inputs[job.id].kinds[0]
+            if job.gaussians and kind == "3D":
                 item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))
                 g = tok.decode_gaussians(item)[0]
                 r.gaussians = gaussians_to_dict(g)
+            elif job.pixels and kind != "3D":
+                r.tubelets = reconstruction_pixels(r.tubelets, kind)

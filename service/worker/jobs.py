@@ -54,6 +54,22 @@ def model_feats(batch: SparseBatch) -> SparseBatch:
     return batch.with_feats(feats)
 
 
+# What an empty place in a reconstruction's token grid becomes as a pixel: a float 0 is 128.
+PIXEL_FILL = 128
+
+
+def reconstruction_pixels(tubelets: Tensor, kind: str) -> Tensor:
+    """A float reconstruction [n, 3072] -> the uint8 values the front end would make of it
+    (clamped to [-1, 1], then rounded as `media.image.from_model_range`), so that only those
+    travel back: [n, 768] for an image (frame 0 of each tubelet, the frame it keeps), [n, 3072]
+    for a video. A sixteenth of the float bytes for an image, a quarter for a video."""
+    from ..media.image import from_model_range  # the one rounding rule, shared with the front end
+
+    if kind == "image":
+        tubelets = tubelets[:, : PATCH_VALUES // TUBELET]
+    return torch.from_numpy(from_model_range(tubelets.float().clamp(-1, 1).numpy()))
+
+
 @dataclass
 class Job:
     id: int
@@ -65,6 +81,7 @@ class Job:
     tokens: Tokens | None = None  # one item's tokens (batch index 0), decode
     partial: bool = False  # embed: return the pooling state of this piece, not an embedding
     pool_state: PoolState | None = None  # pool: the merged state of every piece ([1, H], [1, H], [1, H, D])
+    pixels: bool = False  # image/video decoder ops: tubelets come back as `reconstruction_pixels`
 
     @property
     def model_mode(self) -> str:
@@ -93,7 +110,7 @@ class JobResult:
     embedding: Tensor | None = None  # [C]
     features: Tensor | None = None  # [n, C]
     tokens: Tokens | None = None
-    tubelets: Tensor | None = None  # [n, 3072] reconstruction, same coords as the input
+    tubelets: Tensor | None = None  # [n, 3072] reconstruction, same coords as the input (uint8 if Job.pixels)
     gaussians: dict[str, Tensor] | None = None  # raw Gaussian fields (see model.gaussians)
     pool_state: PoolState | None = None  # partial embed jobs
     error: tuple[str, str] | None = None  # (error class name, message)
