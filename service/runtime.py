@@ -71,9 +71,11 @@ class Runtime:
         self.post_pool = ThreadPoolExecutor(max(2, min(8, cpus)), thread_name_prefix="atoken-post")
 
     def start(self) -> None:
-        if self.settings.worker == "process":
-            # The model runs in its own process; the front end's tensor work (patchify) is light
-            # and must not compete with it for cores.
+        if self.settings.worker in ("process", "triton"):
+            # The model runs in another process; the front end's tensor work (patchify) is light
+            # and must not compete with it for cores. In Triton mode the front end kept every
+            # thread until this applied to it too: an OpenMP thread spinning after each small
+            # op cost 6 ms of CPU per /encode at concurrency 1 (docs/performance.md).
             torch.set_num_threads(1)
         self.scheduler.start()
         self._lower_frontend_priority()

@@ -1,10 +1,10 @@
 """Run the front end's batches on a Triton Inference Server instead of the in-process worker.
 
 Same Backend interface, same jobs and results (service/triton_io.py does the conversion), so
-the API, the errors and the outputs do not change. Each job is one Triton request; they are
-sent concurrently, and the scheduler keeps several batches in flight (`max_inflight_batches`)
-instead of waiting for each, so Triton's dynamic batcher sees enough requests at once to form
-full batches of its own.
+the API, the errors and the outputs do not change. A batch travels as one Triton request (or
+one per input width, sent concurrently), and the scheduler keeps several batches in flight
+(`max_inflight_batches`) instead of waiting for each, so Triton's dynamic batcher always has
+requests queued to join into its next pass, from this front end and from others.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .triton_io import OUTPUTS, job_to_inputs, outputs_to_result, pack_json, unpack_json
+from .triton_io import OUTPUTS, info_inputs, outputs_to_results, pack_requests, unpack_json
 from .worker.backends import WorkerDied
 from .worker.jobs import Job, JobResult
 
@@ -24,12 +24,12 @@ DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np
 
 
 class TritonBackend:
-    def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 64,
+    def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 8,
                  max_inflight_batches: int = 4):
         if not url:
             raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
         self.url, self.protocol, self.model = url, protocol, model
-        self.concurrency = concurrency  # requests on the wire at once
+        self.concurrency = concurrency  # extra requests of one batch on the wire at once
         self.max_inflight_batches = max_inflight_batches
         self.info: dict = {}
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="atoken-triton")
@@ -49,12 +49,7 @@ class TritonBackend:
     def start(self) -> dict:
         if not self.client.is_server_ready() or not self.client.is_model_ready(self.model):
             raise WorkerDied(f"Triton at {self.url} has no ready model {self.model!r}")
-        meta = {"op": "info", "mode": "continuous", "dense": False, "gaussians": False, "kind": "image"}
-        arrays = {"META": pack_json(meta),
-                  "FEATS": np.zeros((1, 1, 1), np.float32), "PIXELS": np.zeros((1, 1, 0), np.uint8),
-                  "COORDS": np.zeros((1, 1, 5), np.int32),
-                  "INDICES": np.zeros((1, 1, 0), np.int64)}
-        out = self._infer(arrays)
+        out = self._infer(info_inputs())
         self.info = unpack_json(out["ERROR"])["info"]
         self.info["backend"] = f"triton ({self.protocol}://{self.url})"
         return self.info
@@ -74,8 +69,14 @@ class TritonBackend:
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
-        futures = [self.pool.submit(self._infer, job_to_inputs(job)) for job in jobs]
-        return [outputs_to_result(job, f.result()) for job, f in zip(jobs, futures)]
+        requests = pack_requests(jobs)
+        futures = [self.pool.submit(self._infer, arrays) for _, arrays in requests[1:]]
+        results: list[JobResult | None] = [None] * len(jobs)
+        answers = [self._infer(requests[0][1])] + [f.result() for f in futures] if requests else []
+        for (positions, _), out in zip(requests, answers):
+            for i, r in zip(positions, outputs_to_results([jobs[i] for i in positions], out)):
+                results[i] = r
+        return results
 
     def alive(self) -> bool:
         try:

@@ -70,6 +70,11 @@ def test_triton_matches_in_process(triton):
             torch.testing.assert_close(b.tubelets, a.tubelets, rtol=1e-4, atol=2e-4)
         if a.gaussians is not None:
             torch.testing.assert_close(b.gaussians["xyz_raw"], a.gaussians["xyz_raw"], rtol=1e-4, atol=1e-5)
+    # reconstructions as the pixels the routes ask for (an image's one frame, a video's four)
+    pix = [Job(700 + i, "reconstruct", batch=item.batch, pixels=True) for i, item in enumerate(items[:3])]
+    for a, b in zip(local.run(pix), remote.run(pix)):
+        assert b.tubelets.dtype == torch.uint8 and b.tubelets.shape == a.tubelets.shape
+        assert (b.tubelets.int() - a.tubelets.int()).abs().max() <= 1  # float rounding across batchings
     # a long video's pieces: pooling states out, a merged state back in for the embedding
     video = items[2].batch
     pieces = [Job(500, "embed", batch=video, partial=True)]

@@ -1,0 +1,62 @@
+"""The Triton wire format: a batch of mixed jobs packs into as few requests as their input
+widths allow, and jobs and results come back out exactly as they went in."""
+
+import numpy as np
+import torch
+
+from model.api import Tokens
+from service.settings import Settings
+from service.triton_io import inputs_to_jobs, outputs_to_results, pack_requests, results_to_outputs
+from service.worker.backends import LocalBackend
+from service.worker.jobs import Job, pixel_patches
+
+RNG = np.random.default_rng(0)
+
+
+def _jobs() -> list[Job]:
+    image = pixel_patches(RNG.integers(0, 256, (1, 32, 48, 3), dtype=np.uint8))
+    image2 = pixel_patches(RNG.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8))
+    video = pixel_patches(RNG.integers(0, 256, (4, 16, 32, 3), dtype=np.uint8))
+    return [Job(10, "embed", batch=image, dense=True), Job(11, "reconstruct", batch=video, pixels=True),
+            Job(12, "tokenize", batch=image2, mode="continuous"), Job(13, "reconstruct", batch=image)]
+
+
+def test_requests_group_jobs_by_input_width_in_order():
+    jobs = _jobs()
+    requests = pack_requests(jobs)
+    assert [positions for positions, _ in requests] == [[0, 2, 3], [1]]  # images (768 wide), the video (3072)
+    for positions, arrays in requests:
+        rows = sum(jobs[i].num_tokens for i in positions)
+        assert arrays["PIXELS"].shape[:2] == (1, rows) and arrays["COORDS"].shape == (1, rows, 5)
+        back = inputs_to_jobs(100, arrays)
+        assert [j.id for j in back] == list(range(100, 100 + len(positions)))
+        for i, job in zip(positions, back):
+            original = jobs[i]
+            assert (job.op, job.mode, job.dense, job.pixels) == (original.op, original.mode, original.dense,
+                                                                 original.pixels)
+            assert torch.equal(job.batch.feats, original.batch.feats)
+            assert torch.equal(job.batch.coords, original.batch.coords.to(torch.int32))
+
+
+def test_results_travel_back_unchanged():
+    backend = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
+    backend.start()
+    jobs = _jobs()
+    tokens = backend.run([jobs[2]])[0].tokens
+    jobs.append(Job(14, "decode", tokens=Tokens(tokens.coords, tokens.kinds, latents=tokens.latents)))
+    results = backend.run(jobs)
+    for positions, arrays in pack_requests(jobs):
+        own = [jobs[i] for i in positions]
+        back = outputs_to_results(own, results_to_outputs([results[i] for i in positions]))
+        for i, b in zip(positions, back):
+            a = results[i]
+            assert b.id == a.id and b.error == a.error
+            for name in ("embedding", "features", "tubelets"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert (x is None) == (y is None), name
+                if x is not None:
+                    assert x.dtype == y.dtype and torch.equal(x, y), name
+            assert (a.tokens is None) == (b.tokens is None)
+            if a.tokens is not None:
+                assert torch.equal(a.tokens.latents, b.tokens.latents) and torch.equal(a.tokens.logvar, b.tokens.logvar)
+    assert results[1].tubelets.dtype == torch.uint8 and results[3].tubelets.dtype == torch.float32
