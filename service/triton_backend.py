@@ -25,7 +25,7 @@ DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np
 
 class TritonBackend:
     def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 8,
-                 max_inflight_batches: int = 4):
+                 max_inflight_batches: int = 8):
         if not url:
             raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
         self.url, self.protocol, self.model = url, protocol, model

@@ -42,23 +42,37 @@ class TritonPythonModel:
         self.info = describe(tokenizers)
 
     def execute(self, requests):
-        per_request, jobs = [], []
+        """Runs the joined requests in passes of at most max_batch_tokens and answers each
+        request as soon as its own jobs are done (through its response sender), so the front
+        ends can encode the first answers while later passes run."""
+        pending, jobs, next_id = [], [], 0
         for request in requests:
+            sender = request.get_response_sender()
             arrays = {name: _from_triton(pb_utils.get_input_tensor_by_name(request, name)) for name in INPUTS}
             if unpack_json(arrays["META"]).get("info"):  # the front end asks which model this is
-                per_request.append(None)
+                _send(sender, info_outputs(self.info))
                 continue
-            own = inputs_to_jobs(len(jobs), arrays)
-            per_request.append(own)
+            own = inputs_to_jobs(next_id, arrays)
+            next_id += len(own)
+            pending.append((sender, own))
             jobs += own
         results = {}
-        for chunk in chunks_by_cost(jobs, self.max_batch_tokens):
-            results.update((r.id, r) for r in self.engine.run(chunk))
-        responses = []
-        for own in per_request:
-            outputs = info_outputs(self.info) if own is None else results_to_outputs([results[j.id] for j in own])
-            responses.append(pb_utils.InferenceResponse([_to_triton(name, v) for name, v in outputs.items()]))
-        return responses
+        try:
+            for chunk in chunks_by_cost(jobs, self.max_batch_tokens):
+                results.update((r.id, r) for r in self.engine.run(chunk))
+                while pending and all(j.id in results for j in pending[0][1]):
+                    sender, own = pending.pop(0)
+                    _send(sender, results_to_outputs([results[j.id] for j in own]))
+        except Exception as exc:  # noqa: BLE001 - every request still gets its one answer
+            for sender, _ in pending:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+
+def _send(sender, outputs: dict) -> None:
+    response = pb_utils.InferenceResponse([_to_triton(name, v) for name, v in outputs.items()])
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 # Tensors cross the backend boundary through DLPack: the stub's NumPy bridge was compiled for
