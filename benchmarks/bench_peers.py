@@ -2,18 +2,21 @@
 
     python benchmarks/bench_peers.py [--reps 3] [--out docs/benchmarks/peers.md]
 
-Servers, one at a time, in an order that rotates every repetition (so drift of the machine
-hits each alike):
+Servers, all started once and kept loaded:
   ours         `python -m service serve`, its defaults
   litserve-1   LitServe (benchmarks/peers/litserve_app.py), one inference worker
   litserve-2   the same with two inference workers
   ours-triton  (with --servers) our front end with the model in Triton Inference Server
 and the same pipeline in-process (decode, model, encode; batches of the concurrency, cut to
 the server's batch token cap). Each is sent the same 256x256 PNG as a multipart upload by the
-same client, on /encode and /reconstruct at concurrency 1, 8 and 32. For every cell: req/s,
-p50, the server's CPU ms per request (its process tree, from /proc), and the ratios per
-repetition; medians in the table. First, both servers answer one request each and the
-answers are compared (embeddings, PNG pixels)."""
+same client, on /encode and /reconstruct at concurrency 1, 8 and 32. The servers take turns
+cell by cell (route and concurrency), in an order that rotates from cell to cell and from
+repetition to repetition, so the ratios compare runs seconds apart rather than minutes: this
+shared machine drifts by 20-30% over minutes. A server waiting for its turn is frozen
+(SIGSTOP, its whole process tree), so it takes no CPU from the one measured; each turn starts
+with a short warm-up. For every cell: req/s, p50, the server's CPU ms per request (its
+process tree, from /proc), and the ratios per repetition; medians in the table. First, every
+server answers one request each and the answers are compared (embeddings, PNG pixels)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -52,8 +56,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` and every live descendant."""
+def _tree(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of `pid` and every live descendant, by pid."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -72,7 +76,19 @@ def tree_cpu_s(pid: int) -> float:
             if parent == p and child not in members:
                 members.add(child)
                 frontier.append(child)
-    return sum(times.get(p, 0.0) for p in members)
+    return {p: times[p] for p in members if p in times}
+
+
+def tree_cpu_s(pid: int) -> float:
+    return sum(_tree(pid).values())
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    for p in _tree(pid):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
 
 
 class Server:
@@ -111,10 +127,23 @@ class Server:
             time.sleep(0.3)
         raise SystemExit(f"{self.name} not ready after {timeout} s")
 
+    def freeze(self) -> None:
+        """Stop every process of this server (front end first), so that it takes no CPU."""
+        _signal_tree(self.proc.pid, signal.SIGSTOP)
+        if self.triton:
+            _signal_tree(self.triton.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Resume it, the model's side first: a front end must not find its worker stopped."""
+        if self.triton:
+            _signal_tree(self.triton.proc.pid, signal.SIGCONT)
+        _signal_tree(self.proc.pid, signal.SIGCONT)
+
     def cpu_s(self) -> float:
         return tree_cpu_s(self.proc.pid) + (tree_cpu_s(self.triton.proc.pid) if self.triton else 0.0)
 
     def stop(self) -> None:
+        self.thaw()
         os.killpg(self.proc.pid, 15)
         try:
             self.proc.wait(30)
@@ -154,78 +183,105 @@ def total_for(route: str, concurrency: int) -> int:
     return per if concurrency == 1 else max(4 * per, 3 * concurrency)
 
 
-def measure_server(name: str, image: bytes, levels: list[int]) -> tuple[dict, dict]:
-    """{(route, level): {rps, p50_ms, cpu_ms}} and the parity sample (embedding, png)."""
-    server = Server(name)
-    try:
-        server.wait_ready()
-        sample = {}
-        with httpx.Client(timeout=300) as c:
-            for route in ROUTES:
-                r = c.post(server.url + route, files={"file": ("image.png", image, "image/png")})
-                r.raise_for_status()
-                sample[route] = r.json()["items"][0]["embedding"] if route == "/encode" else r.content
-        cells = {}
+def sample_answers(server: Server, image: bytes) -> dict:
+    """One answer per route, for the parity check: the embedding and the PNG bytes."""
+    sample = {}
+    with httpx.Client(timeout=300) as c:
         for route in ROUTES:
-            asyncio.run(drive(server.url, route, image, max(levels), max(levels)))  # warm-up at full batch
-            for level in levels:
-                total = total_for(route, level)
-                before = server.cpu_s()
-                row = asyncio.run(drive(server.url, route, image, level, total))
-                row["cpu_ms"] = (server.cpu_s() - before) / total * 1e3
-                cells[(route, level)] = row
-                print(f"  {name:<11} {route:<12} c={level:<3} {row['rps']:7.2f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-                      f"cpu {row['cpu_ms']:6.1f} ms/req", flush=True)
-        return cells, sample
-    finally:
-        server.stop()
+            r = c.post(server.url + route, files={"file": ("image.png", image, "image/png")})
+            r.raise_for_status()
+            sample[route] = r.json()["items"][0]["embedding"] if route == "/encode" else r.content
+    return sample
 
 
-def measure_in_process(image: bytes, levels: list[int]) -> dict:
+def measure_server_cell(server: Server, image: bytes, route: str, level: int) -> dict:
+    """One cell on a thawed server: a warm-up at this concurrency, then the measured run."""
+    asyncio.run(drive(server.url, route, image, level, 2 * level))
+    total = total_for(route, level)
+    before = server.cpu_s()
+    row = asyncio.run(drive(server.url, route, image, level, total))
+    row["cpu_ms"] = (server.cpu_s() - before) / total * 1e3
+    return row
+
+
+class InProcess:
     """The same stages in one thread: decode, model (batches cut to the server's token cap),
     encode the answer; items/s and this process's CPU ms per item."""
-    from service.outputs import render
-    from service.pipeline import Options, preprocess
-    from service.settings import Settings
-    from service.worker.backends import LocalBackend
-    from service.worker.jobs import Job
 
-    settings = Settings()
-    backend = LocalBackend(settings.model_spec)
-    backend.start()
-    cells = {}
-    model_cpu = [0.0]
-    for route, op in ROUTES.items():
-        def pipeline(n: int) -> None:
-            items = [preprocess(image, Options(), settings.limits) for _ in range(n)]
-            per_batch = max(1, settings.max_batch_tokens // items[0].batch.coords.shape[0])
-            results = []
-            for i in range(0, n, per_batch):
-                c0 = time.process_time()  # every thread of this process: the lanes too
-                results += backend.run([Job(k, op, batch=it.batch) for k, it in enumerate(items[i:i + per_batch])])
-                model_cpu[0] += time.process_time() - c0
-            for item, r in zip(items, results):
-                if op == "reconstruct":
-                    render(item.kind, r.tubelets, item.batch.coords, item.media, None, "png")
-                else:
-                    json.dumps({"embedding": r.embedding.numpy().astype(np.float32).tolist()})
+    def __init__(self):
+        from service.settings import Settings
+        from service.worker.backends import LocalBackend
 
-        pipeline(max(levels))
-        for level in levels:
-            total = total_for(route, level)
-            rounds = max(1, total // level)
-            t0, c0 = time.perf_counter(), time.process_time()
-            model_cpu[0] = 0.0
-            for _ in range(rounds):
-                pipeline(level)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            cells[(route, level)] = {"rps": rounds * level / wall, "p50_ms": wall / rounds * 1e3,
-                                     "cpu_ms": cpu / (rounds * level) * 1e3,
-                                     "model_cpu_ms": model_cpu[0] / (rounds * level) * 1e3}
-            print(f"  in-process  {route:<12} c={level:<3} {cells[(route, level)]['rps']:7.2f} items/s "
-                  f"cpu {cells[(route, level)]['cpu_ms']:6.1f} ms/item", flush=True)
-    backend.stop()
-    return cells
+        self.settings = Settings()
+        self.backend = LocalBackend(self.settings.model_spec)
+        self.backend.start()
+
+    def _pipeline(self, image: bytes, op: str, n: int) -> float:
+        """Runs n items; returns the model's CPU seconds (every thread of this process: lanes too)."""
+        from service.outputs import render
+        from service.pipeline import Options, preprocess
+        from service.worker.jobs import Job
+
+        items = [preprocess(image, Options(), self.settings.limits) for _ in range(n)]
+        per_batch = max(1, self.settings.max_batch_tokens // items[0].batch.coords.shape[0])
+        results, model_cpu = [], 0.0
+        for i in range(0, n, per_batch):
+            c0 = time.process_time()
+            results += self.backend.run([Job(k, op, batch=it.batch) for k, it in enumerate(items[i:i + per_batch])])
+            model_cpu += time.process_time() - c0
+        for item, r in zip(items, results):
+            if op == "reconstruct":
+                render(item.kind, r.tubelets, item.batch.coords, item.media, None, "png")
+            else:
+                json.dumps({"embedding": r.embedding.numpy().astype(np.float32).tolist()})
+        return model_cpu
+
+    def cell(self, image: bytes, route: str, level: int) -> dict:
+        op = ROUTES[route]
+        self._pipeline(image, op, level)  # warm-up
+        rounds = max(1, total_for(route, level) // level)
+        t0, c0 = time.perf_counter(), time.process_time()
+        model_cpu = sum(self._pipeline(image, op, level) for _ in range(rounds))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"rps": rounds * level / wall, "p50_ms": wall / rounds * 1e3, "cpu_ms": cpu / (rounds * level) * 1e3,
+                "model_cpu_ms": model_cpu / (rounds * level) * 1e3}
+
+    def stop(self) -> None:
+        self.backend.stop()
+
+
+def start_servers(names: list[str], image: bytes, failures: list[str]) -> tuple[dict, dict]:
+    """Every server started, checked, sampled and frozen; those that fail are reported and left out."""
+    running, samples = {}, {}
+    for name in names:
+        if name == "in-process":
+            running[name] = InProcess()
+            continue
+        server = None
+        try:
+            server = Server(name)
+            server.wait_ready()
+            samples[name] = sample_answers(server, image)
+            for route in ROUTES:  # the first batches at full size are slow: not part of any cell
+                asyncio.run(drive(server.url, route, image, 32, 32))
+            server.freeze()
+            running[name] = server
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one server failing must not lose the rest
+            print(f"  {name} failed to start: {exc}", flush=True)
+            failures.append(f"{name}, start: {exc}")
+            if server is not None:
+                server.stop()
+    return running, samples
+
+
+def measure_cell(name: str, runner, image: bytes, route: str, level: int) -> dict:
+    if name == "in-process":
+        return runner.cell(image, route, level)
+    runner.thaw()
+    try:
+        return measure_server_cell(runner, image, route, level)
+    finally:
+        runner.freeze()
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -247,28 +303,33 @@ def main() -> int:
     parser.add_argument("--before", type=Path, help="raw figures of an earlier run, shown beside these")
     args = parser.parse_args()
     image = test_image()
-    runs: dict[str, list[dict]] = {name: [] for name in args.servers}
-    samples: dict[str, dict] = {}
     failures: list[str] = []
-    for rep in range(args.reps):
-        order = args.servers[rep % len(args.servers):] + args.servers[:rep % len(args.servers)]
-        print(f"repetition {rep + 1}/{args.reps}: {', '.join(order)}", flush=True)
-        for name in order:
-            if name == "in-process":
-                runs[name].append(measure_in_process(image, args.levels))
-            else:
-                try:
-                    cells, sample = measure_server(name, image, args.levels)
-                except (Exception, SystemExit) as exc:  # noqa: BLE001 - one server failing must not lose the rest
-                    print(f"  {name} failed in repetition {rep + 1}: {exc}", flush=True)
-                    failures.append(f"{name}, repetition {rep + 1}: {exc}")
-                    continue
-                runs[name].append(cells)
-                samples.setdefault(name, sample)
+    running, samples = start_servers(args.servers, image, failures)
+    names = [n for n in args.servers if n in running]
+    runs: dict[str, list[dict]] = {name: [{} for _ in range(args.reps)] for name in names}
+    cells = [(route, level) for route in ROUTES for level in args.levels]
+    try:
+        for rep in range(args.reps):
+            print(f"repetition {rep + 1}/{args.reps}", flush=True)
+            for c, (route, level) in enumerate(cells):
+                shift = (rep + c) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    try:
+                        row = measure_cell(name, running[name], image, route, level)
+                    except (Exception, SystemExit) as exc:  # noqa: BLE001
+                        print(f"  {name} failed on {route} c={level}: {exc}", flush=True)
+                        failures.append(f"{name}, repetition {rep + 1}, {route} c={level}: {exc}")
+                        continue
+                    runs[name][rep][(route, level)] = row
+                    print(f"  {name:<11} {route:<12} c={level:<3} {row['rps']:7.2f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                          f"cpu {row['cpu_ms']:6.1f} ms/req", flush=True)
+    finally:
+        for runner in running.values():
+            runner.stop()
     parity = {name: compare(samples["ours"], s) for name, s in samples.items() if name != "ours" and "ours" in samples}
     raw = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
            "levels": args.levels, "parity": parity, "failures": failures,
-           "runs": {n: [{f"{r} {lv}": v for (r, lv), v in cells.items()} for cells in rs] for n, rs in runs.items()}}
+           "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1) + "\n")
     before = json.loads(args.before.read_text()) if args.before else None
@@ -284,7 +345,8 @@ def _median(raw: dict, name: str, cell: str, key: str) -> float | None:
 
 
 def _ratios(raw: dict, a: str, b: str, cell: str) -> list[float]:
-    return [x[cell]["rps"] / y[cell]["rps"] for x, y in zip(raw["runs"].get(a, []), raw["runs"].get(b, []))]
+    return [x[cell]["rps"] / y[cell]["rps"] for x, y in zip(raw["runs"].get(a, []), raw["runs"].get(b, []))
+            if cell in x and cell in y]
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -316,7 +378,8 @@ def report(raw: dict, before: dict | None) -> str:
     names = [n for n in SERVERS if n in raw["runs"]]
     reps = len(next(iter(raw["runs"].values())))
     lines = ["# Serving the same model: this service against LitServe", "",
-             f"`make bench-peers` on {raw['machine']}, {raw['date']}; {reps} repetitions, servers in rotating order, "
+             f"`make bench-peers` on {raw['machine']}, {raw['date']}; {reps} repetitions; all servers loaded, "
+             "taking turns cell by cell in rotating order (a server waiting its turn is frozen with SIGSTOP), "
              "medians (per-repetition ratios in brackets). One 256x256 PNG per request, multipart upload, "
              "same async client for every server, loopback; client, server and model share the cores. "
              "LitServe serves the same model through the same pre/post-processing code "
