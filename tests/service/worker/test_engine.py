@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.patchify import frames_to_sparse
-from service.worker.engine import Engine, split_by_cost
+from service.worker.engine import Engine, chunks_by_cost, split_by_cost
 from service.worker.jobs import Job, pixel_patches
 from service.worker.loader import ModelSpec, load_tokenizers
 
@@ -26,6 +26,17 @@ def test_split_by_cost_keeps_order_and_balances(sizes, lanes):
     costs = [sum(j.cost for j in g) for g in groups]
     # No group exceeds an equal share by more than its largest job.
     assert max(costs) <= sum(costs) / len(groups) + max(j.cost for j in jobs)
+
+
+@pytest.mark.parametrize("sizes,cap", [([1, 1, 1, 1], 2), ([3, 1, 1, 2, 5], 4), ([], 4), ([6], 2)])
+def test_chunks_by_cost_cap_each_pass_in_order(sizes, cap):
+    jobs = [_job(i, n) for i, n in enumerate(sizes)]
+    chunks = chunks_by_cost(jobs, cap)
+    assert [j.id for c in chunks for j in c] == list(range(len(jobs))) and all(chunks)
+    for chunk in chunks:  # within the cap, unless one job alone is over it
+        assert sum(j.cost for j in chunk) <= cap or len(chunk) == 1
+    for a, b in zip(chunks, chunks[1:]):  # greedy: the next job did not fit
+        assert sum(j.cost for j in a) + b[0].cost > cap
 
 
 @pytest.fixture(scope="module")
