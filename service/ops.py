@@ -298,9 +298,7 @@ async def reconstruct(runtime: Runtime, items: list[Item], options: Options, cal
     check_mode(runtime, options.tokens)
     gaussians = bool(runtime.model_info.get("gaussians"))
     plain = [i for i in items if not i.streamed]
-    jobs = _jobs(runtime, "reconstruct", plain, options.tokens, gaussians=gaussians)
-    for job, item in zip(jobs, plain):
-        job.pixels = item.kind != "3D"  # only the rendered pixels come back, not float tubelets
+    jobs = _jobs(runtime, "reconstruct", plain, options.tokens, gaussians=gaussians, pixels=True)
     results, timing = await _infer_plain(runtime, call, jobs)
     by_item = {id(i): r for i, r in zip(plain, results)}
     outputs: list[Output] = []

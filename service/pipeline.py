@@ -134,13 +134,11 @@ def _video_item(data: bytes | str, options: Options, limits: MediaLimits) -> Ite
 def model_size_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, count: int | None) -> np.ndarray:
     """Reconstructed tubelets (float, or already pixels: `reconstruction_pixels`) -> uint8
     [T, h, w, 3] at the model size (images: frame 0 only)."""
-    if tubelets.dtype == torch.uint8:
-        frames = unpatchify_frames(tubelets, coords, fill=PIXEL_FILL)  # [T, 3, h, w]
-        frames = frames[:1] if kind == "image" else frames[:count]
-        return np.ascontiguousarray(frames.permute(0, 2, 3, 1).numpy())
-    frames = unpatchify_frames(tubelets, coords).clamp(-1, 1)  # [T, 3, h, w]
-    frames = frames[:1] if kind == "image" else frames[:count]
-    return img.from_model_range(frames.permute(0, 2, 3, 1).numpy())
+    pixels = tubelets.dtype == torch.uint8
+    frames = (unpatchify_frames(tubelets, coords, fill=PIXEL_FILL) if pixels
+              else unpatchify_frames(tubelets, coords).clamp(-1, 1))  # [T, 3, h, w]
+    frames = (frames[:1] if kind == "image" else frames[:count]).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(frames) if pixels else img.from_model_range(frames)
 
 
 def tubelets_to_frames(tubelets: torch.Tensor, coords: torch.Tensor, kind: str, media: dict) -> Iterator[np.ndarray]:

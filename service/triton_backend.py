@@ -70,9 +70,12 @@ class TritonBackend:
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
         requests = pack_requests(jobs)
+        if not requests:
+            return []
+        # The first request goes from this thread; any others (other input widths) beside it.
         futures = [self.pool.submit(self._infer, arrays) for _, arrays in requests[1:]]
+        answers = [self._infer(requests[0][1])] + [f.result() for f in futures]
         results: list[JobResult | None] = [None] * len(jobs)
-        answers = [self._infer(requests[0][1])] + [f.result() for f in futures] if requests else []
         for (positions, _), out in zip(requests, answers):
             for i, r in zip(positions, outputs_to_results([jobs[i] for i in positions], out)):
                 results[i] = r

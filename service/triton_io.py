@@ -62,7 +62,7 @@ def _job_arrays(job: Job) -> tuple[dict, dict[str, np.ndarray]]:
             "pixels": job.pixels}
     if job.pool_state is not None:  # a few hundred floats: they ride in the JSON
         meta["pool_state"] = _state_to_json(job.pool_state)
-    pixels = np.zeros((0, 0), np.uint8)
+    pixels = None
     if job.op == "pool":
         coords, kind, feats = torch.zeros(0, 5, dtype=torch.int32), "video", np.zeros((0, 0), np.float32)
     elif job.batch is not None and job.batch.feats.dtype == torch.uint8:
@@ -80,7 +80,7 @@ def _job_arrays(job: Job) -> tuple[dict, dict[str, np.ndarray]]:
     meta.update(kind=kind, rows=int(coords.shape[0]))
     indices = job.tokens.indices.numpy() if job.tokens is not None and job.tokens.indices is not None \
         else np.zeros((coords.shape[0], 0), np.int64)
-    if not pixels.shape[0]:
+    if pixels is None:
         pixels = np.zeros((coords.shape[0], 0), np.uint8)
     return meta, {"FEATS": feats, "PIXELS": pixels, "COORDS": coords.numpy(), "INDICES": indices}
 
@@ -110,29 +110,24 @@ def info_inputs() -> dict[str, np.ndarray]:
             "INDICES": np.zeros((1, 0, 0), np.int64)}
 
 
-def inputs_to_jobs(first_id: int, arrays: dict[str, np.ndarray]) -> list[Job]:
-    """One request's jobs, numbered from first_id."""
-    metas = unpack_json(arrays["META"])["jobs"]
+def inputs_to_jobs(first_id: int, metas: list[dict], arrays: dict[str, np.ndarray]) -> list[Job]:
+    """One request's jobs (`metas`: its META's "jobs"), numbered from first_id."""
     rows = [m["rows"] for m in metas]
-    split = {name: _unstack(arrays[name], rows) if arrays[name].shape[1] else [None] * len(metas)
-             for name in ("FEATS", "PIXELS", "COORDS", "INDICES")}
+    split = {name: _unstack(arrays[name], rows) for name in INPUTS[1:]}
     return [_job(first_id + k, meta, {name: split[name][k] for name in split}) for k, meta in enumerate(metas)]
 
 
-def _job(job_id: int, meta: dict, arrays: dict) -> Job:
-    kind, n = meta["kind"], meta["rows"]
+def _job(job_id: int, meta: dict, arrays: dict[str, np.ndarray]) -> Job:
+    kind = meta["kind"]
     if meta["op"] == "pool":
         return Job(job_id, "pool", meta["mode"], pool_state=_state_from_json(meta["pool_state"]))
     coords = torch.from_numpy(np.ascontiguousarray(arrays["COORDS"])).to(torch.int32)
-    pixels, feats, indices = arrays["PIXELS"], arrays["FEATS"], arrays["INDICES"]
-    if pixels is not None and pixels.shape[1]:
-        feats = torch.from_numpy(np.ascontiguousarray(pixels))
-    else:
-        feats = torch.from_numpy(np.ascontiguousarray(feats if feats is not None else np.zeros((n, 0), np.float32)))
+    pixels, indices = arrays["PIXELS"], arrays["INDICES"]
+    feats = torch.from_numpy(np.ascontiguousarray(pixels if pixels.shape[1] else arrays["FEATS"]))
     flags = dict(mode=meta["mode"], dense=meta["dense"], gaussians=meta["gaussians"], pixels=meta["pixels"])
     if meta["op"] == "decode":
         tokens = (Tokens(coords, (kind,), indices=torch.from_numpy(np.ascontiguousarray(indices)))
-                  if indices is not None and indices.shape[1] else Tokens(coords, (kind,), latents=feats))
+                  if indices.shape[1] else Tokens(coords, (kind,), latents=feats))
         return Job(job_id, "decode", tokens=tokens, **flags)
     return Job(job_id, meta["op"], batch=SparseBatch(feats, coords, (kind,)), partial=meta["partial"], **flags)
 

@@ -83,8 +83,8 @@ async def decode(request: Request, runtime: Runtime = Depends(get_runtime)):
     decoded = [tokens_from_json(e, i, limits, model) for i, e in enumerate(entries)]
     request.state.modality = ",".join(sorted({k for _, k, _ in decoded}))
     gaussians = bool(model.get("gaussians"))
-    jobs = [Job(runtime.scheduler.next_id(), "decode", tokens=t, gaussians=gaussians, pixels=kind != "3D")
-            for t, kind, _ in decoded]
+    jobs = [Job(runtime.scheduler.next_id(), "decode", tokens=t, gaussians=gaussians, pixels=True)
+            for t, _, _ in decoded]
     results, timing = await runtime.infer(lambda: wait_disconnect(request), jobs)
     return send(await ops.decoded_media(runtime, decoded, results, options, timing))
 

@@ -81,7 +81,7 @@ class Job:
     tokens: Tokens | None = None  # one item's tokens (batch index 0), decode
     partial: bool = False  # embed: return the pooling state of this piece, not an embedding
     pool_state: PoolState | None = None  # pool: the merged state of every piece ([1, H], [1, H], [1, H, D])
-    pixels: bool = False  # image/video decoder ops: tubelets come back as `reconstruction_pixels`
+    pixels: bool = False  # decoder ops: images' and videos' tubelets come back as `reconstruction_pixels` (3D: float)
 
     @property
     def model_mode(self) -> str:

@@ -1,6 +1,8 @@
 """Rendered outputs: one rebuild of an image's pixels for file and score; pixel results from the
 worker render exactly as float tubelets."""
 
+import io
+
 import numpy as np
 import torch
 
@@ -46,6 +48,12 @@ def test_pixel_results_render_exactly_as_float_tubelets():
         assert round_trip_psnr(item, as_pixels) == round_trip_psnr(item, as_float)
         if kind == "image":
             assert render_image(item, as_pixels, "png") == render_image(item, as_float, "png")
+    # 3D reconstructions stay float whatever the flag: their consumers (PLY, NPZ) need the values
+    buf = io.BytesIO()
+    coords = np.unique(np.random.default_rng(0).integers(10, 30, (40, 3)), axis=0)
+    np.savez(buf, coords=coords, feats=np.full((len(coords), 768), 128, np.uint8))
+    volume = preprocess(buf.getvalue(), Options(), settings.limits)
+    assert backend.run([Job(2, "reconstruct", batch=volume.batch, pixels=True)])[0].tubelets.dtype == torch.float32
 
 
 def test_pixels_fill_places_no_token_covers_like_float_zeros():

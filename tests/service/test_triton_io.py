@@ -6,7 +6,7 @@ import torch
 
 from model.api import Tokens
 from service.settings import Settings
-from service.triton_io import inputs_to_jobs, outputs_to_results, pack_requests, results_to_outputs
+from service.triton_io import inputs_to_jobs, outputs_to_results, pack_requests, results_to_outputs, unpack_json
 from service.worker.backends import LocalBackend
 from service.worker.jobs import Job, pixel_patches
 
@@ -28,7 +28,7 @@ def test_requests_group_jobs_by_input_width_in_order():
     for positions, arrays in requests:
         rows = sum(jobs[i].num_tokens for i in positions)
         assert arrays["PIXELS"].shape[:2] == (1, rows) and arrays["COORDS"].shape == (1, rows, 5)
-        back = inputs_to_jobs(100, arrays)
+        back = inputs_to_jobs(100, unpack_json(arrays["META"])["jobs"], arrays)
         assert [j.id for j in back] == list(range(100, 100 + len(positions)))
         for i, job in zip(positions, back):
             original = jobs[i]

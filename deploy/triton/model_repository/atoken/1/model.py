@@ -49,10 +49,11 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             arrays = {name: _from_triton(pb_utils.get_input_tensor_by_name(request, name)) for name in INPUTS}
-            if unpack_json(arrays["META"]).get("info"):  # the front end asks which model this is
+            meta = unpack_json(arrays["META"])
+            if meta.get("info"):  # the front end asks which model this is
                 _send(sender, info_outputs(self.info))
                 continue
-            own = inputs_to_jobs(next_id, arrays)
+            own = inputs_to_jobs(next_id, meta["jobs"], arrays)
             next_id += len(own)
             pending.append((sender, own))
             jobs += own
@@ -62,7 +63,7 @@ class TritonPythonModel:
                 results.update((r.id, r) for r in self.engine.run(chunk))
                 while pending and all(j.id in results for j in pending[0][1]):
                     sender, own = pending.pop(0)
-                    _send(sender, results_to_outputs([results[j.id] for j in own]))
+                    _send(sender, results_to_outputs([results.pop(j.id) for j in own]))
         except Exception as exc:  # noqa: BLE001 - every request still gets its one answer
             for sender, _ in pending:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")),
