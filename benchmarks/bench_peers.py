@@ -218,20 +218,21 @@ class InProcess:
 
     def _pipeline(self, image: bytes, op: str, n: int) -> float:
         """Runs n items; returns the model's CPU seconds (every thread of this process: lanes too)."""
-        from service.outputs import render
+        from service.outputs import render_image
         from service.pipeline import Options, preprocess
         from service.worker.jobs import Job
 
         items = [preprocess(image, Options(), self.settings.limits) for _ in range(n)]
-        per_batch = max(1, self.settings.max_batch_tokens // items[0].batch.coords.shape[0])
+        per_batch = max(1, self.settings.max_batch_tokens // Job(0, op, batch=items[0].batch).cost)
         results, model_cpu = [], 0.0
-        for i in range(0, n, per_batch):
+        for i in range(0, n, per_batch):  # the jobs the server's routes make, in its batches
             c0 = time.process_time()
-            results += self.backend.run([Job(k, op, batch=it.batch) for k, it in enumerate(items[i:i + per_batch])])
+            results += self.backend.run([Job(k, op, batch=it.batch, pixels=True)
+                                         for k, it in enumerate(items[i:i + per_batch])])
             model_cpu += time.process_time() - c0
         for item, r in zip(items, results):
-            if op == "reconstruct":
-                render(item.kind, r.tubelets, item.batch.coords, item.media, None, "png")
+            if op == "reconstruct":  # the file and its round-trip score, as /reconstruct answers
+                render_image(item, r, "png")
             else:
                 json.dumps({"embedding": r.embedding.numpy().astype(np.float32).tolist()})
         return model_cpu
