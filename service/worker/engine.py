@@ -76,6 +76,8 @@ class Engine:
         self._lane_pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="atoken-lane") if self.lanes > 1 else None
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
+        if not jobs:
+            return []
         start = time.perf_counter()
         groups = split_by_cost(jobs, self.lanes)
         per_lane = max(1, self.threads // len(groups))

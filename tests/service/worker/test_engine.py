@@ -85,3 +85,7 @@ def test_long_video_pieces_pool_through_lanes(tokenizers):
     pooled = engine.run([Job(2, "pool", pool_state=pieces[0].pool_state)])[0]
     assert pooled.error is None
     torch.testing.assert_close(pooled.embedding, pieces[1].embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_no_jobs_no_results(tokenizers):
+    assert Engine(tokenizers, lanes=2).run([]) == []
