@@ -219,7 +219,8 @@ class InProcess:
     def _pipeline(self, image: bytes, op: str, n: int) -> float:
         """Runs n items; returns the model's CPU seconds (every thread of this process: lanes too)."""
         from service.outputs import render_image
-        from service.pipeline import Options, preprocess
+        from service.inputs import Options
+        from service.pipeline import preprocess
         from service.worker.jobs import Job
 
         items = [preprocess(image, Options(), self.settings.limits) for _ in range(n)]

@@ -74,7 +74,8 @@ async def run_level(url: str, route: str, image: bytes, concurrency: int, total:
 def in_process(image: bytes, batch: int, op: str, repeats: int = 3) -> tuple[float, float]:
     """(pipeline items/s, model-only items/s) for batches of `batch` copies of the image."""
     from service.outputs import render
-    from service.pipeline import Options, preprocess
+    from service.inputs import Options
+    from service.pipeline import preprocess
     from service.settings import Settings
     from service.worker.backends import LocalBackend
     from service.worker.jobs import Job

@@ -13,7 +13,7 @@ from .arrays import SAFETENSORS
 from .budget import MAX_FPS, parse_json
 from .errors import BadRequest, InvalidParameter, PayloadTooLarge
 from .fetch import check_url, fetch
-from .pipeline import Options
+from .inputs import Options
 from .uploads import SPILL_BYTES, release, spill, spill_stream
 from .runtime import Runtime
 

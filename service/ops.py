@@ -20,7 +20,8 @@ from .arrays import NPY, SAFETENSORS, array_to_json, to_npy, to_safetensors
 from .deps import flag
 from .errors import ClientClosedRequest, InvalidParameter, NotAcceptable, Overloaded, PayloadTooLarge
 from .outputs import MEDIA_TYPES, choose_format, preview_file, render, render_image, score_3d, zip_files
-from .pipeline import Item, Options, compact_indices, round_trip_psnr, token_grid, tokens_to_json
+from .inputs import Options
+from .pipeline import Item, compact_indices, round_trip_psnr, token_grid, tokens_to_json
 from .runtime import Runtime, Timing
 from .streaming import Progress, Tile
 from .worker.jobs import Job, JobResult

@@ -1,11 +1,11 @@
-"""Stages around the model: uploads -> model inputs (pre-processing) and model outputs ->
-files and JSON (post-processing). Pure functions of bytes and arrays; the HTTP layer runs
+"""Stages around the model: uploads -> model inputs (pre-processing, decoding in
+`service.inputs`) and model outputs -> files and JSON (post-processing). Pure functions of bytes and arrays; the HTTP layer runs
 them in a bounded thread pool and the CLI calls them directly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,51 +17,12 @@ from model.sparse import SparseBatch
 
 from . import budget
 from .arrays import array_from_json, array_to_json
-from .errors import BadRequest, InvalidParameter, UnsupportedType
+from .errors import BadRequest, InvalidParameter
+from .inputs import Options, Pixels, VideoSource, Voxels, decode
 from .media import image as img
-from .media import video as vid
-from .media.detect import sniff
-from .media.errors import UnsupportedMediaError
 from .media.limits import MediaLimits
-from .media.volume import load_npz
-from .uploads import DiskUpload, Upload
+from .uploads import Upload
 from .worker.jobs import PIXEL_FILL, JobResult, pixel_patches
-
-Modality = Literal["image", "video", "mesh", "volume"]
-KIND_OF = {"image": "image", "video": "video", "mesh": "3D", "volume": "3D"}
-
-
-@dataclass
-class Options:
-    tokens: Literal["continuous", "discrete"] = "continuous"
-    format: str | None = None  # output: png/jpeg/webp, mp4/webm, ply
-    fps: float | None = None
-    max_frames: int | None = None
-    start: float = 0.0
-    end: float | None = None
-    background: tuple[int, int, int] = (255, 255, 255)
-    array_format: Literal["base64", "list"] = "base64"
-    preview: Literal["none", "grid", "turntable"] = "none"  # 3D reconstructions
-    score: bool = False  # 3D: PSNR/SSIM of splat renders against the input's renders
-
-
-@dataclass
-class VideoSource:
-    """A video item read tile by tile when it runs (service.streaming): the upload's bytes and
-    the plan made from its header; its frames never all exist at once."""
-
-    data: bytes | str  # the upload, or the path of the file it is kept in
-    plan: vid.VideoPlan
-
-    def tiles(self) -> Iterator[np.ndarray]:
-        return vid.iter_tiles(vid.iter_frames(self.data, self.plan))
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Token rows and columns of every latent frame."""
-        h, w = self.plan.resize.model
-        return h // img.PATCH, w // img.PATCH
-
 
 @dataclass
 class Item:
@@ -79,55 +40,18 @@ class Item:
 
 
 def preprocess(data: Upload, options: Options, limits: MediaLimits) -> Item:
-    """Upload bytes (or a large upload's file) -> one model item. Modality comes from the
-    content, never the file name. A video on disk is read from there, tile by tile."""
-    if isinstance(data, DiskUpload):
-        if data.looks_like_video():
-            return _video_item(data.path, options, limits)
-        data = data.read()
-    if not data:
-        raise BadRequest("empty upload")
-    try:
-        modality, fmt = sniff(data)
-    except UnsupportedMediaError as exc:
-        raise UnsupportedType(str(exc)) from None
-    if modality == "image":
-        return _image_item(data, options, limits)
-    if modality == "video":
-        return _video_item(data, options, limits)
-    if modality == "volume" and fmt == "npz":
-        coords, feats = load_npz(data, limits)
-        batch = voxels_to_sparse([(torch.from_numpy(coords), torch.from_numpy(feats))])
-        return Item("volume", "3D", batch, {"voxels": int(coords.shape[0])})
-    if modality in ("mesh", "volume"):
-        from .media import asset3d  # imported lazily: trimesh and the ray caster are heavy
-
-        coords, feats, media, views = asset3d.load_3d(data, fmt, limits)
-        batch = voxels_to_sparse([(torch.from_numpy(coords), torch.from_numpy(feats))])
-        return Item(modality, "3D", batch, media, views=views)
-    raise UnsupportedType(f"unsupported content ({modality}/{fmt})")
+    """Upload bytes (or a large upload's file) -> one model item (see `service.inputs.decode`)."""
+    d = decode(data, options, limits)
+    batch = model_input(d.input) if d.input is not None else None
+    reference = d.input.frames if isinstance(d.input, Pixels) else None
+    return Item(d.modality, d.kind, batch, d.media, reference, views=d.views, stream=d.stream)
 
 
-def _image_item(data: bytes, options: Options, limits: MediaLimits) -> Item:
-    width, height = img.probe_image(data, limits).size
-    img.plan_resize(height, width, limits)  # aspect and tokens refused from the header, before decoding
-    pixels = img.decode_image(data, limits, options.background)
-    plan = img.plan_resize(*pixels.shape[:2], limits)
-    model_pixels = img.resize_rgb(pixels, plan.model)
-    batch = pixel_patches(model_pixels[None])
-    media = {"height": plan.original[0], "width": plan.original[1], "model_height": plan.model[0],
-             "model_width": plan.model[1], "frames": 1}
-    return Item("image", "image", batch, media, model_pixels[None])
-
-
-def _video_item(data: bytes | str, options: Options, limits: MediaLimits) -> Item:
-    """Only the header is read here: frames are decoded tile by tile when the item runs."""
-    sampling = vid.Sampling(options.fps, options.max_frames, options.start, options.end)
-    plan = vid.plan_video(data, limits, sampling)
-    media = {"height": plan.resize.original[0], "width": plan.resize.original[1],
-             "model_height": plan.resize.model[0], "model_width": plan.resize.model[1],
-             "frames": plan.expected, "fps": plan.fps, "source_fps": plan.info.fps, "codec": plan.info.codec}
-    return Item("video", "video", None, media, stream=VideoSource(data, plan))
+def model_input(source: Pixels | Voxels) -> SparseBatch:
+    """Decoded pixels or voxels -> the model's input, one item (batch index 0)."""
+    if isinstance(source, Pixels):
+        return pixel_patches(source.frames)
+    return voxels_to_sparse([(torch.from_numpy(source.coords), torch.from_numpy(source.feats))])
 
 
 # ---------------------------------------------------------------- model outputs -> arrays

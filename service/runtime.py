@@ -20,7 +20,8 @@ from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, from_work
 from .media.detect import sniff
 from .media.errors import MediaError
 from .metrics import Metrics
-from .pipeline import Item, Options, preprocess
+from .inputs import Options
+from .pipeline import Item, preprocess
 from .scheduler import Scheduler
 from .settings import Settings
 from .uploads import DiskUpload

@@ -27,7 +27,8 @@ from model.sparse import SparseBatch
 from .errors import Overloaded, from_worker
 from .media import image as img
 from .media import video as vid
-from .pipeline import VideoSource, model_size_frames
+from .inputs import VideoSource
+from .pipeline import model_size_frames
 from .runtime import Runtime, Timing
 from .worker.jobs import Job, JobResult, pixel_patches
 
@@ -69,14 +70,6 @@ class Tile:
 Consumer = Callable[[Tile], None]
 
 
-def pad_to_tubelets(frames: np.ndarray) -> np.ndarray:
-    """Repeat the last frame up to a multiple of 4 (the official rule drops a partial tubelet;
-    we keep every frame and trim the output back)."""
-    count = frames.shape[0]
-    pad = (-count) % vid.TUBELET
-    return np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
-
-
 class TileRun:
     """Drives one video through the scheduler: decode (heavy pool) -> job -> consume (post pool)."""
 
@@ -98,7 +91,7 @@ class TileRun:
                     if frames is None:
                         exhausted = True
                         break
-                    job = self.make_job(pixel_patches(pad_to_tubelets(frames)))
+                    job = self.make_job(pixel_patches(vid.pad_to_tubelets(frames)))
                     pending.append((index, frames, job, asyncio.ensure_future(self._submit(job))))
                     index += 1
                 if not pending:

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from service.outputs import render_image  # noqa: E402
-from service.pipeline import Options, preprocess  # noqa: E402
+from service.inputs import Options  # noqa: E402
+from service.pipeline import preprocess  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.worker.backends import LocalBackend  # noqa: E402
 from service.worker.jobs import Job  # noqa: E402

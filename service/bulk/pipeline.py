@@ -6,7 +6,7 @@ engine compute exactly the numbers a single uninterrupted local run computes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,55 +14,18 @@ import torch
 from model.layers.attention import PoolState, merge_pool_states
 from model.sparse import SparseBatch
 
-from ..errors import PayloadTooLarge, error_body, from_worker
-from ..media.limits import MediaLimits
-from ..pipeline import Options, preprocess
-from ..streaming import pad_to_tubelets
-from ..worker.jobs import Job, JobResult, pixel_patches
-from .sources import Entry
+from ..errors import from_worker
+from ..pipeline import model_input
+from ..worker.jobs import Job, JobResult
+from .prepare import Failed, Prepared, failure
 
 
-@dataclass
-class Prepared:
-    key: str
-    modality: str
-    kind: str
-    media: dict
-    batches: Iterable[tuple[int, SparseBatch]]  # (frames, job input): one, or a video's tiles (lazy locally)
-    video: bool = False
-
-
-@dataclass
-class Failed:
-    key: str
-    status: int
-    code: str
-    message: str
-
-    def record(self) -> dict:
-        return {"key": self.key, "status": self.status, "code": self.code, "message": self.message}
-
-
-def failure(key: str, exc: BaseException) -> Failed:
-    """The error the HTTP API would have answered for this input."""
-    status, body, _ = error_body(exc) if isinstance(exc, Exception) else (500, {"error": {
-        "code": "internal_error", "message": str(exc)}}, {})
-    return Failed(key, status, body["error"]["code"], body["error"]["message"])
-
-
-def prepare(entry: Entry, options: Options, limits: MediaLimits, lazy: bool = True) -> Prepared | Failed:
-    """Read and pre-process one input (a worker thread's or a Ray task's job)."""
-    try:
-        if entry.size > limits.max_bytes:
-            raise PayloadTooLarge(f"file {entry.key!r} exceeds {limits.max_bytes} bytes", limit=limits.max_bytes)
-        item = preprocess(entry.read(), options, limits)
-        if not item.streamed:
-            return Prepared(entry.key, item.modality, item.kind, item.media, [(1, item.batch)])
-        tiles = ((len(frames), pixel_patches(pad_to_tubelets(frames))) for frames in item.stream.tiles())
-        media = dict(item.media)
-        return Prepared(entry.key, item.modality, item.kind, media, tiles if lazy else list(tiles), video=True)
-    except Exception as exc:  # noqa: BLE001 - a bad input is one line in errors.jsonl
-        return failure(entry.key, exc)
+def built(item: Prepared | Failed) -> Prepared | Failed:
+    """An image's or 3D asset's model input built now, in the calling (pre-processing) thread,
+    not on the model's; a video's tiles are decoded and built as the model reaches them."""
+    if isinstance(item, Prepared) and not item.video:
+        item.sources = [(frames, model_input(source)) for frames, source in item.sources]
+    return item
 
 
 @dataclass
@@ -94,9 +57,11 @@ class ShardRunner:
             row = _Row(item)
             rows.append(row)
             try:
-                for tile, (frames, batch) in enumerate(item.batches):
+                for tile, (frames, source) in enumerate(item.sources):
                     row.frames += frames
-                    job = Job(next_id, "tokenize", mode=self.mode, batch=batch, partial=item.video and self.embeddings)
+                    batch = source if isinstance(source, SparseBatch) else model_input(source)
+                    job = Job(next_id, "tokenize", mode=self.mode, batch=batch,
+                              partial=item.video and self.embeddings)
                     next_id += 1
                     if pending and cost + job.cost > self.max_batch_tokens:
                         self._flush(pending)

@@ -18,7 +18,9 @@ from ..deps import options_from_raw
 from ..settings import Settings
 from . import schema
 from .output import FORMAT, Output
-from .pipeline import ShardRunner, prepare, torch_threads, value_dtype
+from .on_ray import PREPARE_IDLE, RayModel, prepare_shard
+from .pipeline import ShardRunner, built, torch_threads, value_dtype
+from .prepare import prepare
 from .sources import Entry, list_inputs
 
 
@@ -114,7 +116,7 @@ class LocalEngine:
         for k in todo:
             runner = ShardRunner(self.backend, self.cfg.tokens, self.cfg.embeddings, self.settings.max_batch_tokens,
                                  _np_dtype(dtype))
-            prepared = _ordered(self.pool, lambda e: prepare(e, self.options, limits, lazy=True), shards[k],
+            prepared = _ordered(self.pool, lambda e: built(prepare(e, self.options, limits, lazy=True)), shards[k],
                                 window=2 * self.threads + 2)
             rows, errors = runner.run(_ticking(prepared, bar))
             yield k, rows, errors, runner.tokens
@@ -170,11 +172,13 @@ class RayEngine:
         spec, limits, cfg = self.settings.model_spec, self.settings.limits, self.cfg
         gpu = spec.device.startswith("cuda")
         ds = ray.data.from_items([{"shard": k, "entries": shards[k]} for k in todo], override_num_blocks=len(todo))
-        # Half a CPU per pre-processing task: they run beside the model actor (and, having other
-        # resources than the actor, are not fused into it by Ray Data's optimiser).
-        ds = ds.map(_prepare_shard, fn_kwargs={"options": self.options, "limits": limits, "idle": PREPARE_IDLE},
-                    num_cpus=0.5)
-        ds = ds.map_batches(_RayModel, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
+        # Three quarters of a CPU per pre-processing task: beside the model actor's one CPU a 2-core
+        # node runs one task at a time (each task process costs seconds of CPU to start, taken
+        # from the model on a small machine; one keeps well ahead of it), a 16-core node twenty.
+        # Not a whole CPU: with the actor's resources Ray Data's optimiser fuses the two stages.
+        ds = ds.map(prepare_shard, fn_kwargs={"options": self.options, "limits": limits, "idle": PREPARE_IDLE},
+                    num_cpus=0.75)
+        ds = ds.map_batches(RayModel, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
                             num_gpus=1 if gpu else 0, num_cpus=1,
                             fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
                                                    "max_batch_tokens": self.settings.max_batch_tokens,
@@ -184,50 +188,6 @@ class RayEngine:
             rows, errors, tokens = pickle.loads(row["result"])
             bar.update(len(shards[k]))
             yield k, rows, errors, tokens
-
-
-# Pre-processing is a small share of the work and runs ahead of the model; at idle priority it
-# fills the cores the model leaves idle between operations instead of taking them from it.
-PREPARE_IDLE = True
-
-
-def _prepare_shard(item: dict, options, limits, idle: bool = False) -> dict:
-    """A Ray task: one shard's inputs read and cut into model inputs (pickled: tensors inside)."""
-    prepared = _in_thread(lambda: [prepare(e, options, limits, lazy=False) for e in item["entries"]], idle)
-    return {"shard": item["shard"], "prepared": pickle.dumps(prepared)}
-
-
-def _in_thread(fn: Callable, idle: bool):
-    """fn() in a fresh thread, at idle scheduling priority if asked (Linux: per thread), so the
-    pooled Ray worker running this task keeps its own priority for whatever it runs next."""
-    def run():
-        if idle and hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return fn()
-
-    with ThreadPoolExecutor(1, thread_name_prefix="atoken-prepare") as pool:
-        return pool.submit(run).result()
-
-
-class _RayModel:
-    """The model, loaded once per actor; runs one shard's prepared inputs per call."""
-
-    def __init__(self, spec, mode: str, embeddings: bool, max_batch_tokens: int, dtype: str, threads: int):
-        from ..worker.backends import LocalBackend
-
-        torch_threads(threads)
-        self.backend = LocalBackend(spec)
-        self.backend.start()
-        self.args = (mode, embeddings, max_batch_tokens, _np_dtype(dtype))
-
-    def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "result": []}
-        for shard, prepared in zip(batch["shard"], batch["prepared"]):
-            runner = ShardRunner(self.backend, *self.args)
-            rows, errors = runner.run(iter(pickle.loads(prepared)))
-            out["shard"].append(int(shard))
-            out["result"].append(pickle.dumps((rows, errors, runner.tokens)))
-        return out
 
 
 def _describe(spec) -> dict:

@@ -193,6 +193,13 @@ def iter_tiles(frames: Iterable[np.ndarray], size: int = TILE) -> Iterator[np.nd
         yield np.stack(tile)
 
 
+def pad_to_tubelets(frames: np.ndarray) -> np.ndarray:
+    """Repeat the last frame up to a multiple of 4 (the official rule drops a partial tubelet;
+    we keep every frame and trim the output back)."""
+    pad = (-frames.shape[0]) % TUBELET
+    return np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
+
+
 def decode_video(data: bytes, limits: MediaLimits = MediaLimits(), sampling: Sampling = Sampling()) -> DecodedVideo:
     """Every sampled frame in one array (short clips; long ones go through `iter_frames`)."""
     plan = plan_video(data, limits, sampling)

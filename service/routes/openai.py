@@ -21,7 +21,7 @@ from ..deps import get_runtime, read_json
 from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ServiceError, UnsupportedType, openai_error
 from ..fetch import check_url, fetch
 from ..media.errors import MediaError
-from ..pipeline import Options
+from ..inputs import Options
 from ..runtime import Runtime, wait_disconnect
 from ..worker.jobs import Job
 

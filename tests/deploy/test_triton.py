@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.pipeline import Options, preprocess
-from service.streaming import pad_to_tubelets
+from service.inputs import Options
+from service.media import video as vid
+from service.pipeline import preprocess
 from service.settings import Settings
 from service.worker.backends import LocalBackend
 from service.worker.jobs import Job, pixel_patches
@@ -34,7 +35,7 @@ def _items():
     files = [assets.image("chelsea.png"), assets.image("rocket.jpg"), assets.video("carphone_pristine.mp4")]
     items = [preprocess(f.read_bytes(), Options(max_frames=8), limits) for f in files]
     # A video runs tile by tile: its first (here only) tile is the job.
-    items = [dataclasses.replace(i, batch=pixel_patches(pad_to_tubelets(next(i.stream.tiles())))) if i.streamed
+    items = [dataclasses.replace(i, batch=pixel_patches(vid.pad_to_tubelets(next(i.stream.tiles())))) if i.streamed
              else i for i in items]
     npz = np.random.default_rng(0)
     import io

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from service.outputs import render, render_image
-from service.pipeline import Item, Options, model_size_frames, preprocess, round_trip_psnr
+from service.inputs import Options
+from service.pipeline import Item, model_size_frames, preprocess, round_trip_psnr, tubelets_to_frames
 from service.settings import Settings
 from service.worker.backends import LocalBackend
 from service.worker.jobs import Job, pixel_patches, reconstruction_pixels
@@ -42,9 +43,15 @@ def test_pixel_results_render_exactly_as_float_tubelets():
                                            Job(1, "reconstruct", batch=item.batch, pixels=True)])
         assert as_pixels.tubelets.dtype == torch.uint8
         assert as_pixels.tubelets.shape == (as_float.tubelets.shape[0], 768 if kind == "image" else 3072)
-        fmt = "png" if kind == "image" else "mp4"
-        assert render(kind, as_pixels.tubelets, item.batch.coords, item.media, None, fmt) == \
-            render(kind, as_float.tubelets, item.batch.coords, item.media, None, fmt)
+        # the frames a video's encoder is fed: libx264 itself does not write the same bytes for
+        # the same frames every time (2-4 variants in 60 encodes here)
+        if kind == "image":
+            assert render(kind, as_pixels.tubelets, item.batch.coords, item.media, None, "png") == \
+                render(kind, as_float.tubelets, item.batch.coords, item.media, None, "png")
+        else:
+            as_frames = [np.stack(list(tubelets_to_frames(r.tubelets, item.batch.coords, kind, item.media)))
+                         for r in (as_pixels, as_float)]
+            assert np.array_equal(*as_frames)
         assert round_trip_psnr(item, as_pixels) == round_trip_psnr(item, as_float)
         if kind == "image":
             assert render_image(item, as_pixels, "png") == render_image(item, as_float, "png")

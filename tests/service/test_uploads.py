@@ -9,7 +9,8 @@ import tempfile
 
 import numpy as np
 
-from service.pipeline import Options, preprocess
+from service.inputs import Options
+from service.pipeline import preprocess
 from service.settings import Settings
 from service.uploads import SPILL_BYTES, DiskUpload, spill
 from tests import assets

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from service.pipeline import Options, preprocess, round_trip_psnr
+from service.inputs import Options
+from service.pipeline import preprocess, round_trip_psnr
 from service.settings import Settings
 from service.worker import loader
 from service.worker.backends import LocalBackend

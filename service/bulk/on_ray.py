@@ -1,0 +1,61 @@
+"""The Ray engine's two stages, in a module of their own: Ray workers import the module of
+the function or class they run, and a pre-processing task then needs neither torch nor the
+CLI's imports (about 2 s of CPU less per worker process, which on a small machine is time
+taken from the model while the run starts). The model actor imports torch when built."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from .prepare import prepare
+
+# Pre-processing is a small share of the work and runs ahead of the model; at idle priority it
+# fills the cores the model leaves idle between operations instead of taking them from it.
+PREPARE_IDLE = True
+
+
+def prepare_shard(item: dict, options, limits, idle: bool = False) -> dict:
+    """A Ray task: one shard's inputs read and decoded (pickled: numpy arrays inside)."""
+    prepared = _in_thread(lambda: [prepare(e, options, limits, lazy=False) for e in item["entries"]], idle)
+    return {"shard": item["shard"], "prepared": pickle.dumps(prepared)}
+
+
+def _in_thread(fn: Callable, idle: bool):
+    """fn() in a fresh thread, at idle scheduling priority if asked (Linux: per thread), so the
+    pooled Ray worker running this task keeps its own priority for whatever it runs next."""
+    def run():
+        if idle and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return fn()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="atoken-prepare") as pool:
+        return pool.submit(run).result()
+
+
+class RayModel:
+    """The model, loaded once per actor; runs one shard's prepared inputs per call."""
+
+    def __init__(self, spec, mode: str, embeddings: bool, max_batch_tokens: int, dtype: str, threads: int):
+        import numpy as np
+
+        from ..worker.backends import LocalBackend
+        from .pipeline import torch_threads
+
+        torch_threads(threads)
+        self.backend = LocalBackend(spec)
+        self.backend.start()
+        self.args = (mode, embeddings, max_batch_tokens, np.dtype(dtype))
+
+    def __call__(self, batch: dict) -> dict:
+        from .pipeline import ShardRunner
+
+        out = {"shard": [], "result": []}
+        for shard, prepared in zip(batch["shard"], batch["prepared"]):
+            runner = ShardRunner(self.backend, *self.args)
+            rows, errors = runner.run(iter(pickle.loads(prepared)))
+            out["shard"].append(int(shard))
+            out["result"].append(pickle.dumps((rows, errors, runner.tokens)))
+        return out

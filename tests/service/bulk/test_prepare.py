@@ -1,0 +1,69 @@
+"""Bulk pre-processing: what a Ray task process does (read and decode) needs no torch, and the
+model inputs built from its arrays are exactly those the HTTP routes build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from service.bulk.pipeline import built
+from service.bulk.prepare import Failed, Prepared, prepare
+from service.bulk.sources import Entry
+from service.inputs import Options, Pixels
+from service.media.limits import MediaLimits
+from service.pipeline import preprocess
+from tests import assets
+from tests.conftest import ROOT
+
+LIMITS = MediaLimits(max_side=128)
+
+
+def _entry(tmp_path, name: str, data: bytes) -> Entry:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return Entry(name, str(path), size=len(data))
+
+
+def test_a_pre_processing_process_never_imports_torch(tmp_path):
+    image = _entry(tmp_path, "chelsea.png", assets.image("chelsea.png").read_bytes())
+    video = _entry(tmp_path, "talk.mp4", assets.clip_with_audio(1.5))
+    code = (
+        "import sys\n"
+        "from service.bulk import on_ray\n"
+        "from service.bulk.sources import Entry\n"
+        "from service.inputs import Options\n"
+        "from service.media.limits import MediaLimits\n"
+        f"entries = [Entry({image.key!r}, {image.path!r}, size={image.size}),"
+        f" Entry({video.key!r}, {video.path!r}, size={video.size})]\n"
+        "out = on_ray.prepare_shard({'shard': 0, 'entries': entries}, Options(), MediaLimits(max_side=128))\n"
+        "assert out['shard'] == 0 and out['prepared']\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok"
+
+
+def test_decoded_inputs_build_the_routes_model_inputs(tmp_path):
+    for name, data in (("chelsea.png", assets.image("chelsea.png").read_bytes()),
+                       ("talk.mp4", assets.clip_with_audio(1.5))):
+        prepared = prepare(_entry(tmp_path, name, data), Options(), LIMITS, lazy=False)
+        assert isinstance(prepared, Prepared)
+        assert all(isinstance(source, Pixels) and source.frames.dtype.name == "uint8" for _, source in prepared.sources)
+        item = preprocess(data, Options(), LIMITS)
+        if item.streamed:  # a video: tiles of 16 frames, the last padded to whole tubelets
+            assert [frames for frames, _ in prepared.sources] == [len(t) for t in item.stream.tiles()]
+            assert all(source.frames.shape[0] % 4 == 0 for _, source in prepared.sources)
+            continue
+        batch = built(prepared).sources[0][1]
+        assert torch.equal(batch.feats, item.batch.feats) and torch.equal(batch.coords, item.batch.coords)
+        assert prepared.media == item.media
+
+
+def test_a_bad_input_is_the_error_the_api_gives(tmp_path):
+    failed = prepare(_entry(tmp_path, "notes.png", b"not a picture"), Options(), LIMITS)
+    assert isinstance(failed, Failed)
+    assert (failed.status, failed.code) == (415, "unsupported_media_type")
