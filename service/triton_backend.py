@@ -61,9 +61,10 @@ class TritonBackend:
             tensor = c.InferInput(name, list(value.shape), DTYPES[value.dtype])
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        outputs = [c.InferRequestedOutput(name) for name in OUTPUTS]
         try:
-            result = self.client.infer(self.model, inputs, outputs=outputs)
+            # No outputs named: the server returns those the model made (only the ones with
+            # rows, see results_to_outputs), all as binary.
+            result = self.client.infer(self.model, inputs)
         except Exception as exc:  # noqa: BLE001 - connection or server failure
             raise WorkerDied(f"Triton request failed: {exc}") from None
         return {name: result.as_numpy(name) for name in OUTPUTS}

@@ -173,7 +173,9 @@ def results_to_outputs(results: list[JobResult]) -> dict[str, np.ndarray]:
         for name, a in arrays.items():
             if a is not None:
                 parts[name].append(a)
-    out = {name: _stack(parts[name], OUTPUT_DTYPES.get(name, np.float32)) for name in ARRAY_OUTPUTS}
+    # Only outputs some job has: each tensor costs the stub, the server and the client work
+    # even empty, and a batch of /encode jobs needs one of the eight.
+    out = {name: _stack(parts[name], OUTPUT_DTYPES.get(name, np.float32)) for name in ARRAY_OUTPUTS if parts[name]}
     out["ERROR"] = pack_json({"results": metas})
     return out
 
@@ -188,7 +190,8 @@ def outputs_to_results(jobs: list[Job], out: dict[str, np.ndarray]) -> list[JobR
     metas = unpack_json(out["ERROR"])["results"]
     if len(metas) != len(jobs):
         raise ValueError(f"{len(metas)} results for {len(jobs)} jobs")
-    split = {name: _unstack(out[name], [max(0, m["rows"][name]) for m in metas]) for name in ARRAY_OUTPUTS}
+    split = {name: (_unstack(out[name], [max(0, m["rows"][name]) for m in metas]) if out.get(name) is not None
+                    else [None] * len(metas)) for name in ARRAY_OUTPUTS}
     return [_result(job, meta, {name: (split[name][k] if meta["rows"][name] >= 0 else None)
                                 for name in ARRAY_OUTPUTS})
             for k, (job, meta) in enumerate(zip(jobs, metas))]

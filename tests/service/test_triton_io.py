@@ -60,3 +60,15 @@ def test_results_travel_back_unchanged():
             if a.tokens is not None:
                 assert torch.equal(a.tokens.latents, b.tokens.latents) and torch.equal(a.tokens.logvar, b.tokens.logvar)
     assert results[1].tubelets.dtype == torch.uint8 and results[3].tubelets.dtype == torch.float32
+
+
+def test_only_outputs_some_job_has_travel():
+    backend = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
+    backend.start()
+    jobs = [Job(i, "embed", batch=pixel_patches(RNG.integers(0, 256, (1, 16, 32, 3), dtype=np.uint8)))
+            for i in range(2)]
+    results = backend.run(jobs)
+    out = results_to_outputs(results)
+    assert set(out) == {"EMBEDDING", "ERROR"}
+    back = outputs_to_results(jobs, out)
+    assert all(torch.equal(a.embedding, b.embedding) and b.tubelets is None for a, b in zip(results, back))
