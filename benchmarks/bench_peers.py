@@ -196,7 +196,7 @@ def sample_answers(server: Server, image: bytes) -> dict:
 
 def measure_server_cell(server: Server, image: bytes, route: str, level: int) -> dict:
     """One cell on a thawed server: a warm-up at this concurrency, then the measured run."""
-    asyncio.run(drive(server.url, route, image, level, 2 * level))
+    asyncio.run(drive(server.url, route, image, level, max(16, 2 * level)))
     total = total_for(route, level)
     before = server.cpu_s()
     row = asyncio.run(drive(server.url, route, image, level, total))
