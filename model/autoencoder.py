@@ -55,13 +55,14 @@ class AToken(nn.Module):
         self.quantizer = FSQ(cfg.quantizer) if cfg.quantizer else None
         self.decoder = Decoder(cfg.decoder, cfg.latent_channels, cfg.out_channels) if cfg.use_decoder else None
 
-    def layout(self, batch: SparseBatch, feat_dim: int) -> TokenLayout:
+    def layout(self, batch: SparseBatch, feat_dim: int | tuple[int, ...]) -> TokenLayout:
         batch.validate(feat_dim=feat_dim, max_tokens=self.cfg.max_tokens)
         return TokenLayout.build(batch.coords, batch.batch_size)
 
     def encode(self, batch: SparseBatch, layout: TokenLayout | None = None) -> EncoderOutput:
-        """batch.feats: [N, 3072] tubelet values in [-1, 1]."""
-        layout = layout or self.layout(batch, self.cfg.in_channels)
+        """batch.feats: [N, 3072] tubelet values in [-1, 1], or [N, 768] when every tubelet's
+        last three frames are zeros (images, 3D voxels): the zeros need not be stored."""
+        layout = layout or self.layout(batch, (self.cfg.in_channels, self.encoder.short_input))
         dtype = self.proj.weight.dtype
         x = self.encoder(layout.to_segment_order(batch.feats.to(dtype)), layout)
         state = self.encoder.head.state(x, layout.sample, layout.batch_size)
@@ -90,13 +91,14 @@ class AToken(nn.Module):
         """FSQ codes [N, F] -> decoder input [N, L] (zero-padded when F < L)."""
         return F.pad(codes, (0, self.cfg.latent_channels - codes.shape[1]))
 
-    def decode(self, latents: SparseBatch, layout: TokenLayout | None = None) -> Tensor:
-        """latents.feats: [N, L] -> reconstructed tubelets [N, 3072] in input row order."""
+    def decode(self, latents: SparseBatch, layout: TokenLayout | None = None, columns: int | None = None) -> Tensor:
+        """latents.feats: [N, L] -> reconstructed tubelets [N, 3072] in input row order, or their
+        first `columns` values (768: the first frame, all an image keeps of its tubelet)."""
         if self.decoder is None:
             raise UnsupportedError("this model was built without a decoder")
         layout = layout or self.layout(latents, self.cfg.latent_channels)
         x = latents.feats.to(self.proj.weight.dtype)
-        return layout.to_input_order(self.decoder(layout.to_segment_order(x), layout))
+        return layout.to_input_order(self.decoder(layout.to_segment_order(x), layout, columns))
 
     def forward(self, batch: SparseBatch, discrete: bool = False) -> dict[str, Tensor]:
         """Round trip with every named intermediate (posterior mean, never a sample)."""

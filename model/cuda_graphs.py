@@ -72,13 +72,14 @@ class BucketedEncoder:
 
     def pad(self, batch: SparseBatch, bucket: tuple[int, int]) -> Padded:
         enc = self.model.encoder
-        layout = self.model.layout(batch, self.model.cfg.in_channels)
+        width = self.model.cfg.in_channels
+        layout = self.model.layout(batch, (width, enc.short_input))
         items, tokens = bucket
         n = batch.num_tokens
         dtype = self.model.proj.weight.dtype
         device = self.model.proj.weight.device
-        feats = torch.zeros(tokens, batch.feats.shape[1], dtype=dtype, device=device)
-        feats[:n] = layout.to_segment_order(batch.feats.to(device=device, dtype=dtype))
+        feats = torch.zeros(tokens, width, dtype=dtype, device=device)  # one captured width: short inputs padded
+        feats[:n, : batch.feats.shape[1]] = layout.to_segment_order(batch.feats.to(device=device, dtype=dtype))
         pos = torch.zeros(tokens, enc.cfg.model_channels, dtype=dtype, device=device)
         pos[:n] = enc.pos_embedder(layout.xy[:, 0], layout.xy[:, 1], layout.sample, layout.grid_sizes).to(dtype)
         rope = torch.ones(tokens, enc.cfg.head_dim // 2, dtype=torch.complex64, device=device)

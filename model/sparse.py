@@ -37,15 +37,18 @@ class SparseBatch:
     def with_feats(self, feats: Tensor) -> "SparseBatch":
         return replace(self, feats=feats)
 
-    def validate(self, feat_dim: int | None = None, max_tokens: int | None = None) -> "SparseBatch":
-        """Check shapes, dtypes and coordinate ranges; raise InvalidInputError naming the problem."""
+    def validate(self, feat_dim: int | tuple[int, ...] | None = None, max_tokens: int | None = None) -> "SparseBatch":
+        """Check shapes, dtypes and coordinate ranges; raise InvalidInputError naming the problem.
+        feat_dim: the channel count, or the counts allowed."""
         feats, coords = self.feats, self.coords
         if not isinstance(feats, Tensor) or not isinstance(coords, Tensor):
             raise InvalidInputError("feats and coords must be torch tensors")
         if feats.ndim != 2:
             raise InvalidInputError(f"feats must be [N, F], got shape {tuple(feats.shape)}")
-        if feat_dim is not None and feats.shape[1] != feat_dim:
-            raise InvalidInputError(f"feats must have {feat_dim} channels, got {feats.shape[1]}")
+        allowed = (feat_dim,) if isinstance(feat_dim, int) else feat_dim
+        if allowed is not None and feats.shape[1] not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise InvalidInputError(f"feats must have {want} channels, got {feats.shape[1]}")
         if not feats.is_floating_point():
             raise InvalidInputError(f"feats must be floating point, got {feats.dtype}")
         if coords.ndim != 2 or coords.shape[1] != 5:

@@ -1,6 +1,53 @@
-"""Two-layer MLP with tanh-approximated GELU; keys `mlp.0` / `mlp.2` as in the official code."""
+"""Two-layer MLP with tanh-approximated GELU; keys `mlp.0` / `mlp.2` as in the official code.
 
+On a CPU the first projection and its GELU can run as one oneDNN call, the GELU applied to the
+matmul's float32 accumulator before it is rounded (what inductor emits for this pattern). PyTorch's
+own tanh-GELU kernel costs 2-5x the projection it follows in bfloat16 on CPUs (3.5 ms against
+0.7 ms for the erf GELU on a [1024, 1024] tensor); fused, the pair costs about 40% of the two
+calls. Inference only (the fused op has no gradient).
+
+``ATOKEN_FUSED_MLP`` (auto|on|off) or `set_fused_mlp` picks; ``auto`` fuses where oneDNN offers
+the op. The plain path is the oracle the fused one is tested against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+MODES = ("auto", "on", "off")
+_mode = os.environ.get("ATOKEN_FUSED_MLP", "auto")
+
+
+def set_fused_mlp(mode: str) -> None:
+    global _mode
+    if mode not in MODES:
+        raise ConfigError(f"fused MLP mode {mode!r} unknown; choose from {MODES}")
+    _mode = mode
+
+
+def fused_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _fuse(x: Tensor) -> bool:
+    if _mode == "off" or x.device.type != "cpu" or torch.is_grad_enabled():
+        return False
+    if _mode == "on" and not fused_available():
+        raise ConfigError("ATOKEN_FUSED_MLP=on needs PyTorch built with oneDNN (mkldnn)")
+    return x.dtype in (torch.float32, torch.bfloat16) and fused_available()
+
+
+def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None, fused: bool) -> Tensor:
+    """gelu_tanh(x @ weight.T + bias). x: [..., in]; weight: [out, in]; bias: [out] or None."""
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
 class Mlp(nn.Module):
@@ -13,4 +60,5 @@ class Mlp(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x)
+        fc1, _, fc2 = self.mlp
+        return fc2(linear_gelu_tanh(x, fc1.weight, fc1.bias, _fuse(x)))

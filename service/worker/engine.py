@@ -15,7 +15,7 @@ from model.gaussians import Gaussians
 from model.layers.attention import PoolState
 from model.sparse import SparseBatch, cat
 
-from .jobs import DECODER_OPS, ENCODER_OPS, Job, JobResult, model_feats, reconstruction_pixels
+from .jobs import DECODER_OPS, ENCODER_OPS, FRAME_VALUES, Job, JobResult, packed_input, reconstruction_pixels
 
 GAUSSIAN_FIELDS = ("xyz_raw", "features_dc", "scaling_raw", "opacity_raw", "rotation_raw")
 
@@ -130,7 +130,7 @@ class Engine:
 
     def _encode(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult],
                 decode_inputs: dict[int, Tokens]) -> None:
-        packed = cat([model_feats(j.batch) for j in jobs])
+        packed = packed_input([j.batch for j in jobs])
         model = tok.model
         with torch.inference_mode():
             enc = model.encode(SparseBatch(packed.feats.to(tok.device), packed.coords.to(tok.device), packed.kinds))
@@ -173,12 +173,14 @@ class Engine:
                 decode_inputs: dict[int, Tokens]) -> None:
         latent_batches = [tok.latent_batch(decode_inputs[j.id]) for j in jobs]
         packed = cat(latent_batches)
+        # Images shown as pixels keep only their first frame: the decoder makes no more.
+        first_frame = all(j.pixels and decode_inputs[j.id].kinds[0] == "image" for j in jobs)
         with torch.inference_mode():
-            rec = tok.model.decode(packed).float().cpu()
-        rows = packed.coords[:, 0].cpu()
-        for b, job in enumerate(jobs):
+            rec = tok.model.decode(packed, columns=FRAME_VALUES if first_frame else None).float().cpu()
+        # cat keeps each job's rows together and in order: views, not masked copies.
+        for job, tubelets in zip(jobs, rec.split([b.num_tokens for b in latent_batches])):
             r = results[job.id]
-            r.tubelets = rec[rows == b]
+            r.tubelets = tubelets
             kind = decode_inputs[job.id].kinds[0]
             if job.gaussians and kind == "3D":
                 item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))

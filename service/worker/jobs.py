@@ -15,9 +15,10 @@ from model.api import Tokens
 from model.layers.attention import PoolState
 from model.config import PATCH_SIZE, PATCH_VALUES
 from model.patchify import patchify_frames
-from model.sparse import SparseBatch
+from model.sparse import SparseBatch, cat
 
 TUBELET = PATCH_SIZE[0]
+FRAME_VALUES = PATCH_VALUES // TUBELET  # 768: one frame of a tubelet
 
 # "pool" finishes an embedding from the merged pooling states of a long video's tiles.
 Op = Literal["embed", "tokenize", "reconstruct", "decode", "pool"]
@@ -36,7 +37,7 @@ def pixel_patches(frames: np.ndarray) -> SparseBatch:
     x = torch.from_numpy(np.require(frames, requirements=["C", "W"]))  # decoders hand out read-only arrays
     if x.shape[0] == 1:
         feats, coords = patchify_frames(x.expand(TUBELET, -1, -1, -1))
-        feats = feats[:, : PATCH_VALUES // TUBELET].contiguous()  # frame 0 of each tubelet
+        feats = feats[:, :FRAME_VALUES].contiguous()  # frame 0 of each tubelet
     else:
         feats, coords = patchify_frames(x)
     coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
@@ -44,14 +45,33 @@ def pixel_patches(frames: np.ndarray) -> SparseBatch:
 
 
 def model_feats(batch: SparseBatch) -> SparseBatch:
-    """uint8 patches (from `pixel_patches`) -> the model's float32 input in [-1, 1]; float
-    batches (3D, or built by model.patchify) pass through."""
+    """uint8 patches (from `pixel_patches`) -> the model's float32 input in [-1, 1] at full
+    width; float batches (3D, or built by model.patchify) pass through."""
     if batch.feats.dtype != torch.uint8:
         return batch
-    feats = batch.feats.to(torch.float32) / 127.5 - 1.0
-    if feats.shape[1] * TUBELET == PATCH_VALUES:  # an image's one frame: zero frames after it
-        feats = torch.cat([feats, feats.new_zeros(feats.shape[0], PATCH_VALUES - feats.shape[1])], 1)
-    return batch.with_feats(feats)
+    return batch.with_feats(_full_width(_to_model_range(batch.feats)))  # always full: it may meet videos
+
+
+def packed_input(batches: list[SparseBatch]) -> SparseBatch:
+    """Jobs' inputs -> one packed model input. uint8 patches of one width are joined first and
+    made float once; images then stay [n, 768], without the three zero frames (the encoder
+    knows they are zeros). Anything else is joined at full width."""
+    widths = {b.feats.shape[1] for b in batches}
+    if len(widths) == 1 and all(b.feats.dtype == torch.uint8 for b in batches):
+        packed = cat(batches)
+        return packed.with_feats(_to_model_range(packed.feats))
+    return cat([model_feats(b) for b in batches])
+
+
+def _to_model_range(feats: Tensor) -> Tensor:
+    return feats.to(torch.float32).div_(127.5).sub_(1.0)  # in place: no second buffer to fault in
+
+
+def _full_width(feats: Tensor) -> Tensor:
+    """An image's one frame -> its tubelet: the frame, then zero frames."""
+    if feats.shape[1] * TUBELET != PATCH_VALUES:
+        return feats  # already whole (or malformed: the model names the problem)
+    return torch.cat([feats, feats.new_zeros(feats.shape[0], PATCH_VALUES - feats.shape[1])], 1)
 
 
 # What an empty place in a reconstruction's token grid becomes as a pixel: a float 0 is 128.
@@ -66,7 +86,7 @@ def reconstruction_pixels(tubelets: Tensor, kind: str) -> Tensor:
     from ..media.image import from_model_range  # the one rounding rule, shared with the front end
 
     if kind == "image":
-        tubelets = tubelets[:, : PATCH_VALUES // TUBELET]
+        tubelets = tubelets[:, :FRAME_VALUES]
     return torch.from_numpy(from_model_range(tubelets.float().clamp(-1, 1).numpy()))
 
 

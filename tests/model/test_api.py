@@ -182,3 +182,31 @@ def test_a_long_video_tile_by_tile_equals_the_whole_clip(tiny):
     torch.testing.assert_close(pooled, ref.pooled, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(embedding, ref.embedding, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recon_tiles, recon, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: frames_to_sparse([torch.rand(32, 48, 3) * 2 - 1, torch.rand(16, 16, 3) * 2 - 1])[0],
+    lambda: voxels_to_sparse([(torch.randint(0, 64, (20, 3)), torch.rand(20, 768))]),
+])
+def test_inputs_may_leave_out_the_zero_frames(tiny, make):
+    """Images and voxels fill a tubelet's first 768 values and zeros after: given the 768
+    alone, the encoder computes the same tokens and embeddings."""
+    full = make()
+    assert not full.feats[:, 768:].any()
+    short = full.with_feats(full.feats[:, :768].contiguous())
+    with torch.inference_mode():
+        a, b = tiny.model.encode(full), tiny.model.encode(short)
+    torch.testing.assert_close(b.posterior, a.posterior, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.embedding, a.embedding, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="3072 or 768 channels"):
+        tiny.model.encode(full.with_feats(full.feats[:, :500]))
+
+
+def test_decoding_only_the_first_frame_gives_the_first_frame(tiny):
+    tokens = tiny.encode(_images())
+    latents = tiny.latent_batch(tokens)
+    with torch.inference_mode():
+        whole = tiny.model.decode(latents)
+        first = tiny.model.decode(latents, columns=768)
+    assert first.shape == (whole.shape[0], 768)
+    torch.testing.assert_close(first, whole[:, :768], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from model.layers import Mlp, mlp
 from model.layers import attention as attn
 from model.layers.attention import Segments, segment_softmax_pool, varlen_attention
 from model.layers.pos_embed import LearnedPosTable
@@ -119,3 +120,38 @@ def test_pool_states_of_pieces_merge_to_the_whole():
     pieces = [segment_softmax_state(q, k[a:b], v[a:b], torch.zeros(b - a, dtype=torch.long), 1, 0.3)
               for a, b in ((0, 2), (2, 5), (5, 9))]
     torch.testing.assert_close(merge_pool_states(pieces).normalized(), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not mlp.fused_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_mlp_matches_the_plain_path(dtype, tol):
+    torch.manual_seed(0)
+    layer = Mlp(64, 256).to(dtype)
+    x = torch.randn(37, 64).to(dtype)
+    try:
+        with torch.inference_mode():
+            mlp.set_fused_mlp("off")
+            plain = layer(x)
+            mlp.set_fused_mlp("on")
+            fused = layer(x)
+    finally:
+        mlp.set_fused_mlp("auto")
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:  # the GELU meets the float32 accumulator: closer to the truth
+        truth = Mlp(64, 256)
+        truth.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+        with torch.no_grad():
+            exact = truth(x.float())
+        assert (fused.float() - exact).abs().mean() <= (plain.float() - exact).abs().mean()
+
+
+def test_fused_mlp_keeps_gradients():
+    layer = Mlp(8, 16)
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()  # the fused op has no gradient: training takes the plain path
+    assert x.grad is not None and layer.mlp[0].weight.grad is not None
+
+
+def test_fused_mlp_mode_is_checked():
+    with pytest.raises(Exception, match="unknown"):
+        mlp.set_fused_mlp("fast")

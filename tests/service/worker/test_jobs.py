@@ -9,7 +9,7 @@ from model.api import Tokens
 from model.patchify import frames_to_sparse
 from service.media.image import to_model_range
 from service.worker import transport
-from service.worker.jobs import Job, model_feats, pixel_patches
+from service.worker.jobs import Job, model_feats, packed_input, pixel_patches
 
 
 @pytest.mark.parametrize("frames", [1, 4, 8])
@@ -39,3 +39,17 @@ def test_transport_round_trips_jobs_by_value():
     assert torch.equal(back[0].batch.feats, batch.feats) and back[0].batch.kinds == ("image",)
     assert back[1].tokens.latents.dtype == torch.bfloat16
     assert torch.equal(back[1].tokens.latents, tokens.latents)
+
+
+def test_packed_images_stay_one_frame_wide_and_mixed_batches_go_whole():
+    rng = np.random.default_rng(3)
+    images = [pixel_patches(rng.integers(0, 256, (1, 32, 16 * k, 3), dtype=np.uint8)) for k in (1, 2)]
+    video = pixel_patches(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    whole = [model_feats(b) for b in images + [video]]
+    packed = packed_input(images)
+    assert packed.feats.shape == (6, 768) and packed.kinds == ("image", "image")
+    assert torch.equal(packed.feats, torch.cat([w.feats[:, :768] for w in whole[:2]]))
+    assert torch.equal(packed.coords[:, 0], torch.tensor([0, 0, 1, 1, 1, 1], dtype=packed.coords.dtype))
+    mixed = packed_input(images + [video])
+    assert mixed.feats.shape == (10, 3072)
+    assert torch.equal(mixed.feats, torch.cat([w.feats for w in whole]))
