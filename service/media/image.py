@@ -16,11 +16,6 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:
-    import pyspng
-except ImportError:  # pragma: no cover - a platform without its wheel: Pillow decodes every PNG
-    pyspng = None
-
 from .detect import IMAGE_FORMATS, sniff
 from .errors import CorruptMediaError, MediaOutOfRangeError, UnsupportedMediaError, check_limit
 from .limits import MediaLimits
@@ -105,9 +100,6 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
     """Bytes -> uint8 [H, W, 3]: EXIF orientation applied, any mode converted to RGB,
     alpha composited over `background`; GIFs give their first frame."""
     image = probe_image(data, limits)
-    fast = _plain_png(image, data)
-    if fast is not None:
-        return fast
     try:
         image.seek(0)
         image.load()
@@ -115,21 +107,6 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
         return to_rgb(image, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptMediaError(f"corrupt or truncated image: {exc}") from None
-
-
-def _plain_png(image: Image.Image, data: bytes) -> np.ndarray | None:
-    """An 8-bit RGB PNG with nothing to apply (no transparency, no EXIF) decoded by libspng,
-    which gives Pillow's pixels in about half its time; None for anything else, and for
-    anything libspng refuses (Pillow then decodes it, or names what is wrong)."""
-    if pyspng is None or image.format != "PNG" or image.mode != "RGB" or {"transparency", "exif"} & set(image.info):
-        return None
-    try:
-        pixels = pyspng.load(data)
-    except Exception:  # noqa: BLE001 - Pillow gives the error its own words
-        return None
-    if pixels.dtype != np.uint8 or pixels.shape != (image.height, image.width, 3):
-        return None  # 16-bit samples: Pillow's conversion rules apply
-    return pixels
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:

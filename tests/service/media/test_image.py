@@ -7,7 +7,6 @@ from PIL import Image
 
 from service.media.detect import sniff
 from service.media.errors import CorruptMediaError, MediaTooLargeError, UnsupportedMediaError
-from service.media import image as image_module
 from service.media.image import decode_image, encode_image, load_for_model, plan_resize, resize_rgb
 from service.media.limits import MediaLimits
 from tests import assets
@@ -142,51 +141,3 @@ def test_disguised_format_is_refused():
 def test_sniff_detects_by_content():
     assert sniff(assets.image("rocket.jpg").read_bytes()) == ("image", "jpeg")
     assert sniff(assets.video("bikes.mp4").read_bytes()) == ("video", "mp4")
-
-
-
-def _save_png(image: Image.Image, **save) -> bytes:
-    buf = BytesIO()
-    image.save(buf, "PNG", **save)
-    return buf.getvalue()
-
-
-def _png_variants() -> dict[str, bytes]:
-    photo = Image.open(assets.image("astronaut.png")).convert("RGB").resize((96, 64))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotated: left to Pillow, which applies it
-    return {
-        "rgb": _save_png(photo),
-        "rgb, level 0": _save_png(photo, compress_level=0),
-        "rgb, level 9": _save_png(photo, compress_level=9),
-        "rgb with tRNS": _save_png(photo, transparency=(0, 0, 0)),
-        "rgb with EXIF orientation": _save_png(photo, exif=exif),
-        "palette": _save_png(photo.convert("P")),
-        "grey": _save_png(photo.convert("L")),
-        "rgba": _save_png(photo.convert("RGBA")),
-        "truncated": _save_png(photo)[:-300],
-    }
-
-
-@pytest.mark.parametrize("name", list(_png_variants()))
-def test_png_decodes_exactly_as_pillow_does(name, monkeypatch):
-    """Plain 8-bit RGB PNGs take libspng (half Pillow's time), everything else Pillow: pixels
-    and errors are the same either way."""
-    data = _png_variants()[name]
-
-    def decode():
-        try:
-            return decode_image(data, MediaLimits(), (10, 20, 30))
-        except CorruptMediaError as exc:
-            return type(exc)
-
-    ours = decode()
-    monkeypatch.setattr(image_module, "pyspng", None)
-    pillow = decode()
-    assert (ours is pillow) if isinstance(pillow, type) else np.array_equal(ours, pillow)
-
-
-def test_plain_rgb_png_takes_libspng():
-    data = _png_variants()["rgb"]
-    assert image_module._plain_png(Image.open(BytesIO(data)), data) is not None
-    assert image_module._plain_png(Image.open(BytesIO(_png_variants()["palette"])), data) is None
