@@ -12,6 +12,7 @@ the op. The plain path is the oracle the fused one is tested against.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,6 +32,7 @@ def set_fused_mlp(mode: str) -> None:
     _mode = mode
 
 
+@functools.cache  # asked on every MLP call: the answer never changes in a process
 def fused_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
