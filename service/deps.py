@@ -22,7 +22,8 @@ OPTION_NAMES = ("tokens", "format", "fps", "max_frames", "start", "end", "backgr
                 "preview", "score")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request
     return request.app.state.runtime
 
 

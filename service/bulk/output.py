@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,6 +39,8 @@ def sha256(path: Path) -> str:
 class Output:
     out: Path
     header: dict  # format, model, options, source: must match to resume
+    # per finished shard: its manifest entry and error lines, read once (a shard never changes)
+    _entries: dict[int, tuple[dict, list[str]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -68,16 +70,23 @@ class Output:
         pq.write_table(table, tmp, compression="zstd", write_statistics=False)
         os.replace(tmp, self.shard(index))
 
+    def _entry(self, k: int) -> tuple[dict, list[str]]:
+        if k not in self._entries:
+            shard_errors = self.errors_file(k).read_text().splitlines()
+            self._entries[k] = ({"file": self.shard(k).name, "rows": pq.ParquetFile(self.shard(k)).metadata.num_rows,
+                                 "errors": len(shard_errors), "sha256": sha256(self.shard(k))}, shard_errors)
+        return self._entries[k]
+
     def finish(self, shards: int) -> dict:
-        """manifest.json and errors.jsonl from the shards written so far (all of them at the end)."""
+        """manifest.json and errors.jsonl from the shards written so far (all of them at the end).
+        Each shard is read and hashed once, not at every rewrite: a run of many shards stays linear."""
         entries, errors = [], []
         for k in range(shards):
             if not self.done(k):
                 continue
-            shard_errors = self.errors_file(k).read_text().splitlines()
+            entry, shard_errors = self._entry(k)
             errors += shard_errors
-            entries.append({"file": self.shard(k).name, "rows": pq.ParquetFile(self.shard(k)).metadata.num_rows,
-                            "errors": len(shard_errors), "sha256": sha256(self.shard(k))})
+            entries.append(entry)
         manifest = {**self.header, "complete": len(entries) == shards, "shards": entries,
                     "rows": sum(e["rows"] for e in entries), "errors": len(errors), "columns": COLUMNS}
         _atomic_write(self.out / "errors.jsonl", "".join(e + "\n" for e in errors).encode())

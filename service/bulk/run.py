@@ -4,6 +4,7 @@ local engine (pre-processing threads feeding the model in this process) or on Ra
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import sys
@@ -113,12 +114,13 @@ class LocalEngine:
 
     def run(self, todo: list[int], shards: list[list[Entry]], dtype: str, bar):
         limits = self.settings.limits
+        # One read-ahead over every shard to do, so decoding runs on across shard boundaries.
+        prepared = _ordered(self.pool, lambda e: built(prepare(e, self.options, limits, lazy=True)),
+                            [e for k in todo for e in shards[k]], window=2 * self.threads + 2)
         for k in todo:
             runner = ShardRunner(self.backend, self.cfg.tokens, self.cfg.embeddings, self.settings.max_batch_tokens,
                                  _np_dtype(dtype))
-            prepared = _ordered(self.pool, lambda e: built(prepare(e, self.options, limits, lazy=True)), shards[k],
-                                window=2 * self.threads + 2)
-            rows, errors = runner.run(_ticking(prepared, bar))
+            rows, errors = runner.run(_ticking(itertools.islice(prepared, len(shards[k])), bar))
             yield k, rows, errors, runner.tokens
 
 
