@@ -27,8 +27,8 @@ class EncoderOutput:
 
     features: Tensor  # [N, C] encoder output after post_layernorm ("x_no_proj")
     posterior: Tensor  # [N, 2L] concat(mean, logvar)
-    pooled: Tensor  # [B, C] attention-pooling head output, not normalised
-    embedding: Tensor  # [B, C] L2-normalised pooled output
+    pooled: Tensor | None  # [B, C] attention-pooling head output, not normalised (None: pool=False)
+    embedding: Tensor | None  # [B, C] L2-normalised pooled output (None: pool=False)
     pool_state: PoolState | None = None  # the pooling's softmax state, to merge with other pieces
 
     @property
@@ -59,20 +59,21 @@ class AToken(nn.Module):
         batch.validate(feat_dim=feat_dim, max_tokens=self.cfg.max_tokens)
         return TokenLayout.build(batch.coords, batch.batch_size)
 
-    def encode(self, batch: SparseBatch, layout: TokenLayout | None = None) -> EncoderOutput:
+    def encode(self, batch: SparseBatch, layout: TokenLayout | None = None, pool: bool = True) -> EncoderOutput:
         """batch.feats: [N, 3072] tubelet values in [-1, 1], or [N, 768] when every tubelet's
-        last three frames are zeros (images, 3D voxels): the zeros need not be stored."""
+        last three frames are zeros (images, 3D voxels): the zeros need not be stored.
+        pool=False skips the attention-pooling head (tokens only: no pooled, embedding or state)."""
         layout = layout or self.layout(batch, (self.cfg.in_channels, self.encoder.short_input))
         dtype = self.proj.weight.dtype
         x = self.encoder(layout.to_segment_order(batch.feats.to(dtype)), layout)
-        state = self.encoder.head.state(x, layout.sample, layout.batch_size)
-        pooled = self.encoder.head.finish(state)
+        state = self.encoder.head.state(x, layout.sample, layout.batch_size) if pool else None
+        pooled = self.encoder.head.finish(state) if pool else None
         posterior = self.proj(x)
         return EncoderOutput(
             features=layout.to_input_order(x),
             posterior=layout.to_input_order(posterior),
             pooled=pooled,
-            embedding=F.normalize(pooled.float(), dim=-1),
+            embedding=F.normalize(pooled.float(), dim=-1) if pool else None,
             pool_state=state,
         )
 

@@ -59,7 +59,7 @@ def _unstack(arr: np.ndarray, rows: list[int]) -> list[np.ndarray]:
 def _job_arrays(job: Job) -> tuple[dict, dict[str, np.ndarray]]:
     """One job's description and its input rows (FEATS, PIXELS, COORDS, INDICES)."""
     meta = {"op": job.op, "mode": job.mode, "dense": job.dense, "gaussians": job.gaussians, "partial": job.partial,
-            "pixels": job.pixels}
+            "pixels": job.pixels, "embedding": job.embedding}
     if job.pool_state is not None:  # a few hundred floats: they ride in the JSON
         meta["pool_state"] = _state_to_json(job.pool_state)
     pixels = None
@@ -124,7 +124,8 @@ def _job(job_id: int, meta: dict, arrays: dict[str, np.ndarray]) -> Job:
     coords = torch.from_numpy(np.ascontiguousarray(arrays["COORDS"])).to(torch.int32)
     pixels, indices = arrays["PIXELS"], arrays["INDICES"]
     feats = torch.from_numpy(np.ascontiguousarray(pixels if pixels.shape[1] else arrays["FEATS"]))
-    flags = dict(mode=meta["mode"], dense=meta["dense"], gaussians=meta["gaussians"], pixels=meta["pixels"])
+    flags = dict(mode=meta["mode"], dense=meta["dense"], gaussians=meta["gaussians"], pixels=meta["pixels"],
+                 embedding=meta.get("embedding", False))
     if meta["op"] == "decode":
         tokens = (Tokens(coords, (kind,), indices=torch.from_numpy(np.ascontiguousarray(indices)))
                   if indices.shape[1] else Tokens(coords, (kind,), latents=feats))

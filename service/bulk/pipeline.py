@@ -61,7 +61,7 @@ class ShardRunner:
                     row.frames += frames
                     batch = source if isinstance(source, SparseBatch) else model_input(source)
                     job = Job(next_id, "tokenize", mode=self.mode, batch=batch,
-                              partial=item.video and self.embeddings)
+                              partial=item.video and self.embeddings, embedding=self.embeddings and not item.video)
                     next_id += 1
                     if pending and cost + job.cost > self.max_batch_tokens:
                         self._flush(pending)
@@ -110,7 +110,8 @@ class ShardRunner:
             media = dict(row.prepared.media)
             if row.prepared.video:
                 media["frames"] = row.frames
-            embedding = row.embedding if row.prepared.video else row.parts[0][1].embedding.numpy()
+            embedding = row.embedding if row.prepared.video else row.parts[0][1].embedding
+            embedding = None if embedding is None else np.asarray(embedding)
             out.append({"key": row.prepared.key, "modality": row.prepared.modality, "kind": row.prepared.kind,
                         "media": media, "coords": np.concatenate(coords),
                         "values": np.concatenate(values).astype(self.value_dtype), "embedding": embedding})

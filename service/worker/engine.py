@@ -133,7 +133,8 @@ class Engine:
         packed = packed_input([j.batch for j in jobs])
         model = tok.model
         with torch.inference_mode():
-            enc = model.encode(SparseBatch(packed.feats.to(tok.device), packed.coords.to(tok.device), packed.kinds))
+            enc = model.encode(SparseBatch(packed.feats.to(tok.device), packed.coords.to(tok.device), packed.kinds),
+                               pool=any(j.pools for j in jobs))  # tokens alone skip the pooling head
             mean = enc.mean
             discrete = [j.mode == "discrete" for j in jobs]
             indices = model.quantize(mean)[1] if any(discrete) else None
@@ -158,7 +159,8 @@ class Engine:
                 tokens = Tokens(coords, job.batch.kinds, latents=mean[mask].float().cpu(),
                                 logvar=enc.logvar[mask].float().cpu())
             r.tokens = tokens
-            r.embedding = enc.embedding[b].float().cpu()
+            if job.embedding:
+                r.embedding = enc.embedding[b].float().cpu()
             decode_inputs[job.id] = tokens
 
     def _pool(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult]) -> None:

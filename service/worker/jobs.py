@@ -100,8 +100,14 @@ class Job:
     batch: SparseBatch | None = None  # one item's tubelets (batch index 0; uint8 pixels or float), encoder ops
     tokens: Tokens | None = None  # one item's tokens (batch index 0), decode
     partial: bool = False  # embed: return the pooling state of this piece, not an embedding
+    embedding: bool = False  # tokenize/reconstruct: also return the global embedding (embed jobs always do)
     pool_state: PoolState | None = None  # pool: the merged state of every piece ([1, H], [1, H], [1, H, D])
     pixels: bool = False  # decoder ops: images' and videos' tubelets come back as `reconstruction_pixels` (3D: float)
+
+    @property
+    def pools(self) -> bool:
+        """Whether this job needs the attention-pooling head (an embedding or a pooling state)."""
+        return self.op == "embed" or self.partial or self.embedding
 
     @property
     def model_mode(self) -> str:

@@ -89,3 +89,20 @@ def test_long_video_pieces_pool_through_lanes(tokenizers):
 
 def test_no_jobs_no_results(tokenizers):
     assert Engine(tokenizers, lanes=2).run([]) == []
+
+
+def test_tokens_alone_skip_the_pooling_head_and_keep_their_numbers(tokenizers):
+    """A batch of tokenize jobs that want no embedding runs without the pooling head; its tokens
+    are those of a batch that pools, and an embedding asked for is the embed job's."""
+    engine = Engine(tokenizers)
+
+    def tokenize(embedding: bool) -> list:
+        return engine.run([Job(i, "tokenize", batch=_job(i, n).batch, embedding=embedding)
+                           for i, n in enumerate([2, 1, 3])])
+
+    bare, pooled = tokenize(False), tokenize(True)
+    embedded = engine.run([_job(i, n) for i, n in enumerate([2, 1, 3])])
+    for b, p, e in zip(bare, pooled, embedded):
+        assert b.embedding is None and b.pool_state is None
+        torch.testing.assert_close(b.tokens.latents, p.tokens.latents, rtol=0, atol=0)
+        torch.testing.assert_close(p.embedding, e.embedding)
