@@ -179,8 +179,10 @@ async def drive(url: str, route: str, image: bytes, concurrency: int, total: int
 
 
 def total_for(route: str, concurrency: int) -> int:
+    """Requests measured per cell: 2-3 s of work, so that one scheduling hiccup on this shared
+    machine moves a cell by a few percent, not by 20 (cells of under a second did)."""
     per = {"/encode": 24, "/reconstruct": 16}[route]
-    return per if concurrency == 1 else max(4 * per, 3 * concurrency)
+    return 3 * per if concurrency == 1 else max(8 * per, 6 * concurrency)
 
 
 def sample_answers(server: Server, image: bytes) -> dict:
@@ -383,6 +385,8 @@ def report(raw: dict, before: dict | None) -> str:
              f"`make bench-peers` on {raw['machine']}, {raw['date']}; {reps} repetitions; all servers loaded, "
              "taking turns cell by cell in rotating order (a server waiting its turn is frozen with SIGSTOP), "
              "medians (per-repetition ratios in brackets). One 256x256 PNG per request, multipart upload, "
+             "72 (/encode) or 48 (/reconstruct) requests per cell at concurrency 1, 192 (/encode) or 128-192 "
+             "(/reconstruct) at 8 and 32, after a warm-up; "
              "same async client for every server, loopback; client, server and model share the cores. "
              "LitServe serves the same model through the same pre/post-processing code "
              "(`benchmarks/peers/litserve_app.py`; its recommended settings: max_batch_size 32, "

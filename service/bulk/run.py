@@ -4,6 +4,7 @@ local engine (pre-processing threads feeding the model in this process) or on Ra
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import pickle
@@ -150,9 +151,11 @@ class RayEngine:
         import ray
 
         # The driver reads the model's identity on its own CPU while Ray starts: a Ray task for
-        # it would cost a worker process and a second model load before any work begins.
-        with ThreadPoolExecutor(1) as pool:
+        # it would cost a worker process and a second model load before any work begins. Ray
+        # Data (half a second of imports) loads meanwhile too.
+        with ThreadPoolExecutor(2) as pool:
             info = pool.submit(_describe, self.settings.model_spec)
+            pool.submit(importlib.import_module, "ray.data")
             if not ray.is_initialized():
                 address = os.environ.get("RAY_ADDRESS")
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
