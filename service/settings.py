@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     worker: str = Field("process", description="process | thread | triton")
     triton_url: str | None = None
     triton_protocol: str = "http"
+    # Batches one front end keeps at Triton at once. No one number is best on one 2-core machine
+    # (docs/performance.md): at /encode concurrency 8, 8 gave 0.98x the process worker and 2 gave
+    # 0.77x; at concurrency 32, 8 gave 0.75x (batches of 3 jobs instead of 5) and 2 gave 0.89x.
+    triton_inflight_batches: int = Field(8, ge=1, le=64)
 
     # Batching and backpressure.
     # Token passes per batch; unset: 2048 on CPU (batch 8 of 256-token images is where this CPU

@@ -72,3 +72,15 @@ def test_only_outputs_some_job_has_travel():
     assert set(out) == {"EMBEDDING", "ERROR"}
     back = outputs_to_results(jobs, out)
     assert all(torch.equal(a.embedding, b.embedding) and b.tubelets is None for a, b in zip(results, back))
+
+
+def test_the_in_flight_batches_setting_reaches_the_triton_backend(monkeypatch):
+    from service.runtime import default_backend_factory
+    from service.settings import Settings
+
+    monkeypatch.setenv("ATOKEN_TRITON_INFLIGHT_BATCHES", "3")
+    backend = default_backend_factory(Settings(worker="triton", triton_url="127.0.0.1:1"))()
+    try:
+        assert backend.max_inflight_batches == 3  # what the scheduler reads for its batch slots
+    finally:
+        backend.stop()
