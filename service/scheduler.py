@@ -192,16 +192,22 @@ class Scheduler:
             if self.backend is None or not self.backend.alive():
                 self._start_backend()
                 continue
-            batch = self._form_batch()
-            if not batch:
-                continue
-            if self._inflight is None:
-                self._run_batch(batch)
-                continue
             # A remote engine (Triton) batches again on its side: keep several batches on the
             # wire so that it sees enough requests at once, and a slot frees as each returns.
+            # The slot comes first and the batch after: while every slot is taken, jobs that
+            # arrive join the batch that waits for the next one instead of forming batches of
+            # their own (under load, small batches cost the remote model per pass).
             slots = self._inflight  # a restart makes new slots; each batch frees the one it took
-            slots.acquire()
+            if slots is not None:
+                slots.acquire()
+            batch = self._form_batch()
+            if not batch:
+                if slots is not None:
+                    slots.release()
+                continue
+            if slots is None:
+                self._run_batch(batch)
+                continue
             self._batch_pool.submit(self._run_batch_in_slot, self.backend, batch, slots)
 
     def _run_batch_in_slot(self, backend: Backend, batch: list[Pending], slots: threading.BoundedSemaphore) -> None:
