@@ -14,7 +14,6 @@ uses flash where it applies and torch elsewhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from .switch import Switch
 
 BACKENDS = ("auto", "torch", "flash", "reference")
-_backend = os.environ.get("ATOKEN_ATTN_BACKEND", "auto")
+_backend = Switch("ATOKEN_ATTN_BACKEND", BACKENDS, "attention backend")
 
 try:  # pragma: no cover - only on GPU machines with flash-attn
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -34,14 +34,11 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 
 def set_backend(name: str) -> None:
-    global _backend
-    if name not in BACKENDS:
-        raise ConfigError(f"attention backend {name!r} unknown; choose from {BACKENDS}")
-    _backend = name
+    _backend.set(name)
 
 
 def get_backend() -> str:
-    return _backend
+    return _backend.value
 
 
 def flash_available() -> bool:
@@ -127,8 +124,8 @@ def _flash_backend(q: Tensor, k: Tensor, v: Tensor, seg: Segments, scale: float,
 
 
 def resolve_backend(q: Tensor) -> str:
-    if _backend != "auto":
-        return _backend
+    if _backend.value != "auto":
+        return _backend.value
     if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return "flash"
     return "torch"

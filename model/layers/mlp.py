@@ -13,23 +13,20 @@ the op. The plain path is the oracle the fused one is tested against.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .switch import Switch
 
 MODES = ("auto", "on", "off")
-_mode = os.environ.get("ATOKEN_FUSED_MLP", "auto")
+_mode = Switch("ATOKEN_FUSED_MLP", MODES, "fused MLP mode")
 
 
 def set_fused_mlp(mode: str) -> None:
-    global _mode
-    if mode not in MODES:
-        raise ConfigError(f"fused MLP mode {mode!r} unknown; choose from {MODES}")
-    _mode = mode
+    _mode.set(mode)
 
 
 @functools.cache  # asked on every MLP call: the answer never changes in a process
@@ -38,9 +35,9 @@ def fused_available() -> bool:
 
 
 def _fuse(x: Tensor) -> bool:
-    if _mode == "off" or x.device.type != "cpu" or torch.is_grad_enabled():
+    if _mode.value == "off" or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
-    if _mode == "on" and not fused_available():
+    if _mode.value == "on" and not fused_available():
         raise ConfigError("ATOKEN_FUSED_MLP=on needs PyTorch built with oneDNN (mkldnn)")
     return x.dtype in (torch.float32, torch.bfloat16) and fused_available()
 

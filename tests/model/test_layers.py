@@ -155,3 +155,17 @@ def test_fused_mlp_keeps_gradients():
 def test_fused_mlp_mode_is_checked():
     with pytest.raises(Exception, match="unknown"):
         mlp.set_fused_mlp("fast")
+
+
+def test_a_misspelt_switch_in_the_environment_is_an_error(monkeypatch):
+    from model.errors import ConfigError
+    from model.layers.switch import Switch
+
+    monkeypatch.setenv("ATOKEN_TEST_SWITCH", "fsat")
+    with pytest.raises(ConfigError, match="ATOKEN_TEST_SWITCH"):
+        Switch("ATOKEN_TEST_SWITCH", ("auto", "fast"), "test switch")
+    monkeypatch.setenv("ATOKEN_TEST_SWITCH", "fast")
+    switch = Switch("ATOKEN_TEST_SWITCH", ("auto", "fast"), "test switch")
+    assert switch.value == "fast"
+    switch.set("auto")
+    assert switch.value == "auto"

@@ -4,24 +4,21 @@ auto uses Triton for CUDA tensors when it is installed, the reference otherwise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
+
+from model.layers.switch import Switch
 
 from .project import Projected, check_gaussians, project_gaussians
 from .reference import rasterize_reference
 from .tiles import tile_intersections
 
 BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("ATOKEN_SPLAT_BACKEND", "auto")
+_backend = Switch("ATOKEN_SPLAT_BACKEND", BACKENDS, "splat backend")
 
 
 def set_backend(name: str) -> None:
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"splat backend {name!r} unknown; choose from {BACKENDS}")
-    _backend = name
+    _backend.set(name)  # ConfigError (a ValueError) names the choices
 
 
 def triton_available() -> bool:
@@ -33,7 +30,8 @@ def triton_available() -> bool:
 
 
 def _rasterizer(device: torch.device):
-    use_triton = _backend == "triton" or (_backend == "auto" and device.type == "cuda" and triton_available())
+    choice = _backend.value
+    use_triton = choice == "triton" or (choice == "auto" and device.type == "cuda" and triton_available())
     if use_triton:
         from .triton_kernel import rasterize_triton
 
