@@ -40,7 +40,7 @@ class Output:
     out: Path
     header: dict  # format, model, options, source: must match to resume
     # per finished shard: its manifest entry and error lines, read once (a shard never changes)
-    _entries: dict[int, tuple[dict, list[str]]] = field(default_factory=dict, repr=False)
+    _entries: dict[int, tuple[dict, list[str]]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -65,6 +65,7 @@ class Output:
         return self.shard(index).exists() and self.errors_file(index).exists()
 
     def write_shard(self, index: int, table: pa.Table, errors: list[dict]) -> None:
+        self._entries.pop(index, None)  # what was read of an earlier file of this shard is stale
         _atomic_write(self.errors_file(index), "".join(json.dumps(e) + "\n" for e in errors).encode())
         tmp = self.shard(index).with_name(f".{self.shard(index).name}.tmp")
         pq.write_table(table, tmp, compression="zstd", write_statistics=False)
