@@ -93,6 +93,21 @@ def test_rope_rotates_interleaved_pairs():
     torch.testing.assert_close(out[..., 1::2], x0 * s + x1 * c)
 
 
+def test_rope_leaves_its_input_alone_and_passes_gradients():
+    # the rotation runs in place on its own float32 copy: never on the caller's tensor
+    x = torch.randn(5, 2, 3, 16, requires_grad=True)
+    before = x.detach().clone()
+    rot = rope_angles(torch.rand(5, 4), 16)
+    out = apply_rope(x, rot)
+    torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
+    out.square().sum().backward()
+    # a rotation keeps norms: d/dx sum(|R x|^2) = 2x
+    torch.testing.assert_close(x.grad, 2 * before, rtol=1e-5, atol=1e-5)
+    half = apply_rope(x.detach().bfloat16(), rot)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), out.detach(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not attn.flash_available(), reason="needs flash-attn and a CUDA device")
 def test_flash_backend_matches_torch_backend_on_gpu():
