@@ -5,12 +5,11 @@ taken from the model while the run starts). The model actor imports torch when b
 
 from __future__ import annotations
 
-import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from .prepare import prepare
+from .prepare import idle_priority, prepare
 
 # Pre-processing is a small share of the work and runs ahead of the model; at idle priority it
 # fills the cores the model leaves idle between operations instead of taking them from it.
@@ -27,8 +26,8 @@ def _in_thread(fn: Callable, idle: bool):
     """fn() in a fresh thread, at idle scheduling priority if asked (Linux: per thread), so the
     pooled Ray worker running this task keeps its own priority for whatever it runs next."""
     def run():
-        if idle and hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        if idle:
+            idle_priority()
         return fn()
 
     with ThreadPoolExecutor(1, thread_name_prefix="atoken-prepare") as pool:

@@ -3,6 +3,7 @@ task imports only this). Bad inputs become `Failed`, the error the HTTP API woul
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -55,3 +56,11 @@ def prepare(entry: Entry, options: Options, limits: MediaLimits, lazy: bool = Tr
         return Prepared(entry.key, d.modality, d.kind, dict(d.media), tiles if lazy else list(tiles), video=True)
     except Exception as exc:  # noqa: BLE001 - a bad input is one line in errors.jsonl
         return failure(entry.key, exc)
+
+
+def idle_priority() -> None:
+    """The calling thread at idle scheduling priority (Linux, where it is per thread; elsewhere
+    nothing): pre-processing then runs on the cores the model leaves idle between and around
+    its operations, instead of taking them from it."""
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
