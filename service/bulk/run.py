@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -53,33 +53,53 @@ class _ReadAhead:
                  weight: Callable[[object], int] = lambda _: 0, budget: float = float("inf")):
         self.pool, self.fn, self.items = pool, fn, iter(items)
         self.window, self.parallel, self.weight, self.budget = window, parallel, weight, budget
-        self.futures: deque[Future] = deque()  # submitted, not yet consumed, in input order
-        self.lock = threading.RLock()  # a callback may run at once, in the submitting thread
+        self.slots: deque[Future] = deque()  # one per item started and not yet consumed, in input order
+        self.lock = threading.Lock()  # held for bookkeeping only: never across a call into the pool
 
-    def _fill(self, _finished: Future | None = None) -> None:
-        with self.lock:
-            while len(self.futures) < self.window:
-                running = sum(not f.done() for f in self.futures)
-                waiting = sum(self.weight(f.result()) for f in self.futures if f.done() and not f.exception())
-                if running >= self.parallel or waiting >= self.budget:
-                    return
-                item = next(self.items, _END)
+    def _room(self) -> bool:
+        running = sum(not f.done() for f in self.slots)
+        waiting = sum(self.weight(f.result()) for f in self.slots if f.done() and not f.cancelled()
+                      and not f.exception())
+        return len(self.slots) < self.window and running < self.parallel and waiting < self.budget
+
+    def _fill(self) -> None:
+        while True:
+            with self.lock:
+                item = next(self.items, _END) if self._room() else _END
                 if item is _END:
                     return
-                future = self.pool.submit(self.fn, item)
-                self.futures.append(future)
-                future.add_done_callback(self._fill)
+                slot: Future = Future()
+                self.slots.append(slot)
+            try:
+                task = self.pool.submit(self.fn, item)
+            except RuntimeError:  # the pool was shut down: the run has stopped
+                slot.cancel()
+                return
+            task.add_done_callback(lambda task, slot=slot: self._settle(task, slot))
+
+    def _settle(self, task: Future, slot: Future) -> None:
+        if task.cancelled():  # in the pool's shutdown, which holds its lock: start nothing here
+            slot.cancel()
+            return
+        if task.exception() is not None:
+            slot.set_exception(task.exception())
+        else:
+            slot.set_result(task.result())
+        self._fill()
 
     def __iter__(self) -> Iterator:
         self._fill()
         while True:
             with self.lock:
-                if not self.futures:
+                if not self.slots:
                     return
-                head = self.futures[0]
-            result = head.result()
+                head = self.slots[0]
+            try:
+                result = head.result()
+            except CancelledError:  # the pool was shut down with it queued: the run has stopped
+                return
             with self.lock:
-                self.futures.popleft()
+                self.slots.popleft()
             self._fill()
             yield result
 
@@ -138,7 +158,7 @@ class LocalEngine:
         self.backend = LocalBackend(settings.model_spec)
         # Decoding at idle priority, reading well ahead: it fills whatever the model's threads
         # leave of the cores (between operations, a lane waiting for its partner) and never
-        # takes a core from them. Paired runs, 2,000 PNGs on 2 cores: 1.01-1.23x (docs/bulk.md).
+        # takes a core from them. Paired runs, 2,000 PNGs on 2 cores: median 1.09x (docs/bulk.md).
         self.workers = max(2, threads)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="atoken-bulk", initializer=idle_priority)
 

@@ -68,3 +68,12 @@ def test_an_item_that_raises_reaches_the_consumer():
         except ValueError as exc:
             assert "bad input 3" in str(exc)
     assert got == [0, 1, 2]
+
+
+def test_a_stopped_pool_ends_reading_ahead_quietly():
+    pool = ThreadPoolExecutor(2)
+    reader = iter(_ReadAhead(pool, lambda i: i, range(100), window=8, parallel=2))
+    assert next(reader) == 0
+    pool.shutdown(wait=True, cancel_futures=True)  # the engine stops mid-run
+    rest = list(reader)  # what had started still arrives; nothing new starts, nothing raises
+    assert rest == list(range(1, 1 + len(rest))) and len(rest) < 8
