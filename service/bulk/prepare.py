@@ -4,6 +4,8 @@ task imports only this). Bad inputs become `Failed`, the error the HTTP API woul
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -58,9 +60,14 @@ def prepare(entry: Entry, options: Options, limits: MediaLimits, lazy: bool = Tr
         return failure(entry.key, exc)
 
 
-def idle_priority() -> None:
-    """The calling thread at idle scheduling priority (Linux, where it is per thread; elsewhere
-    nothing): pre-processing then runs on the cores the model leaves idle between and around
-    its operations, instead of taking them from it."""
-    if hasattr(os, "SCHED_IDLE"):
+def lower_priority(nice: int | None = None) -> None:
+    """The calling thread at a lower scheduling priority: `nice` (0-19), or idle (SCHED_IDLE:
+    only what nothing else wants) when None. Linux, where both are per thread; elsewhere
+    nothing. Pre-processing then fills what the model's threads leave of the cores (between
+    operations, a lane waiting for its partner) instead of taking cores from them."""
+    if not sys.platform.startswith("linux"):
+        return
+    if nice is None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

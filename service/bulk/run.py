@@ -24,7 +24,7 @@ from . import schema
 from .output import FORMAT, Output
 from .on_ray import PREPARE_IDLE, RayModel, prepare_shard
 from .pipeline import ShardRunner, built, torch_threads, value_dtype
-from .prepare import Prepared, idle_priority, prepare
+from .prepare import Prepared, lower_priority, prepare
 from .sources import Entry, list_inputs
 
 
@@ -156,11 +156,13 @@ class LocalEngine:
 
         self.settings, self.cfg, self.options, self.threads = settings, cfg, options, threads
         self.backend = LocalBackend(settings.model_spec)
-        # Decoding at idle priority, reading well ahead: it fills whatever the model's threads
-        # leave of the cores (between operations, a lane waiting for its partner) and never
-        # takes a core from them. Paired runs, 2,000 PNGs on 2 cores: median 1.09x (docs/bulk.md).
+        # Decoding at a lower priority, reading well ahead: it fills what the model's threads
+        # leave of the cores (between operations, a lane waiting for its partner) rather than
+        # taking cores from them (docs/bulk.md). Nice, not idle: faster in paired runs, and
+        # still served on a machine that other work keeps busy.
         self.workers = max(2, threads)
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="atoken-bulk", initializer=idle_priority)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="atoken-bulk",
+                                       initializer=lambda: lower_priority(DECODE_NICE))
 
     def start(self) -> dict:
         torch_threads(self.threads)
@@ -182,6 +184,8 @@ class LocalEngine:
             rows, errors = runner.run(_ticking(itertools.islice(prepared, len(shards[k])), bar))
             yield k, rows, errors, runner.tokens
 
+
+DECODE_NICE = 10  # the local engine's decoding threads; the service's front end uses the same
 
 # How far the local engine decodes ahead of the model: up to 3 model batches of tokens ready
 # (decoded uint8 patches: at most 3 x 3072 bytes a token pass), and at most 64 inputs.
