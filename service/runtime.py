@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +20,7 @@ from .media.errors import MediaError
 from .metrics import Metrics
 from .inputs import Options
 from .pipeline import Item, preprocess
+from .priority import lower_thread_priority
 from .scheduler import Scheduler
 from .settings import Settings
 from .uploads import DiskUpload
@@ -86,14 +85,8 @@ class Runtime:
         """Under overload the model's work comes first: this thread (the event loop) and the
         pool threads it starts later run at a lower CPU priority than the dispatcher thread,
         already started, and the worker it spawns. Linux nice values are per thread; elsewhere
-        this is a no-op. Idle cores are still used in full: nice only orders contention."""
-        nice = self.settings.frontend_nice
-        if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
-            return
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError as exc:  # a sandbox may refuse; serving matters more
-            log.warning("could not lower the front end's priority: %s", exc)
+        this is a no-op (`service/priority.py`)."""
+        lower_thread_priority(self.settings.frontend_nice)
 
     def stop(self) -> None:
         self.scheduler.stop()

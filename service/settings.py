@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = 120.0
     max_inflight_requests: int = 64
     # The front end's threads run this much nicer than the model worker (0: same priority), so
-    # answering a flood of requests never takes CPU the model needs (docs/limits.md).
+    # answering a flood of requests never takes CPU the model needs (docs/limits.md); the bulk
+    # local engine's decoding threads run at the same (docs/bulk.md).
     frontend_nice: int = 10
 
     # Limits (also shown in /info).

@@ -9,7 +9,8 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from .prepare import lower_priority, prepare
+from ..priority import lower_thread_priority
+from .prepare import prepare
 
 # Pre-processing is a small share of the work and runs ahead of the model; at idle priority it
 # fills the cores the model leaves idle between operations instead of taking them from it.
@@ -27,7 +28,7 @@ def _in_thread(fn: Callable, idle: bool):
     pooled Ray worker running this task keeps its own priority for whatever it runs next."""
     def run():
         if idle:
-            lower_priority()
+            lower_thread_priority(None)
         return fn()
 
     with ThreadPoolExecutor(1, thread_name_prefix="atoken-prepare") as pool:

@@ -3,9 +3,6 @@ task imports only this). Bad inputs become `Failed`, the error the HTTP API woul
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -58,16 +55,3 @@ def prepare(entry: Entry, options: Options, limits: MediaLimits, lazy: bool = Tr
         return Prepared(entry.key, d.modality, d.kind, dict(d.media), tiles if lazy else list(tiles), video=True)
     except Exception as exc:  # noqa: BLE001 - a bad input is one line in errors.jsonl
         return failure(entry.key, exc)
-
-
-def lower_priority(nice: int | None = None) -> None:
-    """The calling thread at a lower scheduling priority: `nice` (0-19), or idle (SCHED_IDLE:
-    only what nothing else wants) when None. Linux, where both are per thread; elsewhere
-    nothing. Pre-processing then fills what the model's threads leave of the cores (between
-    operations, a lane waiting for its partner) instead of taking cores from them."""
-    if not sys.platform.startswith("linux"):
-        return
-    if nice is None:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    else:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

@@ -18,13 +18,16 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from model.sparse import SparseBatch
+
 from ..deps import options_from_raw
+from ..priority import lower_thread_priority
 from ..settings import Settings
 from . import schema
 from .output import FORMAT, Output
 from .on_ray import PREPARE_IDLE, RayModel, prepare_shard
 from .pipeline import ShardRunner, built, torch_threads, value_dtype
-from .prepare import Prepared, lower_priority, prepare
+from .prepare import Prepared, prepare
 from .sources import Entry, list_inputs
 
 
@@ -156,13 +159,13 @@ class LocalEngine:
 
         self.settings, self.cfg, self.options, self.threads = settings, cfg, options, threads
         self.backend = LocalBackend(settings.model_spec)
-        # Decoding at a lower priority, reading well ahead: it fills what the model's threads
-        # leave of the cores (between operations, a lane waiting for its partner) rather than
-        # taking cores from them (docs/bulk.md). Nice, not idle: faster in paired runs, and
-        # still served on a machine that other work keeps busy.
+        # Decoding at the front end's lower priority, reading well ahead: it fills what the
+        # model's threads leave of the cores (between operations, a lane waiting for its
+        # partner) rather than taking cores from them (docs/bulk.md). Nice, not idle: faster
+        # in paired runs, and still served on a machine that other work keeps busy.
         self.workers = max(2, threads)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="atoken-bulk",
-                                       initializer=lambda: lower_priority(DECODE_NICE))
+                                       initializer=lambda: lower_thread_priority(settings.frontend_nice))
 
     def start(self) -> dict:
         torch_threads(self.threads)
@@ -185,8 +188,6 @@ class LocalEngine:
             yield k, rows, errors, runner.tokens
 
 
-DECODE_NICE = 10  # the local engine's decoding threads; the service's front end uses the same
-
 # How far the local engine decodes ahead of the model: up to 3 model batches of tokens ready
 # (decoded uint8 patches: at most 3 x 3072 bytes a token pass), and at most 64 inputs.
 READ_AHEAD_BATCHES = 3
@@ -196,7 +197,7 @@ READ_AHEAD_ITEMS = 64
 def _tokens(item) -> int:
     """Token rows an input's built model input holds (a video's tiles are built later)."""
     if isinstance(item, Prepared) and not item.video:
-        return sum(source.coords.shape[0] for _, source in item.sources if hasattr(source, "coords"))
+        return sum(source.coords.shape[0] for _, source in item.sources if isinstance(source, SparseBatch))
     return 0
 
 

@@ -3,12 +3,9 @@ model inputs built from its arrays are exactly those the HTTP routes build."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import threading
 
-import pytest
 import torch
 
 from service.bulk.pipeline import built
@@ -70,26 +67,3 @@ def test_a_bad_input_is_the_error_the_api_gives(tmp_path):
     failed = prepare(_entry(tmp_path, "notes.png", b"not a picture"), Options(), LIMITS)
     assert isinstance(failed, Failed)
     assert (failed.status, failed.code) == (415, "unsupported_media_type")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
-def test_lower_priority_touches_only_the_calling_thread():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from service.bulk.prepare import lower_priority
-
-    def nice_then_read() -> int:
-        lower_priority(10)
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def idle_then_read() -> int:
-        lower_priority()
-        return os.sched_getscheduler(0)
-
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(nice_then_read).result() == max(before, 10)
-    with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(idle_then_read).result() == os.SCHED_IDLE
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE

@@ -1,0 +1,60 @@
+"""Lowering a thread's priority: only the calling thread changes, and a refusal never stops
+the work."""
+
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.priority import lower_thread_priority
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+
+
+def _own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@linux_only
+def test_only_the_calling_thread_changes():
+    def nice_then_read() -> int:
+        lower_thread_priority(10)
+        return _own_nice()
+
+    def idle_then_read() -> int:
+        lower_thread_priority(None)
+        return os.sched_getscheduler(0)
+
+    before = _own_nice()
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(nice_then_read).result() == max(before, 10)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(idle_then_read).result() == os.SCHED_IDLE
+    assert _own_nice() == before
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+
+
+@linux_only
+def test_zero_leaves_the_thread_alone():
+    def zero_then_read() -> int:
+        lower_thread_priority(0)
+        return _own_nice()
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(zero_then_read).result() == _own_nice()
+
+
+@linux_only
+def test_a_refusal_is_logged_not_raised(monkeypatch, caplog):
+    def refuse(*_):
+        raise PermissionError("not in this sandbox")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level(logging.WARNING, logger="atoken.priority"):
+        lower_thread_priority(10)
+        lower_thread_priority(None)
+    assert sum("not in this sandbox" in r.getMessage() for r in caplog.records) == 2
