@@ -38,7 +38,8 @@ def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
         from .triton_backend import TritonBackend
 
         return lambda: TritonBackend(settings.triton_url, settings.triton_protocol,
-                                      max_inflight_batches=settings.triton_inflight_batches)
+                                      max_inflight_batches=settings.triton_inflight_batches,
+                                      shared_memory=settings.triton_shared_memory)
     return lambda: ProcessBackend(settings.model_spec)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     # (docs/performance.md): at /encode concurrency 8, 8 gave 0.98x the process worker and 2 gave
     # 0.77x; at concurrency 32, 8 gave 0.75x (batches of 3 jobs instead of 5) and 2 gave 0.89x.
     triton_inflight_batches: int = Field(8, ge=1, le=64)
+    # Inputs through system shared memory (service/triton_shm.py): auto = when the server's
+    # address is loopback and it can map our regions (else the wire); on = required; off.
+    triton_shared_memory: Literal["auto", "on", "off"] = "auto"
 
     # Batching and backpressure.
     # Token passes per batch; unset: 2048 on CPU (batch 8 of 256-token images is where this CPU

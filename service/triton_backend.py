@@ -4,20 +4,25 @@ Same Backend interface, same jobs and results (service/triton_io.py does the con
 the API, the errors and the outputs do not change. A batch travels as one Triton request (or
 one per input width, sent concurrently), and the scheduler keeps several batches in flight
 (`max_inflight_batches`) instead of waiting for each, so Triton's dynamic batcher always has
-requests queued to join into its next pass, from this front end and from others.
+requests queued to join into its next pass, from this front end and from others. On the same
+host the inputs go through shared memory instead of the socket (service/triton_shm.py).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .triton_io import OUTPUTS, info_inputs, outputs_to_results, pack_requests, unpack_json
+from .triton_shm import RegionPool, region_bytes
 from .worker.backends import WorkerDied
 from .worker.jobs import Job, JobResult
 
+log = logging.getLogger("atoken.triton")
 MODEL = "atoken"
 DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
           np.dtype(np.uint8): "UINT8"}
@@ -25,12 +30,16 @@ DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np
 
 class TritonBackend:
     def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 8,
-                 max_inflight_batches: int = 8):
+                 max_inflight_batches: int = 8, shared_memory: str = "auto"):
         if not url:
             raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
         self.url, self.protocol, self.model = url, protocol, model
         self.concurrency = concurrency  # extra requests of one batch on the wire at once
         self.max_inflight_batches = max_inflight_batches
+        if shared_memory not in ("auto", "on", "off"):
+            raise ValueError(f"shared_memory must be auto, on or off, not {shared_memory!r}")
+        self.shared_memory = shared_memory
+        self.regions: RegionPool | None = None
         self.info: dict = {}
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="atoken-triton")
         if protocol == "grpc":
@@ -49,24 +58,54 @@ class TritonBackend:
     def start(self) -> dict:
         if not self.client.is_server_ready() or not self.client.is_model_ready(self.model):
             raise WorkerDied(f"Triton at {self.url} has no ready model {self.model!r}")
+        self.regions = self._shared_memory()
         out = self._infer(info_inputs())
         self.info = unpack_json(out["ERROR"])["info"]
-        self.info["backend"] = f"triton ({self.protocol}://{self.url})"
+        inputs = "shared memory" if self.regions else "the wire"
+        self.info["backend"] = f"triton ({self.protocol}://{self.url}, inputs through {inputs})"
         return self.info
+
+    def _shared_memory(self) -> RegionPool | None:
+        """Regions for the inputs when the server can map them: `on` requires it, `auto` tries
+        when the server's address is this host's loopback and falls back to the wire."""
+        if self.shared_memory == "off" or (self.shared_memory == "auto" and not _loopback(self.url)):
+            return None
+        pool = RegionPool(lambda name, key, size: self.client.register_system_shared_memory(name, key, size),
+                          lambda name: self.client.unregister_system_shared_memory(name))
+        try:
+            pool.give(pool.take(1))  # the server maps a first region now, or says it cannot
+        except Exception as exc:  # noqa: BLE001 - another host, another /dev/shm, no permission
+            pool.close()
+            if self.shared_memory == "on":
+                raise WorkerDied(f"Triton at {self.url} cannot map this process's shared memory: {exc}") from None
+            log.info("Triton cannot map this process's shared memory (%s); inputs go on the wire", exc)
+            return None
+        return pool
 
     def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self._client_mod
-        inputs = []
-        for name, value in arrays.items():
-            tensor = c.InferInput(name, list(value.shape), DTYPES[value.dtype])
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        shared = {name: a for name, a in arrays.items() if a.nbytes} if self.regions else {}
+        region = None
         try:
+            region = self.regions.take(region_bytes(shared)) if shared else None
+            placed = region.write(shared) if region else {}
+            inputs = []
+            for name, value in arrays.items():
+                tensor = c.InferInput(name, list(value.shape), DTYPES[value.dtype])
+                if name in placed:
+                    offset, nbytes = placed[name]
+                    tensor.set_shared_memory(region.name, nbytes, offset)
+                else:
+                    tensor.set_data_from_numpy(value)
+                inputs.append(tensor)
             # No outputs named: the server returns those the model made (only the ones with
             # rows, see results_to_outputs), all as binary.
             result = self.client.infer(self.model, inputs)
         except Exception as exc:  # noqa: BLE001 - connection or server failure
             raise WorkerDied(f"Triton request failed: {exc}") from None
+        finally:
+            if region is not None:
+                self.regions.give(region)  # the server has read it: the answer has come
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
@@ -90,3 +129,17 @@ class TritonBackend:
 
     def stop(self) -> None:
         self.pool.shutdown(wait=False)
+        if self.regions is not None:
+            self.regions.close()
+            self.regions = None
+
+
+def _loopback(url: str) -> bool:
+    host = url.rsplit(":", 1)[0].strip("[]") if url.count(":") else url
+    host = host.split("://")[-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

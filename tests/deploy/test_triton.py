@@ -111,3 +111,52 @@ def test_http_api_through_triton_equals_process_worker(triton):
     np.testing.assert_allclose(via_triton.json()["items"][0]["embedding"], local.json()["items"][0]["embedding"],
                                rtol=1e-4, atol=1e-5)
     assert abs(float(rec_triton.headers["X-Round-Trip-PSNR"]) - float(rec_local.headers["X-Round-Trip-PSNR"])) < 0.01
+
+
+def test_inputs_through_shared_memory_equal_the_wire_and_are_released(triton):
+    """On loopback the inputs go through shared memory (auto): the same numbers as on the
+    wire (up to float rounding: the requests of different input widths may join Triton's
+    passes differently), and stop() leaves no region registered at the server."""
+    import tritonclient.http as http
+
+    from service.triton_backend import TritonBackend
+
+    items = _items()
+    jobs = [Job(i, op, batch=item.batch) for i, item in enumerate(items) for op in ("embed", "reconstruct")]
+    jobs = [Job(k, j.op, batch=j.batch) for k, j in enumerate(jobs)]
+    shared, wire = TritonBackend(triton.url), TritonBackend(triton.url, shared_memory="off")
+    assert "shared memory" in shared.start()["backend"] and "the wire" in wire.start()["backend"]
+    server = http.InferenceServerClient(triton.url)
+    assert len(server.get_system_shared_memory_status()) >= 1
+    for a, b in zip(shared.run(jobs), wire.run(jobs)):
+        assert a.error is None and b.error is None
+        assert (a.embedding is None) == (b.embedding is None) and (a.tubelets is None) == (b.tubelets is None)
+        if a.embedding is not None:
+            torch.testing.assert_close(a.embedding, b.embedding, rtol=1e-4, atol=1e-5)
+        if a.tubelets is not None:
+            torch.testing.assert_close(a.tubelets, b.tubelets, rtol=1e-4, atol=2e-4)
+    shared.stop()
+    wire.stop()
+    assert server.get_system_shared_memory_status() == []
+
+
+def test_a_server_that_cannot_map_our_memory_gets_the_wire_or_a_clear_error(triton, monkeypatch):
+    """A Triton on another host's /dev/shm (here: registration refused) gets the inputs on the
+    wire under `auto`, and `on` fails to start with the reason, instead of failing requests."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from service.triton_backend import TritonBackend
+    from service.worker.backends import WorkerDied
+
+    def refuse(self, name, key, byte_size, offset=0, headers=None, query_params=None):
+        raise InferenceServerException(f"Unable to open shared memory region: '{key}'")
+
+    monkeypatch.setattr(http.InferenceServerClient, "register_system_shared_memory", refuse)
+    auto = TritonBackend(triton.url)
+    assert "the wire" in auto.start()["backend"] and auto.regions is None
+    assert auto.run([Job(1, "embed", batch=_items()[0].batch)])[0].error is None
+    auto.stop()
+    with pytest.raises(WorkerDied, match="cannot map"):
+        TritonBackend(triton.url, shared_memory="on").start()
+    assert TritonBackend("triton.internal:8000").shared_memory == "auto"  # not loopback: never tried
