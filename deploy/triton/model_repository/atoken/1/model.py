@@ -10,6 +10,7 @@ service.
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 # The backend stub's embedded interpreter ignores PYTHONPATH; a virtual environment outside
 # the image's own site-packages is named here instead (service/triton_launch.py sets it).
@@ -40,11 +41,16 @@ class TritonPythonModel:
         self.max_batch_tokens = settings.max_batch_tokens
         canary(self.engine)
         self.info = describe(tokenizers)
+        # Answers are packed and handed to the server on their own thread, so the next pass
+        # starts at once instead of after them (3% of the stub's time at /encode
+        # concurrency 32, while the model's lanes waited).
+        self.responder = ThreadPoolExecutor(1, thread_name_prefix="atoken-respond")
 
     def execute(self, requests):
         """Runs the joined requests in passes of at most max_batch_tokens and answers each
         request as soon as its own jobs are done (through its response sender), so the front
-        ends can encode the first answers while later passes run."""
+        ends can encode the first answers while later passes run. It returns once every
+        request has its answer."""
         pending, jobs, next_id = [], [], 0
         for request in requests:
             sender = request.get_response_sender()
@@ -57,18 +63,31 @@ class TritonPythonModel:
             next_id += len(own)
             pending.append((sender, own))
             jobs += own
-        results = {}
+        results, answering = {}, []
         try:
             for chunk in chunks_by_cost(jobs, self.max_batch_tokens):
                 results.update((r.id, r) for r in self.engine.run(chunk))
                 while pending and all(j.id in results for j in pending[0][1]):
                     sender, own = pending.pop(0)
-                    _send(sender, results_to_outputs([results.pop(j.id) for j in own]))
+                    answering.append(self.responder.submit(_answer, sender, [results.pop(j.id) for j in own]))
         except Exception as exc:  # noqa: BLE001 - every request still gets its one answer
             for sender, _ in pending:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _fail(sender, exc)
+        for done in answering:
+            done.result()
         return None
+
+
+def _answer(sender, results) -> None:
+    try:
+        _send(sender, results_to_outputs(results))
+    except Exception as exc:  # noqa: BLE001 - the request still gets its one answer (send is the last step)
+        _fail(sender, exc)
+
+
+def _fail(sender, exc: Exception) -> None:
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _send(sender, outputs: dict) -> None:
