@@ -220,8 +220,10 @@ class InProcess:
 
     def _pipeline(self, image: bytes, op: str, n: int) -> float:
         """Runs n items; returns the model's CPU seconds (every thread of this process: lanes too)."""
+        from service.arrays import finite_list
         from service.outputs import render_image
         from service.inputs import Options
+        from service.responses import render_json
         from service.pipeline import preprocess
         from service.worker.jobs import Job
 
@@ -237,7 +239,7 @@ class InProcess:
             if op == "reconstruct":  # the file and its round-trip score, as /reconstruct answers
                 render_image(item, r, "png")
             else:
-                json.dumps({"embedding": r.embedding.numpy().astype(np.float32).tolist()})
+                render_json({"embedding": finite_list(r.embedding.numpy().astype(np.float32), "the embedding")})
         return model_cpu
 
     def cell(self, image: bytes, route: str, level: int) -> dict:

@@ -12,18 +12,26 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .errors import BadRequest
+from .errors import BadRequest, NonFiniteOutput
 
 DTYPES = {"float32", "float16", "int32", "int64", "uint16", "uint8", "int16"}
 SAFETENSORS = "application/vnd.safetensors"
 NPY = "application/x-npy"
 
 
-def array_to_json(arr: np.ndarray, fmt: str = "base64") -> dict:
+def finite_list(arr: np.ndarray, name: str) -> list:
+    """arr.tolist() for a JSON answer. JSON has no NaN or infinity (the standard library
+    refuses them, orjson writes null), so a model output holding one is an error, not data."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise NonFiniteOutput(f"the model produced NaN or infinite values in {name}")
+    return arr.tolist()
+
+
+def array_to_json(arr: np.ndarray, fmt: str = "base64", name: str = "an array") -> dict:
     arr = np.ascontiguousarray(arr)
     out = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
     if fmt == "list":
-        out["data"] = arr.tolist()
+        out["data"] = finite_list(arr, name)
     else:
         out["data"] = base64.b64encode(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()).decode()
     return out

@@ -96,6 +96,12 @@ class StorageFull(ServiceError):
     code = "insufficient_storage"
 
 
+class NonFiniteOutput(ServiceError):
+    """500: the model's output holds NaN or infinities, which a JSON answer cannot carry."""
+
+    code = "non_finite_output"
+
+
 class ClientClosedRequest(ServiceError):
     """Nobody is listening any more; logged and counted as 499, as nginx does."""
 
@@ -124,6 +130,7 @@ STATUS: list[tuple[type[Exception], int, str | None]] = [
     (UnsupportedError, 422, "unsupported_by_model"),
     (InvalidInputError, 422, "invalid_input"),
     (CheckpointError, 500, "checkpoint_error"),
+    (NonFiniteOutput, 500, None),
     (ConfigError, 500, "config_error"),
     (ATokenError, 422, "model_error"),
     (Overloaded, 429, None),

@@ -16,7 +16,7 @@ import torch
 
 from . import streaming
 from . import token_files as tf
-from .arrays import NPY, SAFETENSORS, array_to_json, to_npy, to_safetensors
+from .arrays import NPY, SAFETENSORS, array_to_json, finite_list, to_npy, to_safetensors
 from .deps import flag
 from .errors import ClientClosedRequest, InvalidParameter, NotAcceptable, Overloaded, PayloadTooLarge
 from .outputs import MEDIA_TYPES, choose_format, preview_file, render, render_image, score_3d, zip_files
@@ -143,10 +143,10 @@ async def encode(runtime: Runtime, items: list[Item], options: Options, raw: dic
     out = []
     for k, item in enumerate(items):
         entry = {"index": k, "modality": item.modality, "kind": item.kind, "dim": int(emb.shape[1]),
-                 "embedding": emb[k].tolist()}
+                 "embedding": finite_list(emb[k], "the embedding")}
         if dense:
             _, feats, coords = by_item[id(item)]
-            entry["features"] = array_to_json(feats.numpy(), options.array_format)
+            entry["features"] = array_to_json(feats.numpy(), options.array_format, "the features")
             entry["coords"] = array_to_json(coords.numpy(), options.array_format)
         out.append(entry)
     return Answer("application/json", headers, json={"model": model_ref(runtime), "items": out})

@@ -107,7 +107,7 @@ def tokens_to_json(item_index: int, item: Item, tokens: Tokens, fmt: str) -> dic
     if tokens.indices is not None:
         out["indices"] = array_to_json(compact_indices(tokens.indices), fmt)
     else:
-        out["latents"] = array_to_json(tokens.latents.numpy().astype(np.float32), fmt)
+        out["latents"] = array_to_json(tokens.latents.numpy().astype(np.float32), fmt, "the latents")
     return out
 
 

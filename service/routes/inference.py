@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from starlette.background import BackgroundTask
 
 from .. import ops
@@ -14,6 +14,7 @@ from ..arrays import from_safetensors
 from ..deps import get_runtime, is_safetensors, parse_options, read_json, read_uploads
 from ..errors import BadRequest, PayloadTooLarge
 from ..pipeline import tokens_from_json
+from ..responses import FastJSONResponse
 from ..runtime import Runtime, wait_disconnect
 from ..uploads import release
 from ..worker.jobs import Job
@@ -44,7 +45,7 @@ def send(answer: ops.Answer) -> Response:
         return FileResponse(answer.path, media_type=answer.media_type, headers=answer.headers,
                             background=BackgroundTask(os.unlink, answer.path))
     if answer.json is not None:
-        return JSONResponse(answer.json, headers=answer.headers)
+        return FastJSONResponse(answer.json, headers=answer.headers)
     return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
 

@@ -13,6 +13,7 @@ from ..deps import get_runtime, options_from_raw, parse_options, read_uploads
 from ..errors import InvalidParameter, JobGone, JobNotFinished
 from ..gate import supplied_key
 from ..jobs import OPS, JobRunner, JobStore, describe, owner_of
+from ..responses import render_json
 from ..runtime import Runtime
 from ..uploads import release
 
@@ -136,5 +137,5 @@ class Jobs:
         else:
             answer = await ops.reconstruct(runtime, items, options, call)
         if answer.json is not None:  # the bytes the synchronous route sends
-            answer = ops.Answer(answer.media_type, answer.headers, body=JSONResponse(answer.json).body)
+            answer = ops.Answer(answer.media_type, answer.headers, body=render_json(answer.json))
         return answer

@@ -20,8 +20,10 @@ from model.errors import ATokenError
 from ..deps import get_runtime, read_json
 from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ServiceError, UnsupportedType, openai_error
 from ..fetch import check_url, fetch
+from ..arrays import finite_list
 from ..media.errors import MediaError
 from ..inputs import Options
+from ..responses import FastJSONResponse
 from ..runtime import Runtime, wait_disconnect
 from ..worker.jobs import Job
 
@@ -105,10 +107,10 @@ async def embeddings(request: Request, runtime: Runtime = Depends(get_runtime)):
     for i, r in enumerate(results):
         vector = r.embedding.numpy().astype("<f4")
         embedding = (base64.b64encode(vector.tobytes()).decode() if body.encoding_format == "base64"
-                     else vector.tolist())
+                     else finite_list(vector, "the embedding"))
         data.append({"object": "embedding", "index": i, "embedding": embedding})
     tokens = sum(int(i.batch.coords.shape[0]) for i in items)
-    return JSONResponse({"object": "list", "data": data, "model": body.model,
+    return FastJSONResponse({"object": "list", "data": data, "model": body.model,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, headers=timing.headers())
 
 
