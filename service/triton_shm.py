@@ -64,6 +64,7 @@ class RegionPool:
         self._all: list[Region] = []
         self._lock = threading.Lock()
         self._count = 0
+        self._closed = False
 
     def take(self, nbytes: int) -> Region:
         """A region of at least nbytes that no other request holds until `give`."""
@@ -80,13 +81,19 @@ class RegionPool:
 
     def give(self, region: Region) -> None:
         with self._lock:
-            self._free.append(region)
+            if not self._closed:
+                self._free.append(region)
+                return
+        self._destroy(region)  # the pool closed while a request held it
 
     def close(self) -> None:
+        """Frees the regions no request holds now; one still held is freed when given back
+        (a batch on the wire while the backend stops must not lose its memory mid-write)."""
         with self._lock:
-            regions, self._free, self._all = list(self._all), [], []
-        for r in regions:
-            self._destroy(r, tracked=False)
+            self._closed = True
+            free, self._free = self._free, []
+        for r in free:
+            self._destroy(r)
 
     @property
     def held_bytes(self) -> int:
@@ -107,10 +114,9 @@ class RegionPool:
             self._all.append(region)
         return region
 
-    def _destroy(self, region: Region, tracked: bool = True) -> None:
-        if tracked:
-            with self._lock:
-                self._all.remove(region)
+    def _destroy(self, region: Region) -> None:
+        with self._lock:
+            self._all.remove(region)
         try:
             self._unregister(region.name)
         except Exception:  # noqa: BLE001 - the server may be gone; the memory is ours to free

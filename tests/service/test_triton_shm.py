@@ -53,6 +53,18 @@ def test_regions_are_reused_grown_and_freed():
     assert server.registered == {} and _shm_files(prefix) == []
 
 
+def test_a_region_held_while_the_pool_closes_is_freed_when_given_back():
+    server = FakeServer()
+    pool = RegionPool(server.register, server.unregister)
+    idle, busy = pool.take(10), pool.take(10)
+    pool.give(idle)
+    pool.close()
+    assert list(server.registered) == [busy.name]  # the request on the wire keeps its memory
+    busy.write({"x": np.arange(10, dtype=np.uint8)})
+    pool.give(busy)
+    assert server.registered == {} and _shm_files(pool._prefix) == [] and pool.held_bytes == 0
+
+
 def test_write_places_arrays_aligned_and_intact():
     server = FakeServer()
     pool = RegionPool(server.register, server.unregister)

@@ -77,6 +77,9 @@ class TritonPythonModel:
             done.result()
         return None
 
+    def finalize(self):
+        self.responder.shutdown(wait=True)
+
 
 def _answer(sender, results) -> None:
     try:
