@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import ServiceError
+from .responses import render_json
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "video/mp4": "mp4",
               "video/webm": "webm", "application/zip": "zip"}
@@ -112,7 +113,7 @@ async def run_local(args, settings) -> int:
                     answer = await ops.reconstruct(runtime, items, options, call)
             finally:
                 bar.close()
-            body = json.dumps(answer.json).encode() if answer.json is not None else answer.body
+            body = render_json(answer.json) if answer.json is not None else answer.body
             output.add(source, answer.media_type, answer.headers, answer.path, body)
         output.finish()
         return 0

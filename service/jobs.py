@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from .errors import JobNotFound, Overloaded, StorageFull, error_body
+from .responses import render_json
 from .uploads import SPILL_BYTES, DiskUpload
 
 log = logging.getLogger("atoken.jobs")
@@ -327,5 +328,5 @@ def _body_of(answer) -> bytes | None:
     if answer.path is not None:
         return None
     if answer.json is not None:
-        return json.dumps(answer.json).encode()
+        return render_json(answer.json)
     return answer.body

@@ -13,6 +13,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .arrays import finite_list
+from .responses import render_json
 from .streaming import temp_path
 
 CHUNK_ROWS = 4096
@@ -75,20 +77,22 @@ def _b64_stream(out: BinaryIO, chunks: Iterator[np.ndarray]) -> None:
     out.write(base64.b64encode(carry))
 
 
-def _list_stream(out: BinaryIO, chunks: Iterator[np.ndarray]) -> None:
+def _list_stream(out: BinaryIO, chunks: Iterator[np.ndarray], name: str) -> None:
+    """Nested lists of the concatenated chunks, one chunk's rows rendered at a time (checked
+    finite like every float list an answer carries: `arrays.finite_list`)."""
     out.write(b"[")
     first = True
     for chunk in chunks:
-        for row in chunk.tolist():
-            out.write((b"" if first else b",") + json.dumps(row, separators=(",", ":")).encode())
+        if len(chunk):
+            out.write((b"" if first else b",") + render_json(finite_list(chunk, name))[1:-1])
             first = False
     out.write(b"]")
 
 
-def _json_array(out: BinaryIO, spool: Spool, fmt: str) -> None:
+def _json_array(out: BinaryIO, spool: Spool, fmt: str, name: str) -> None:
     out.write(b'{"dtype": "%s", "shape": [%d, %d], "data": ' % (str(spool.dtype).encode(), spool.rows, spool.width))
     if fmt == "list":
-        _list_stream(out, spool.chunks())
+        _list_stream(out, spool.chunks(), name)
     else:
         out.write(b'"')
         _b64_stream(out, spool.chunks())
@@ -99,16 +103,16 @@ def _json_array(out: BinaryIO, spool: Spool, fmt: str) -> None:
 def write_json(path: str, head: dict, items: list[dict | StreamedTokens], fmt: str) -> None:
     """{"model", "mode", "items": [...]}: in-memory entries dumped, streamed ones assembled."""
     with open(path, "wb") as out:
-        out.write(json.dumps(head)[:-1].encode() + b', "items": [')
+        out.write(render_json(head)[:-1] + b', "items": [')
         for i, item in enumerate(items):
             out.write(b", " if i else b"")
             if isinstance(item, dict):
-                out.write(json.dumps(item).encode())
+                out.write(render_json(item))
                 continue
-            out.write(json.dumps(item.entry)[:-1].encode() + b', "coords": ')
-            _json_array(out, item.coords, fmt)
+            out.write(render_json(item.entry)[:-1] + b', "coords": ')
+            _json_array(out, item.coords, fmt, "the coords")
             out.write(b', "%s": ' % item.field.encode())
-            _json_array(out, item.values, fmt)
+            _json_array(out, item.values, fmt, f"the {item.field}")
             out.write(b"}")
         out.write(b"]}")
 

@@ -42,12 +42,16 @@ class Region:
             value = np.ascontiguousarray(value)
             np.ndarray(value.shape, value.dtype, buffer=self.view, offset=offset)[...] = value
             placed[name] = (offset, value.nbytes)
-            offset += -(-value.nbytes // ALIGN) * ALIGN
+            offset += _aligned(value.nbytes)
         return placed
 
 
 def region_bytes(arrays: dict[str, np.ndarray]) -> int:
-    return sum(-(-a.nbytes // ALIGN) * ALIGN for a in arrays.values())
+    return sum(_aligned(a.nbytes) for a in arrays.values())
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 class RegionPool:
@@ -61,7 +65,6 @@ class RegionPool:
         self._register, self._unregister = register, unregister
         self._prefix = f"atoken-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._free: list[Region] = []
-        self._all: list[Region] = []
         self._lock = threading.Lock()
         self._count = 0
         self._closed = False
@@ -95,10 +98,6 @@ class RegionPool:
         for r in free:
             self._destroy(r)
 
-    @property
-    def held_bytes(self) -> int:
-        return sum(r.size for r in self._all)
-
     def _create(self, size: int) -> Region:
         with self._lock:
             self._count += 1
@@ -109,14 +108,9 @@ class RegionPool:
         except Exception:
             self._shm.destroy_shared_memory_region(handle)
             raise
-        region = Region(name, handle, size, handle._mpsm_handle.buf)
-        with self._lock:
-            self._all.append(region)
-        return region
+        return Region(name, handle, size, handle._mpsm_handle.buf)
 
     def _destroy(self, region: Region) -> None:
-        with self._lock:
-            self._all.remove(region)
         try:
             self._unregister(region.name)
         except Exception:  # noqa: BLE001 - the server may be gone; the memory is ours to free
