@@ -13,7 +13,6 @@ from ..deps import get_runtime, options_from_raw, parse_options, read_uploads
 from ..errors import InvalidParameter, JobGone, JobNotFinished
 from ..gate import supplied_key
 from ..jobs import OPS, JobRunner, JobStore, describe, owner_of
-from ..responses import render_json
 from ..runtime import Runtime
 from ..uploads import release
 
@@ -136,6 +135,4 @@ class Jobs:
             answer = await ops.tokenize(runtime, items, options, call)
         else:
             answer = await ops.reconstruct(runtime, items, options, call)
-        if answer.json is not None:  # the bytes the synchronous route sends
-            answer = ops.Answer(answer.media_type, answer.headers, body=render_json(answer.json))
-        return answer
+        return answer  # a JSON answer is stored as the bytes the synchronous route sends (jobs._body_of)
