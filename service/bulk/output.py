@@ -27,6 +27,25 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def encodings(schema: pa.Schema) -> dict:
+    """Float columns (latents, embedding) byte-stream-split, every other column dictionary
+    encoded. Latents are bfloat16 or float16 values, so each value's low bytes repeat; split
+    into byte planes, zstd finds that: 300 images of the default model write in 87 ms instead
+    of 120 (dictionary pages, Parquet's default), 11% smaller (docs/bulk.md). Readers need
+    nothing new: both are standard Parquet encodings."""
+    leaves = [_leaf(field) for field in schema]
+    return {"use_dictionary": [path for path, t in leaves if not pa.types.is_floating(t)],
+            "use_byte_stream_split": [path for path, t in leaves if pa.types.is_floating(t)]}
+
+
+def _leaf(field: pa.Field) -> tuple[str, pa.DataType]:
+    """A column's Parquet leaf path (`coords.list.element.list.element`) and value type."""
+    path, type_ = field.name, field.type
+    while pa.types.is_list(type_) or pa.types.is_fixed_size_list(type_):
+        path, type_ = f"{path}.list.element", type_.value_type
+    return path, type_
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -68,7 +87,7 @@ class Output:
         self._entries.pop(index, None)  # what was read of an earlier file of this shard is stale
         _atomic_write(self.errors_file(index), "".join(json.dumps(e) + "\n" for e in errors).encode())
         tmp = self.shard(index).with_name(f".{self.shard(index).name}.tmp")
-        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False, **encodings(table.schema))
         os.replace(tmp, self.shard(index))
 
     def _entry(self, k: int) -> tuple[dict, list[str]]:

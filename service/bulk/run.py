@@ -169,6 +169,9 @@ class LocalEngine:
 
     def start(self) -> dict:
         torch_threads(self.threads)
+        # pyarrow's first conversion imports pandas where it is installed (0.35 s): done on a
+        # decoding thread while the model loads, not on the model's thread at the first shard.
+        self.pool.submit(schema.warm_up)
         return self.backend.start()
 
     def stop(self) -> None:

@@ -37,36 +37,42 @@ def schema(mode: str, width: int, dtype: str, embed_dim: int | None, index_dtype
     return pa.schema(fields, metadata={"columns": json.dumps(COLUMNS)})
 
 
-def _nested(rows: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """[n, w] -> one list<fixed_size_list<., w>> value, without going through Python objects."""
-    flat = pa.array(np.ascontiguousarray(rows).reshape(-1), type=arrow_type.value_type.value_type)
-    inner = pa.FixedSizeListArray.from_arrays(flat, arrow_type.value_type.list_size)
-    return pa.ListArray.from_arrays(pa.array([0, rows.shape[0]], pa.int32()), inner)
+def _nested(parts: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
+    """Rows' [n_i, w] arrays -> one list<fixed_size_list<., w>> column, one value per row, built
+    from one concatenated buffer and its offsets (no Python objects, no per-row arrays)."""
+    width, value_type = arrow_type.value_type.list_size, arrow_type.value_type.value_type
+    flat = np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)
+    inner = pa.FixedSizeListArray.from_arrays(_typed(flat, value_type), width)
+    offsets = np.zeros(len(parts) + 1, np.int32)
+    np.cumsum([p.shape[0] for p in parts], out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def warm_up() -> None:
+    """pyarrow imports pandas (when installed) at its first conversion: one call pays it."""
+    pa.array(np.zeros(1, np.float32))
+
+
+def _typed(flat: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A numpy array as an Arrow array of `arrow_type` (rows arrive in it; cast otherwise)."""
+    array = pa.array(flat)
+    return array if array.type == arrow_type else array.cast(arrow_type)
 
 
 def table(rows: list[dict], schema_: pa.Schema) -> pa.Table:
     """Rows (key, modality, kind, media dict, coords [n, 4], values [n, w], embedding [D]) -> a table."""
     value_field = schema_.field(6)
-    columns = {name: [] for name in schema_.names}
-    for row in rows:
-        columns["key"].append(row["key"])
-        columns["modality"].append(row["modality"])
-        columns["kind"].append(row["kind"])
-        columns["media"].append(json.dumps(row["media"], sort_keys=True))
-        columns["num_tokens"].append(int(row["coords"].shape[0]))
-        columns["coords"].append(_nested(row["coords"].astype(np.int32), schema_.field("coords").type))
-        values = row["values"].astype(value_field.type.value_type.value_type.to_pandas_dtype())
-        columns[value_field.name].append(_nested(values, value_field.type))
-        if "embedding" in columns:
-            columns["embedding"].append(row["embedding"].astype(np.float32))
-    arrays = []
-    for field in schema_:
-        data = columns[field.name]
-        if field.name in ("coords", value_field.name):
-            arrays.append(pa.concat_arrays(data) if data else pa.array([], field.type))
-        elif field.name == "embedding":
-            flat = pa.array(np.concatenate(data) if data else np.zeros(0, np.float32), pa.float32())
-            arrays.append(pa.FixedSizeListArray.from_arrays(flat, field.type.list_size))
-        else:
-            arrays.append(pa.array(data, field.type))
-    return pa.Table.from_arrays(arrays, schema=schema_)
+    columns = {
+        "key": pa.array([row["key"] for row in rows], pa.string()),
+        "modality": pa.array([row["modality"] for row in rows], pa.string()),
+        "kind": pa.array([row["kind"] for row in rows], pa.string()),
+        "media": pa.array([json.dumps(row["media"], sort_keys=True) for row in rows], pa.string()),
+        "num_tokens": pa.array([row["coords"].shape[0] for row in rows], pa.int32()),
+        "coords": _nested([row["coords"] for row in rows], schema_.field("coords").type),
+        value_field.name: _nested([row["values"] for row in rows], value_field.type),
+    }
+    if "embedding" in schema_.names:
+        field = schema_.field("embedding")
+        flat = np.concatenate([row["embedding"] for row in rows]) if rows else np.zeros(0)
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(_typed(flat, pa.float32()), field.type.list_size)
+    return pa.Table.from_arrays([columns[name] for name in schema_.names], schema=schema_)
