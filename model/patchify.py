@@ -79,9 +79,13 @@ def patchify_frames(x: Tensor) -> tuple[Tensor, Tensor]:
     t, h, w, c = x.shape
     nt, nh, nw = t // PT, h // PH, w // PW
     feats = x.reshape(nt, PT, nh, PH, nw, PW, c).permute(0, 2, 4, 1, 3, 5, 6).reshape(nt * nh * nw, -1)
+    return feats.contiguous(), grid_coords(nt, nh, nw).to(x.device)
+
+
+def grid_coords(nt: int, nh: int, nw: int) -> Tensor:
+    """int32 [nt * nh * nw, 4]: (t, x, y, 0) of every tubelet of a full grid, in patch order."""
     grid = torch.stack(torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), indexing="ij"), -1)
-    coords = torch.cat([grid.reshape(-1, 3), torch.zeros(nt * nh * nw, 1, dtype=torch.long)], 1)
-    return feats.contiguous(), coords.to(torch.int32).to(x.device)
+    return torch.cat([grid.reshape(-1, 3), torch.zeros(nt * nh * nw, 1, dtype=torch.long)], 1).to(torch.int32)
 
 
 def unpatchify_frames(feats: Tensor, coords: Tensor, fill: float = 0) -> Tensor:

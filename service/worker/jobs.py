@@ -14,7 +14,7 @@ from torch import Tensor
 from model.api import Tokens
 from model.layers.attention import PoolState
 from model.config import PATCH_SIZE, PATCH_VALUES
-from model.patchify import patchify_frames
+from model.patchify import grid_coords
 from model.sparse import SparseBatch, cat
 
 TUBELET = PATCH_SIZE[0]
@@ -28,20 +28,21 @@ DECODER_OPS = ("reconstruct", "decode")
 
 def pixel_patches(frames: np.ndarray) -> SparseBatch:
     """uint8 frames [T, h, w, 3] (h, w multiples of 16; T = 1 or T % 4 == 0) -> one item of
-    uint8 tubelet patches, cut by the same `patchify_frames` the float path uses.
+    uint8 tubelet patches, laid out as `model.patchify.patchify_frames` lays them out.
 
     An image (T = 1) travels as [n, 768], its frame alone: the three zero frames the official
     preprocessing pads it with are added by `model_feats` on the worker's side. A video travels
     as [n, 3072]. Either way a quarter of the float32 bytes (a sixteenth for images), exactly
-    the values `x / 127.5 - 1` would give."""
-    x = torch.from_numpy(np.require(frames, requirements=["C", "W"]))  # decoders hand out read-only arrays
-    if x.shape[0] == 1:
-        feats, coords = patchify_frames(x.expand(TUBELET, -1, -1, -1))
-        feats = feats[:, :FRAME_VALUES].contiguous()  # frame 0 of each tubelet
-    else:
-        feats, coords = patchify_frames(x)
+    the values `x / 127.5 - 1` would give. Cut in numpy with one copy: decoders hand out
+    read-only arrays, and an image is never widened to four frames to keep one."""
+    t, h, w, c = frames.shape
+    depth = 1 if t == 1 else TUBELET
+    nt, nh, nw = t // depth, h // PATCH_SIZE[1], w // PATCH_SIZE[2]
+    tubelets = frames.reshape(nt, depth, nh, PATCH_SIZE[1], nw, PATCH_SIZE[2], c).transpose(0, 2, 4, 1, 3, 5, 6)
+    feats = torch.from_numpy(np.array(tubelets, order="C").reshape(nt * nh * nw, -1))
+    coords = grid_coords(nt, nh, nw)
     coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
-    return SparseBatch(feats, coords, ("image" if x.shape[0] == 1 else "video",))
+    return SparseBatch(feats, coords, ("image" if t == 1 else "video",))
 
 
 def model_feats(batch: SparseBatch) -> SparseBatch:

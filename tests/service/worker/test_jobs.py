@@ -1,6 +1,8 @@
 """The hand-off to the model worker: uint8 pixel patches that become exactly the float input
 the official preprocessing gives, and by-value pickles that round-trip every tensor."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +14,14 @@ from service.worker import transport
 from service.worker.jobs import Job, model_feats, packed_input, pixel_patches
 
 
-@pytest.mark.parametrize("frames", [1, 4, 8])
-def test_pixel_patches_equal_the_float_path(frames):
-    pixels = np.random.default_rng(frames).integers(0, 256, (frames, 48, 32, 3), dtype=np.uint8)
+@pytest.mark.parametrize("frames, height, width", [(1, 48, 32), (4, 48, 32), (8, 48, 32), (1, 16, 16), (4, 16, 16)])
+def test_pixel_patches_equal_the_float_path(frames, height, width):
+    pixels = np.random.default_rng(frames).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
     pixels.setflags(write=False)  # decoders hand out read-only arrays
     reference, _ = frames_to_sparse([torch.from_numpy(to_model_range(pixels[0] if frames == 1 else pixels))])
-    compact = pixel_patches(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a tensor over read-only memory
+        compact = pixel_patches(pixels)
     assert compact.feats.dtype == torch.uint8
     # A byte per value; an image also travels without the three zero frames the model pads it with.
     assert compact.feats.shape == (reference.feats.shape[0], 768 if frames == 1 else 3072)
