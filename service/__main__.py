@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="of latents")
     bulk.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: Ray Data (RAY_ADDRESS)")
     bulk.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: all cores)")
+    bulk.add_argument("--batch-tokens", type=int, default=0,
+                      help="token passes per model batch (0: ATOKEN_BULK_BATCH_TOKENS, 8192 by default)")
     for flag in ("fps", "start", "end"):
         bulk.add_argument(f"--{flag}", type=float)
     bulk.add_argument("--max-frames", type=int)

@@ -195,7 +195,7 @@ def run_dataset(args, settings) -> int:
     options = {k: str(v) for k, v in {"fps": args.fps, "max_frames": args.max_frames, "start": args.start,
                                       "end": args.end}.items() if v is not None}
     cfg = RunConfig(args.src, args.out, args.tokens, args.embeddings, args.shard_rows, args.dtype, options,
-                    args.engine, args.threads, args.progress)
+                    args.engine, args.threads, args.progress, batch_tokens=args.batch_tokens)
     summary = tokenize_dataset(cfg, settings)
     print(f"{summary['items']} inputs in {summary['seconds']:.1f} s ({summary['items_per_s']:.1f} items/s, "
           f"{summary['tokens_per_s']:.0f} tokens/s): {summary['rows']} rows, {summary['errors']} errors"

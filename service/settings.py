@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # Token passes per batch; unset: 2048 on CPU (batch 8 of 256-token images is where this CPU
     # peaks: docs/benchmarks/model_cpu.md; larger batches are slower per item), 8192 on GPUs.
     max_batch_tokens: int | None = None
+    # tokenize-dataset's cap, where no one waits on a batch: on 2 cores its local engine ran
+    # 2,000 images 1.14x faster at 8192 than at the service's 2048 (8 paired runs; 16384 no
+    # faster; docs/bulk.md). A run records it: packed passes of other shapes round differently.
+    bulk_batch_tokens: int = Field(8192, ge=1)
     max_wait_ms: float = 5.0
     max_queue_jobs: int = 256
     max_queue_tokens: int = 262144

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
@@ -43,6 +43,7 @@ class RunConfig:
     engine: str = "local"
     threads: int = 0  # torch threads for the model (0: all cores); the same on every engine
     progress: bool = False
+    batch_tokens: int = 0  # token passes per model batch (0: ATOKEN_BULK_BATCH_TOKENS)
 
 
 class _ReadAhead:
@@ -118,13 +119,15 @@ def tokenize_dataset(cfg: RunConfig, settings: Settings | None = None) -> dict:
     entries = list_inputs(cfg.src)
     shards = [entries[i:i + cfg.shard_rows] for i in range(0, len(entries), cfg.shard_rows)] or [[]]
     threads = cfg.threads or os.cpu_count() or 1
+    cfg = replace(cfg, batch_tokens=cfg.batch_tokens or settings.bulk_batch_tokens)
     engine = (RayEngine if cfg.engine == "ray" else LocalEngine)(settings, cfg, options, threads)
     info = engine.start()
     model = {**info, **info.get("modes", {}).get(cfg.tokens, {})}  # widths at the top, identity per mode
     header = {"format": FORMAT, "source": os.path.abspath(cfg.src), "inputs": len(entries),
               "model": {"variant": model.get("variant"), "sha256": model.get("sha256"), "card": model.get("card")},
               "options": {"tokens": cfg.tokens, "embeddings": cfg.embeddings, "shard_rows": cfg.shard_rows,
-                          "dtype": cfg.dtype, **{k: str(v) for k, v in sorted(cfg.options.items())}}}
+                          "dtype": cfg.dtype, "batch_tokens": cfg.batch_tokens,
+                          **{k: str(v) for k, v in sorted(cfg.options.items())}}}
     out = Output(cfg.out, header)
     width = model.get("num_codebooks") if cfg.tokens == "discrete" else model.get("latent_channels")
     dtype = value_dtype(model, cfg.tokens, cfg.dtype)
@@ -183,9 +186,9 @@ class LocalEngine:
         prepared = iter(_ReadAhead(self.pool, lambda e: built(prepare(e, self.options, limits, lazy=True)),
                                    [e for k in todo for e in shards[k]], window=READ_AHEAD_ITEMS,
                                    parallel=self.workers, weight=_tokens,
-                                   budget=READ_AHEAD_BATCHES * self.settings.max_batch_tokens))
+                                   budget=READ_AHEAD_BATCHES * self.cfg.batch_tokens))
         for k in todo:
-            runner = ShardRunner(self.backend, self.cfg.tokens, self.cfg.embeddings, self.settings.max_batch_tokens,
+            runner = ShardRunner(self.backend, self.cfg.tokens, self.cfg.embeddings, self.cfg.batch_tokens,
                                  _np_dtype(dtype))
             rows, errors = runner.run(_ticking(itertools.islice(prepared, len(shards[k])), bar))
             yield k, rows, errors, runner.tokens
@@ -265,7 +268,7 @@ class RayEngine:
         ds = ds.map_batches(RayModel, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
                             num_gpus=1 if gpu else 0, num_cpus=1,
                             fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
-                                                   "max_batch_tokens": self.settings.max_batch_tokens,
+                                                   "max_batch_tokens": cfg.batch_tokens,
                                                    "dtype": dtype, "threads": self.threads})
         for row in ds.iter_rows():
             k = int(row["shard"])

@@ -116,6 +116,24 @@ def test_a_killed_run_resumes_to_identical_files(dataset, clean, tmp_path):
         _run(dataset, out, embeddings=False)
 
 
+def test_the_batch_cap_is_recorded_and_moves_numbers_only_by_rounding(dataset, clean, tmp_path):
+    """Every job alone (a cap of one token pass) against the default batches: the same rows up
+    to float rounding (a packed pass's matrix products round by their shape), so the cap is an
+    option of the run: recorded, and a resume with another refused."""
+    out = tmp_path / "alone"
+    _run(dataset, out, embeddings=True, batch_tokens=1)
+    alone, batched = ({r["key"]: r for r in read_rows(folder)} for folder in (out, clean))
+    assert alone.keys() == batched.keys()
+    for key, row in alone.items():
+        assert np.array_equal(row["coords"], batched[key]["coords"])
+        np.testing.assert_allclose(row["latents"], batched[key]["latents"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(row["embedding"], batched[key]["embedding"], rtol=1e-4, atol=1e-5)
+    options = [json.loads((folder / "manifest.json").read_text())["options"] for folder in (out, clean)]
+    assert [o["batch_tokens"] for o in options] == [1, Settings().bulk_batch_tokens]
+    with pytest.raises(ValueError, match="other options"):
+        _run(dataset, out, embeddings=True, batch_tokens=2)
+
+
 def test_the_ray_engine_writes_what_the_local_engine_writes(dataset, clean, tmp_path):
     out = tmp_path / "ray"
     summary = _run(dataset, out, embeddings=True, engine="ray")
