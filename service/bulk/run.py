@@ -268,7 +268,8 @@ class RayEngine:
             return
         spec, limits, cfg = self.settings.model_spec, self.settings.limits, self.cfg
         gpu = spec.device.startswith("cuda")
-        ds = ray.data.from_items([{"shard": k, "entries": shards[k]} for k in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([{"shard": k, "entries": pickle.dumps(shards[k])} for k in todo],
+                                 override_num_blocks=len(todo))
         # Three quarters of a CPU per pre-processing task: beside the model actor's one CPU a 2-core
         # node runs one task at a time (each task process costs seconds of CPU to start, taken
         # from the model on a small machine; one keeps well ahead of it), a 16-core node twenty.

@@ -30,14 +30,15 @@ def test_a_pre_processing_process_never_imports_torch(tmp_path):
     image = _entry(tmp_path, "chelsea.png", assets.image("chelsea.png").read_bytes())
     video = _entry(tmp_path, "talk.mp4", assets.clip_with_audio(1.5))
     code = (
-        "import sys\n"
+        "import pickle, sys\n"
         "from service.bulk import on_ray\n"
         "from service.bulk.sources import Entry\n"
         "from service.inputs import Options\n"
         "from service.media.limits import MediaLimits\n"
         f"entries = [Entry({image.key!r}, {image.path!r}, size={image.size}),"
         f" Entry({video.key!r}, {video.path!r}, size={video.size})]\n"
-        "out = on_ray.prepare_shard({'shard': 0, 'entries': entries}, Options(), MediaLimits(max_side=128))\n"
+        "out = on_ray.prepare_shard({'shard': 0, 'entries': pickle.dumps(entries)}, Options(),"
+        " MediaLimits(max_side=128))\n"
         "assert out['shard'] == 0 and out['prepared']\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n"
