@@ -16,8 +16,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM (11x11 Gaussian window, sigma 1.5, per channel)."""
-    x = torch.from_numpy(a.reshape(-1, *a.shape[-3:])).permute(0, 3, 1, 2).double() / 255
-    y = torch.from_numpy(b.reshape(-1, *b.shape[-3:])).permute(0, 3, 1, 2).double() / 255
+    # astype first: a decoder's read-only array made float64 in a new, writable one (torch warns
+    # on tensors over read-only memory)
+    x = torch.from_numpy(a.reshape(-1, *a.shape[-3:]).astype(np.float64)).permute(0, 3, 1, 2) / 255
+    y = torch.from_numpy(b.reshape(-1, *b.shape[-3:]).astype(np.float64)).permute(0, 3, 1, 2) / 255
     coords = torch.arange(11, dtype=torch.float64) - 5
     g1 = torch.exp(-coords**2 / (2 * 1.5**2))
     g1 /= g1.sum()
