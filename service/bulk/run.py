@@ -121,15 +121,28 @@ class _ReadAhead:
 _END = object()
 
 
+def _checked(cfg: RunConfig, settings: Settings) -> RunConfig:
+    """The run's options refused before any work, with the limit named; the batch cap resolved.
+    A batch holds its inputs (up to 3072 bytes a token pass for video) and the pass's
+    activations, so its cap is bounded like everything the service holds at once."""
+    if cfg.dtype not in ("float32", "float16"):
+        raise ValueError("--dtype must be float32 or float16")
+    if cfg.shard_rows < 1:
+        raise ValueError("--shard-rows must be at least 1")
+    batch_tokens = cfg.batch_tokens or settings.bulk_batch_tokens
+    if not 1 <= batch_tokens <= settings.max_queue_tokens:
+        raise ValueError(f"--batch-tokens must be 1 to {settings.max_queue_tokens} token passes "
+                         "(ATOKEN_MAX_QUEUE_TOKENS, the most the service holds at once)")
+    return replace(cfg, batch_tokens=batch_tokens)
+
+
 def tokenize_dataset(cfg: RunConfig, settings: Settings | None = None) -> dict:
     settings = settings or Settings()
     options = options_from_raw(cfg.options)
-    if cfg.dtype not in ("float32", "float16"):
-        raise ValueError("--dtype must be float32 or float16")
+    cfg = _checked(cfg, settings)
     entries = list_inputs(cfg.src)
     shards = [entries[i:i + cfg.shard_rows] for i in range(0, len(entries), cfg.shard_rows)] or [[]]
     threads = cfg.threads or os.cpu_count() or 1
-    cfg = replace(cfg, batch_tokens=cfg.batch_tokens or settings.bulk_batch_tokens)
     engine = (RayEngine if cfg.engine == "ray" else LocalEngine)(settings, cfg, options, threads)
     info = engine.start()
     model = {**info, **info.get("modes", {}).get(cfg.tokens, {})}  # widths at the top, identity per mode

@@ -129,10 +129,9 @@ class Jobs:
         progress.on_change = lambda p: report(p.done, p.total, p.eta_s)
         self.store.set_running(job["id"], progress.total, progress.unit)
         call = ops.Call(request["accept"], cancel.wait, progress, patient=True)
+        # A JSON answer is stored as the bytes the synchronous route sends (jobs._body_of).
         if job["op"] == "encode":
-            answer = await ops.encode(runtime, items, options, raw, call)
-        elif job["op"] == "tokenize":
-            answer = await ops.tokenize(runtime, items, options, call)
-        else:
-            answer = await ops.reconstruct(runtime, items, options, call)
-        return answer  # a JSON answer is stored as the bytes the synchronous route sends (jobs._body_of)
+            return await ops.encode(runtime, items, options, raw, call)
+        if job["op"] == "tokenize":
+            return await ops.tokenize(runtime, items, options, call)
+        return await ops.reconstruct(runtime, items, options, call)

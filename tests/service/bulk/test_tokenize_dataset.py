@@ -134,6 +134,16 @@ def test_the_batch_cap_is_recorded_and_moves_numbers_only_by_rounding(dataset, c
         _run(dataset, out, embeddings=True, batch_tokens=2)
 
 
+@pytest.mark.parametrize("kw, message", [({"batch_tokens": 262145}, "ATOKEN_MAX_QUEUE_TOKENS"),
+                                         ({"batch_tokens": -1}, "--batch-tokens"),
+                                         ({"shard_rows": 0}, "--shard-rows")])
+def test_run_sizes_are_refused_before_any_work(dataset, tmp_path, kw, message):
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match=message):
+        _run(dataset, out, **kw)
+    assert not out.exists()  # nothing read, loaded or written
+
+
 def test_the_ray_engine_writes_what_the_local_engine_writes(dataset, clean, tmp_path):
     out = tmp_path / "ray"
     summary = _run(dataset, out, embeddings=True, engine="ray")
