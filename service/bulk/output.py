@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import InvalidParameter
 from .schema import COLUMNS
 
 FORMAT = "atoken-tokens/1"
@@ -71,7 +72,7 @@ class Output:
             theirs = {k: previous.get(k) for k in mine}
             if mine != theirs:
                 changed = sorted(k for k in mine if mine[k] != theirs[k])
-                raise ValueError(f"{self.out} holds a run with other {', '.join(changed)}; use a new OUT folder "
+                raise InvalidParameter(f"{self.out} holds a run with other {', '.join(changed)}; use a new OUT folder "
                                  "(or the same arguments to resume)")
 
     def shard(self, index: int) -> Path:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from model.sparse import SparseBatch
 
 from ..deps import options_from_raw
+from ..errors import InvalidParameter
 from ..priority import lower_thread_priority
 from ..settings import Settings
 from . import schema
@@ -122,17 +123,19 @@ _END = object()
 
 
 def _checked(cfg: RunConfig, settings: Settings) -> RunConfig:
-    """The run's options refused before any work, with the limit named; the batch cap resolved.
+    """The run's options refused before any work, with the limit named (as the API's 422, which
+    the CLI prints as such; a ValueError would print as an internal error); the batch cap resolved.
     A batch holds its inputs (up to 3072 bytes a token pass for video) and the pass's
     activations, so its cap is bounded like everything the service holds at once."""
     if cfg.dtype not in ("float32", "float16"):
-        raise ValueError("--dtype must be float32 or float16")
+        raise InvalidParameter("--dtype must be float32 or float16")
     if cfg.shard_rows < 1:
-        raise ValueError("--shard-rows must be at least 1")
+        raise InvalidParameter("--shard-rows must be at least 1", limit=1)
     batch_tokens = cfg.batch_tokens or settings.bulk_batch_tokens
     if not 1 <= batch_tokens <= settings.max_queue_tokens:
-        raise ValueError(f"--batch-tokens must be 1 to {settings.max_queue_tokens} token passes "
-                         "(ATOKEN_MAX_QUEUE_TOKENS, the most the service holds at once)")
+        raise InvalidParameter(f"--batch-tokens must be 1 to {settings.max_queue_tokens} token passes "
+                               "(ATOKEN_MAX_QUEUE_TOKENS, the most the service holds at once)",
+                               limit=settings.max_queue_tokens)
     return replace(cfg, batch_tokens=batch_tokens)
 
 

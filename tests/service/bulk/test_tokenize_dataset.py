@@ -18,6 +18,7 @@ from PIL import Image
 
 from service.bulk.reader import TokenShards, read_rows
 from service.bulk.run import RunConfig, tokenize_dataset
+from service.errors import InvalidParameter
 from service.settings import Settings
 from tests import assets
 from tests.conftest import ROOT
@@ -112,7 +113,7 @@ def test_a_killed_run_resumes_to_identical_files(dataset, clean, tmp_path):
     summary = _run(dataset, out, embeddings=True)
     assert summary["skipped_shards"] == 2
     assert _files(out) == first == _files(clean)
-    with pytest.raises(ValueError, match="other options"):
+    with pytest.raises(InvalidParameter, match="other options"):
         _run(dataset, out, embeddings=False)
 
 
@@ -130,7 +131,7 @@ def test_the_batch_cap_is_recorded_and_moves_numbers_only_by_rounding(dataset, c
         np.testing.assert_allclose(row["embedding"], batched[key]["embedding"], rtol=1e-4, atol=1e-5)
     options = [json.loads((folder / "manifest.json").read_text())["options"] for folder in (out, clean)]
     assert [o["batch_tokens"] for o in options] == [1, Settings().bulk_batch_tokens]
-    with pytest.raises(ValueError, match="other options"):
+    with pytest.raises(InvalidParameter, match="other options"):
         _run(dataset, out, embeddings=True, batch_tokens=2)
 
 
@@ -139,9 +140,16 @@ def test_the_batch_cap_is_recorded_and_moves_numbers_only_by_rounding(dataset, c
                                          ({"shard_rows": 0}, "--shard-rows")])
 def test_run_sizes_are_refused_before_any_work(dataset, tmp_path, kw, message):
     out = tmp_path / "refused"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidParameter, match=message):
         _run(dataset, out, **kw)
     assert not out.exists()  # nothing read, loaded or written
+
+
+def test_the_cli_names_the_refused_option(dataset, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "service", "tokenize-dataset", str(dataset), str(tmp_path / "out"),
+                           "--batch-tokens", "999999"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error (422): --batch-tokens must be 1 to 262144" in proc.stderr
 
 
 def test_the_ray_engine_writes_what_the_local_engine_writes(dataset, clean, tmp_path):
