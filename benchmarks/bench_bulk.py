@@ -50,10 +50,21 @@ def make_images(folder: Path, count: int, size: int) -> None:
 # same cores, as a cluster would be; started before the clock and stopped after it, the way the
 # HTTP path is measured against a running server), and on a fresh local instance that the
 # command starts and stops itself (what `--engine ray` does with no RAY_ADDRESS). A running
-# cluster has served Ray Data jobs before: Ray Data's own service actors (its stats actor and
-# autoscaling coordinator, both detached, so they outlive the job that started them) are up, so
-# a tiny Ray Data job runs before the clock. The fresh instance starts them within its run.
+# cluster has served Ray Data jobs before: Ray Data's own service actors (its stats actor,
+# autoscaling coordinator and, once a job has used an actor pool, its actor location tracker:
+# all detached, so they outlive the job that started them) are up, so a tiny Ray Data job with
+# an actor-pool stage runs before the clock. The fresh instance starts them within its run.
 PATHS = ("local", "ray (running instance)", "ray (fresh instance)")
+WARM_UP_JOB = """
+import ray
+
+class Identity:
+    def __call__(self, batch):
+        return batch
+
+ray.init(address="auto")
+ray.data.range(2).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+"""
 
 
 def run_path(src: Path, path: str, threads: int) -> dict:
@@ -75,8 +86,7 @@ def running_ray(cpus: int):
     subprocess.run(ray + ["start", "--head", f"--num-cpus={cpus}", "--include-dashboard=false",
                           "--disable-usage-stats"], check=True, capture_output=True)
     try:
-        subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); ray.data.range(1).materialize()"],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", WARM_UP_JOB], check=True, capture_output=True)
         wait_idle()  # a cluster that is already up: its daemons and idle workers done starting
         yield "auto"
     finally:
@@ -206,8 +216,9 @@ def write(path: str, results: dict, args, threads: int) -> None:
         "default model on the CPU, continuous tokens. Wall time includes loading the model, and for Ray "
         "its worker processes and actor; on a fresh instance also starting and stopping Ray itself. "
         "A running instance was started with `ray start --head` on the same cores before the clock, as the "
-        "HTTP server was (a new one for each run, which had served one tiny Ray Data job before the clock, as a "
-        "cluster in use has: Ray Data's detached service actors were up; the fresh instance starts them in its run)."
+        "HTTP server was (a new one for each run, which had served one tiny Ray Data job with an actor-pool stage "
+        "before the clock, as a cluster in use has: Ray Data's detached service actors were up; the fresh instance "
+        "starts them in its run)."
         f" {args.rounds} rounds in rotating order, the HTTP path taking its turn among the others; the median "
         "run of each path is shown. HTTP is `POST /tokenize` one image a request from a thread pool (a "
         "keep-alive connection per thread) against a running server, frozen (SIGSTOP) outside its turns.",

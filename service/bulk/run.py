@@ -297,11 +297,13 @@ class RayEngine:
                             fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
                                                    "max_batch_tokens": cfg.batch_tokens,
                                                    "dtype": dtype, "threads": self.threads})
-        for row in ds.iter_rows():
-            k = int(row["shard"])
-            rows, errors, tokens = pickle.loads(row["result"])
-            bar.update(len(shards[k]))
-            yield k, rows, errors, tokens
+        # No prefetching: with it, a shard's result reached the driver (to be written, and counted
+        # by the progress bar) only once the model had computed the next shard as well.
+        for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
+            for k, result in zip(batch["shard"].tolist(), batch["result"]):
+                rows, errors, tokens = pickle.loads(result)
+                bar.update(len(shards[k]))
+                yield k, rows, errors, tokens
 
 
 def _describe(spec) -> dict:
