@@ -21,7 +21,7 @@ def prepare_shard(item: dict, options, limits, idle: bool = False) -> dict:
     """A Ray task: one shard's inputs (pickled `Entry`s) read and decoded (pickled: numpy arrays
     inside). Pickled both ways: Ray Data keeps rows as Arrow, which has no type for them."""
     entries = pickle.loads(item["entries"])
-    prepared = _in_thread(lambda: [prepare(e, options, limits, lazy=False) for e in entries], idle)
+    prepared = _in_thread(lambda: [prepare(e, options, limits) for e in entries], idle)
     return {"shard": item["shard"], "prepared": pickle.dumps(prepared)}
 
 

@@ -16,7 +16,7 @@ from model.sparse import SparseBatch
 
 from ..errors import from_worker
 from ..pipeline import model_input
-from ..worker.jobs import Job, JobResult
+from ..worker.jobs import Job
 from .prepare import Failed, Prepared, failure
 
 
@@ -31,7 +31,10 @@ def built(item: Prepared | Failed) -> Prepared | Failed:
 @dataclass
 class _Row:
     prepared: Prepared
-    parts: list[tuple[int, JobResult, Job]] = field(default_factory=list)
+    # (tile, values [n, L or K] in the output dtype, coords [n, 4] int32 (t, x, y, z)): only
+    # what the row keeps, not the job (its input) nor the result (its log-variance): a long
+    # video holds its latents, not every tile's pixels, until its last tile has run
+    parts: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
     states: list[PoolState] = field(default_factory=list)
     failed: Failed | None = None
     embedding: np.ndarray | None = None
@@ -70,6 +73,9 @@ class ShardRunner:
                     cost += job.cost
             except Exception as exc:  # noqa: BLE001 - a video damaged part-way fails alone
                 row.failed = failure(item.key, exc)
+            # Its inputs live on only in the pending jobs, until their batch has run: a shard
+            # holds its outputs, not every input's pixels until its last row.
+            item.sources = ()
         if pending:
             self._flush(pending)
         self._pool([r for r in rows if isinstance(r, _Row) and r.prepared.video and self.embeddings and not r.failed])
@@ -81,7 +87,11 @@ class ShardRunner:
             if result.error:
                 row.failed = row.failed or failure(row.prepared.key, from_worker(*result.error))
                 continue
-            row.parts.append((tile, result, job))
+            t = result.tokens
+            values = (t.indices if t.indices is not None else t.latents).numpy().astype(self.value_dtype)
+            row.parts.append((tile, values, job.batch.coords[:, 1:].numpy().astype(np.int32)))
+            if result.embedding is not None:
+                row.embedding = result.embedding.numpy()
             if result.pool_state is not None:
                 row.states.append(result.pool_state)
             self.tokens += job.num_tokens
@@ -99,22 +109,16 @@ class ShardRunner:
             if isinstance(row, Failed) or row.failed:
                 errors.append((row if isinstance(row, Failed) else row.failed).record())
                 continue
-            coords, values = [], []
-            for tile, result, job in sorted(row.parts, key=lambda p: p[0]):
-                c = job.batch.coords[:, 1:].numpy().astype(np.int32)
+            parts = sorted(row.parts, key=lambda p: p[0])
+            for tile, _, c in parts:
                 if row.prepared.video:
                     c[:, 0] += tile * 4  # tiles count t from their own start
-                coords.append(c)
-                t = result.tokens
-                values.append((t.indices if t.indices is not None else t.latents).numpy())
             media = dict(row.prepared.media)
             if row.prepared.video:
                 media["frames"] = row.frames
-            embedding = row.embedding if row.prepared.video else row.parts[0][1].embedding
-            embedding = None if embedding is None else np.asarray(embedding)
             out.append({"key": row.prepared.key, "modality": row.prepared.modality, "kind": row.prepared.kind,
-                        "media": media, "coords": np.concatenate(coords),
-                        "values": np.concatenate(values).astype(self.value_dtype), "embedding": embedding})
+                        "media": media, "coords": np.concatenate([c for _, _, c in parts]),
+                        "values": np.concatenate([v for _, v, _ in parts]), "embedding": row.embedding})
         return out, errors
 
 

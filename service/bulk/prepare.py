@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..errors import PayloadTooLarge, error_body
-from ..inputs import Options, Pixels, Voxels, decode
+from ..inputs import Options, Pixels, VideoSource, Voxels, decode
 from ..media import video as vid
 from ..media.limits import MediaLimits
 from .sources import Entry
@@ -19,10 +19,22 @@ class Prepared:
     modality: str
     kind: str
     media: dict
-    # (frames, job input): one, or a video's tiles (lazy locally); the local engine replaces an
-    # image's or asset's arrays by the SparseBatch built from them (`pipeline.built`)
+    # (frames, job input): one, or a video's `VideoTiles`; the local engine replaces an image's
+    # or asset's arrays by the SparseBatch built from them (`pipeline.built`)
     sources: Iterable[tuple[int, Pixels | Voxels]]
     video: bool = False
+
+
+@dataclass
+class VideoTiles:
+    """A video's job inputs, decoded a 16-frame tile at a time as the model reaches them, in
+    every engine: its frames never all exist at once (up to 36,000 frames are allowed). It
+    pickles as the file's bytes and the plan read from its header, so a Ray pre-processing task
+    hands the actor the compressed video, never its decoded frames."""
+    source: VideoSource
+
+    def __iter__(self):
+        return ((len(frames), Pixels(vid.pad_to_tubelets(frames))) for frames in self.source.tiles())
 
 
 @dataclass
@@ -43,15 +55,15 @@ def failure(key: str, exc: BaseException) -> Failed:
     return Failed(key, status, body["error"]["code"], body["error"]["message"])
 
 
-def prepare(entry: Entry, options: Options, limits: MediaLimits, lazy: bool = True) -> Prepared | Failed:
-    """Read and decode one input (a worker thread's or a Ray task's job)."""
+def prepare(entry: Entry, options: Options, limits: MediaLimits) -> Prepared | Failed:
+    """Read and decode one input (a worker thread's or a Ray task's job); a video is planned
+    from its header here and decoded as it runs."""
     try:
         if entry.size > limits.max_bytes:
             raise PayloadTooLarge(f"file {entry.key!r} exceeds {limits.max_bytes} bytes", limit=limits.max_bytes)
         d = decode(entry.read(), options, limits)
         if d.stream is None:
             return Prepared(entry.key, d.modality, d.kind, d.media, [(1, d.input)])
-        tiles = ((len(frames), Pixels(vid.pad_to_tubelets(frames))) for frames in d.stream.tiles())
-        return Prepared(entry.key, d.modality, d.kind, dict(d.media), tiles if lazy else list(tiles), video=True)
+        return Prepared(entry.key, d.modality, d.kind, dict(d.media), VideoTiles(d.stream), video=True)
     except Exception as exc:  # noqa: BLE001 - a bad input is one line in errors.jsonl
         return failure(entry.key, exc)

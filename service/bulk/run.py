@@ -209,7 +209,7 @@ class LocalEngine:
     def run(self, todo: list[int], shards: list[list[Entry]], dtype: str, bar):
         limits = self.settings.limits
         # One read-ahead over every shard to do, so decoding runs on across shard boundaries.
-        prepared = iter(_ReadAhead(self.pool, lambda e: built(prepare(e, self.options, limits, lazy=True)),
+        prepared = iter(_ReadAhead(self.pool, lambda e: built(prepare(e, self.options, limits)),
                                    [e for k in todo for e in shards[k]], window=READ_AHEAD_ITEMS,
                                    parallel=self.workers, weight=_tokens,
                                    budget=READ_AHEAD_BATCHES * self.cfg.batch_tokens))

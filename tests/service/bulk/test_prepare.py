@@ -3,9 +3,11 @@ model inputs built from its arrays are exactly those the HTTP routes build."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 from service.bulk.pipeline import built
@@ -51,7 +53,7 @@ def test_a_pre_processing_process_never_imports_torch(tmp_path):
 def test_decoded_inputs_build_the_routes_model_inputs(tmp_path):
     for name, data in (("chelsea.png", assets.image("chelsea.png").read_bytes()),
                        ("talk.mp4", assets.clip_with_audio(1.5))):
-        prepared = prepare(_entry(tmp_path, name, data), Options(), LIMITS, lazy=False)
+        prepared = prepare(_entry(tmp_path, name, data), Options(), LIMITS)
         assert isinstance(prepared, Prepared)
         assert all(isinstance(source, Pixels) and source.frames.dtype.name == "uint8" for _, source in prepared.sources)
         item = preprocess(data, Options(), LIMITS)
@@ -62,6 +64,20 @@ def test_decoded_inputs_build_the_routes_model_inputs(tmp_path):
         batch = built(prepared).sources[0][1]
         assert torch.equal(batch.feats, item.batch.feats) and torch.equal(batch.coords, item.batch.coords)
         assert prepared.media == item.media
+
+
+def test_a_prepared_video_travels_as_its_file_not_its_frames(tmp_path):
+    """What a Ray task hands the model actor: the compressed video and its plan, decoded a tile
+    at a time where it runs (up to 36,000 frames are allowed; they never all exist at once)."""
+    data = assets.clip_with_audio(3.0)
+    prepared = prepare(_entry(tmp_path, "talk.mp4", data), Options(), LIMITS)
+    tiles = [(frames, source.frames) for frames, source in prepared.sources]
+    decoded = sum(frames.nbytes for _, frames in tiles)
+    blob = pickle.dumps(prepared)
+    assert len(tiles) > 1 and len(blob) < len(data) + 4096 < decoded
+    again = [(frames, source.frames) for frames, source in pickle.loads(blob).sources]
+    assert [f for f, _ in again] == [f for f, _ in tiles]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(again, tiles))
 
 
 def test_a_bad_input_is_the_error_the_api_gives(tmp_path):
