@@ -36,6 +36,15 @@ class VideoTiles:
     def __iter__(self):
         return ((len(frames), Pixels(vid.pad_to_tubelets(frames))) for frames in self.source.tiles())
 
+    @property
+    def decoded_bytes(self) -> int:
+        """What its tiles weigh decoded (uint8 frames at the model size, each tile padded to
+        whole tubelets), from the plan read from the header: known before a frame is decoded."""
+        plan = self.source.plan
+        h, w = plan.resize.model
+        frames = plan.expected + (vid.TUBELET - 1) * plan.tiles
+        return frames * h * w * 3
+
 
 @dataclass
 class Failed:

@@ -80,6 +80,23 @@ def test_a_prepared_video_travels_as_its_file_not_its_frames(tmp_path):
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(again, tiles))
 
 
+def test_a_ray_task_decodes_videos_within_its_budget(tmp_path):
+    """Decoded in the task while the frames fit (known from the header: an upper bound, padding
+    each tile to whole tubelets); beyond, the video travels compressed to the actor."""
+    from service.bulk import on_ray
+
+    entry = _entry(tmp_path, "talk.mp4", assets.clip_with_audio(3.0))
+    planned = prepare(entry, Options(), LIMITS).sources.decoded_bytes
+    for budget, in_task in ((planned - 1, False), (planned, True)):
+        out = on_ray.prepare_shard({"shard": 0, "entries": pickle.dumps([entry])}, Options(), LIMITS, video_bytes=budget)
+        (item,) = pickle.loads(out["prepared"])
+        assert isinstance(item.sources, list) == in_task
+        if in_task:
+            frames = [source.frames for _, source in item.sources]
+            decoded = sum(f.nbytes for f in frames)
+            assert decoded <= planned <= decoded + len(frames) * 3 * frames[0][0].nbytes
+
+
 def test_a_bad_input_is_the_error_the_api_gives(tmp_path):
     failed = prepare(_entry(tmp_path, "notes.png", b"not a picture"), Options(), LIMITS)
     assert isinstance(failed, Failed)
