@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--out", default="docs/benchmarks/bulk.md")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each path, in rotating order; medians")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each path, in rotating order; medians")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
