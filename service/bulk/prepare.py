@@ -19,18 +19,19 @@ class Prepared:
     modality: str
     kind: str
     media: dict
-    # (frames, job input): one, or a video's `VideoTiles`; the local engine replaces an image's
-    # or asset's arrays by the SparseBatch built from them (`pipeline.built`)
+    # (frames, job input): one, or a video's `VideoTiles` (its tiles' list where a Ray task
+    # decoded it); the local engine replaces an image's or asset's arrays by the SparseBatch
+    # built from them (`pipeline.built`)
     sources: Iterable[tuple[int, Pixels | Voxels]]
     video: bool = False
 
 
 @dataclass
 class VideoTiles:
-    """A video's job inputs, decoded a 16-frame tile at a time as the model reaches them, in
-    every engine: its frames never all exist at once (up to 36,000 frames are allowed). It
-    pickles as the file's bytes and the plan read from its header, so a Ray pre-processing task
-    hands the actor the compressed video, never its decoded frames."""
+    """A video's job inputs, decoded a 16-frame tile at a time as the model reaches them: its
+    frames never all exist at once (up to 36,000 frames are allowed). It pickles as the file's
+    bytes and the plan read from its header, so a Ray pre-processing task can hand the actor
+    the compressed video instead of its frames (beyond `on_ray.PREPARE_VIDEO_BYTES`)."""
     source: VideoSource
 
     def __iter__(self):
