@@ -11,6 +11,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -45,9 +46,23 @@ def _long_request(live: ServerProcess, outcome: dict) -> threading.Thread:
     return thread
 
 
+def _exited(pid: int) -> bool:
+    """The process has died (a zombie waiting to be reaped, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def _ready_again_without_traffic(live: ServerProcess, old_pid: int) -> float:
-    """Seconds until /readyz answers 200 again with a new worker (probes only, no requests)."""
+    """Seconds until /readyz answers 200 again with a new worker (probes only, no requests).
+    Probing starts once the killed worker has died: SIGKILL is delivered asynchronously, and on
+    a busy machine /readyz could be asked while the old worker was still running, rightly
+    answering ready with it."""
     start = time.monotonic()
+    while not _exited(old_pid):
+        assert time.monotonic() - start < 10, "the killed worker did not die"
+        time.sleep(0.005)
     while time.monotonic() - start < 60:
         if live.ready():
             pid = live.worker_pid()
