@@ -76,4 +76,6 @@ def test_a_stopped_pool_ends_reading_ahead_quietly():
     assert next(reader) == 0
     pool.shutdown(wait=True, cancel_futures=True)  # the engine stops mid-run
     rest = list(reader)  # what had started still arrives; nothing new starts, nothing raises
-    assert rest == list(range(1, 1 + len(rest))) and len(rest) < 8
+    # At most a window: consuming item 0 freed a slot, so items 1-8 may all have started (and,
+    # on a quick machine, finished) before the shutdown; none after it.
+    assert rest == list(range(1, 1 + len(rest))) and len(rest) <= 8
