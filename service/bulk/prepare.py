@@ -38,6 +38,11 @@ class VideoTiles:
         return ((len(frames), Pixels(vid.pad_to_tubelets(frames))) for frames in self.source.tiles())
 
     @property
+    def held_bytes(self) -> int:
+        """What it holds until it runs: the file's bytes (none when it is read from a path)."""
+        return len(self.source.data) if isinstance(self.source.data, bytes) else 0
+
+    @property
     def decoded_bytes(self) -> int:
         """What its tiles weigh decoded (uint8 frames at the model size, each tile padded to
         whole tubelets), from the plan read from the header: known before a frame is decoded."""

@@ -24,11 +24,12 @@ from ..deps import options_from_raw
 from ..errors import InvalidParameter
 from ..priority import lower_thread_priority
 from ..settings import Settings
+from ..worker.jobs import FRAME_VALUES
 from . import schema
 from .output import FORMAT, Output
 from .on_ray import PREPARE_IDLE, RayModel, prepare_shard
 from .pipeline import ShardRunner, built, torch_threads, value_dtype
-from .prepare import Prepared, prepare
+from .prepare import Prepared, VideoTiles, prepare
 from .sources import Entry, list_inputs
 
 
@@ -227,10 +228,14 @@ READ_AHEAD_ITEMS = 64
 
 
 def _tokens(item) -> int:
-    """Token rows an input's built model input holds (a video's tiles are built later)."""
-    if isinstance(item, Prepared) and not item.video:
-        return sum(source.coords.shape[0] for _, source in item.sources if isinstance(source, SparseBatch))
-    return 0
+    """What a decoded input holds, in token rows: its built model input, or for a video (its
+    tiles decoded later) its compressed file counted as image token rows of the same bytes
+    (up to ATOKEN_MAX_UPLOAD_BYTES, 64 MB, each: the window's 64 of them must not all wait at once)."""
+    if not isinstance(item, Prepared):
+        return 0
+    if isinstance(item.sources, VideoTiles):
+        return -(-item.sources.held_bytes // FRAME_VALUES)
+    return sum(source.coords.shape[0] for _, source in item.sources if isinstance(source, SparseBatch))
 
 
 def _ticking(items: Iterator, bar) -> Iterator:

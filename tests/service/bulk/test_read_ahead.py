@@ -5,7 +5,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from service.bulk.run import _ReadAhead
+from service.bulk.prepare import prepare
+from service.bulk.run import _ReadAhead, _tokens
+from service.bulk.sources import Entry
+from service.inputs import Options
+from service.media.limits import MediaLimits
+from tests import assets
 
 N = 40
 
@@ -79,3 +84,13 @@ def test_a_stopped_pool_ends_reading_ahead_quietly():
     # At most a window: consuming item 0 freed a slot, so items 1-8 may all have started (and,
     # on a quick machine, finished) before the shutdown; none after it.
     assert rest == list(range(1, 1 + len(rest))) and len(rest) <= 8
+
+
+def test_a_video_waiting_to_run_weighs_its_file(tmp_path):
+    """The local engine's read-ahead budget counts a video (decoded only when it runs) by the
+    compressed bytes it holds, as image token rows of the same size, not as nothing."""
+    data = assets.clip_with_audio(1.5)
+    path = tmp_path / "talk.mp4"
+    path.write_bytes(data)
+    video = prepare(Entry("talk.mp4", str(path), size=len(data)), Options(), MediaLimits(max_side=128))
+    assert _tokens(video) == -(-len(data) // 768) > 0
