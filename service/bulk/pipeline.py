@@ -31,10 +31,11 @@ def built(item: Prepared | Failed) -> Prepared | Failed:
 @dataclass
 class _Row:
     prepared: Prepared
-    # (tile, values [n, L or K] in the output dtype, coords [n, 4] int32 (t, x, y, z)): only
-    # what the row keeps, not the job (its input) nor the result (its log-variance): a long
-    # video holds its latents, not every tile's pixels, until its last tile has run
-    parts: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # (values [n, L or K] in the output dtype, coords [n, 4] int32 (t, x, y, z)) per tile, in
+    # tile order (batches run, and return, in input order): only what the row keeps, not the
+    # job (its input) nor the result (its log-variance), so a long video holds its latents,
+    # not every tile's pixels, until its last tile has run
+    parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     states: list[PoolState] = field(default_factory=list)
     failed: Failed | None = None
     embedding: np.ndarray | None = None
@@ -89,7 +90,9 @@ class ShardRunner:
                 continue
             t = result.tokens
             values = (t.indices if t.indices is not None else t.latents).numpy().astype(self.value_dtype)
-            row.parts.append((tile, values, job.batch.coords[:, 1:].numpy().astype(np.int32)))
+            coords = job.batch.coords[:, 1:].numpy().astype(np.int32)
+            coords[:, 0] += tile * 4  # a video's tiles count t from their own start (others: tile 0)
+            row.parts.append((values, coords))
             if result.embedding is not None:
                 row.embedding = result.embedding.numpy()
             if result.pool_state is not None:
@@ -109,16 +112,12 @@ class ShardRunner:
             if isinstance(row, Failed) or row.failed:
                 errors.append((row if isinstance(row, Failed) else row.failed).record())
                 continue
-            parts = sorted(row.parts, key=lambda p: p[0])
-            for tile, _, c in parts:
-                if row.prepared.video:
-                    c[:, 0] += tile * 4  # tiles count t from their own start
             media = dict(row.prepared.media)
             if row.prepared.video:
                 media["frames"] = row.frames
             out.append({"key": row.prepared.key, "modality": row.prepared.modality, "kind": row.prepared.kind,
-                        "media": media, "coords": np.concatenate([c for _, _, c in parts]),
-                        "values": np.concatenate([v for _, v, _ in parts]), "embedding": row.embedding})
+                        "media": media, "coords": np.concatenate([c for _, c in row.parts]),
+                        "values": np.concatenate([v for v, _ in row.parts]), "embedding": row.embedding})
         return out, errors
 
 

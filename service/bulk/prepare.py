@@ -44,12 +44,11 @@ class VideoTiles:
 
     @property
     def decoded_bytes(self) -> int:
-        """What its tiles weigh decoded (uint8 frames at the model size, each tile padded to
-        whole tubelets), from the plan read from the header: known before a frame is decoded."""
+        """At most what its tiles weigh decoded (uint8 frames at the model size, every tile
+        counted whole), from the plan read from the header: known before a frame is decoded."""
         plan = self.source.plan
         h, w = plan.resize.model
-        frames = plan.expected + (vid.TUBELET - 1) * plan.tiles
-        return frames * h * w * 3
+        return plan.tiles * vid.TILE * h * w * 3
 
 
 @dataclass

@@ -81,8 +81,8 @@ def test_a_prepared_video_travels_as_its_file_not_its_frames(tmp_path):
 
 
 def test_a_ray_task_decodes_videos_within_its_budget(tmp_path):
-    """Decoded in the task while the frames fit (known from the header: an upper bound, padding
-    each tile to whole tubelets); beyond, the video travels compressed to the actor."""
+    """Decoded in the task while the frames fit (known from the header: an upper bound, every
+    tile counted whole); beyond, the video travels compressed to the actor."""
     from service.bulk import on_ray
 
     entry = _entry(tmp_path, "talk.mp4", assets.clip_with_audio(3.0))
@@ -94,7 +94,7 @@ def test_a_ray_task_decodes_videos_within_its_budget(tmp_path):
         if in_task:
             frames = [source.frames for _, source in item.sources]
             decoded = sum(f.nbytes for f in frames)
-            assert decoded <= planned <= decoded + len(frames) * 3 * frames[0][0].nbytes
+            assert decoded <= planned < decoded + 16 * frames[0][0].nbytes  # within the last tile's padding
 
 
 def test_a_bad_input_is_the_error_the_api_gives(tmp_path):
