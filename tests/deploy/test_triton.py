@@ -25,8 +25,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or
 def triton():
     from service.triton_launch import TritonServer
 
-    # float32: conformance compares numbers across different batchings (bf16 rounds them apart)
-    with TritonServer(env={"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny", "ATOKEN_DTYPE": "float32"}) as server:
+    # float32: conformance compares numbers across different batchings (bf16 rounds them apart).
+    # Passes of at most 256 tokens: a batch of jobs runs in several, so answers go out both from
+    # the responder thread (requests done before the last pass) and from `execute` (the last).
+    with TritonServer(env={"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny", "ATOKEN_DTYPE": "float32",
+                           "ATOKEN_MAX_BATCH_TOKENS": "256"}) as server:
         yield server
 
 
