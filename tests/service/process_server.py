@@ -107,8 +107,14 @@ class ServerProcess:
         return pids
 
     def worker_pid(self) -> int:
+        """The running model worker: a spawned child (not multiprocessing's resource tracker),
+        never a dead one waiting to be reaped (its cmdline is empty)."""
         for pid in self.pids()[1:]:
-            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # exited meanwhile
+                continue
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
                 return pid
         raise RuntimeError("no model worker process")
 
