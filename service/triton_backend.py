@@ -80,7 +80,16 @@ class TritonBackend:
                 raise WorkerDied(f"Triton at {self.url} cannot map this process's shared memory: {exc}") from None
             log.info("Triton cannot map this process's shared memory (%s); inputs go on the wire", exc)
             return None
+        freed = pool.reclaim_stale(self._registered_regions())
+        if freed:
+            log.warning("freed %d shared-memory regions that front ends which died had left at Triton", len(freed))
         return pool
+
+    def _registered_regions(self) -> list[str]:
+        """The names of the system shared-memory regions registered at the server."""
+        if self.protocol == "grpc":
+            return list(self.client.get_system_shared_memory_status(as_json=True).get("regions", {}))
+        return [region["name"] for region in self.client.get_system_shared_memory_status()]
 
     def _infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self._client_mod

@@ -12,11 +12,21 @@ Regions are reused: one per request in flight, checked out for the call and give
 it, grown (re-created, re-registered) when a request needs more than its region holds. A
 request is at most one batch, so the regions together hold at most (requests in flight) x
 (largest batch's bytes).
+
+A front end that dies (killed, out of memory) cannot free its regions: the server keeps them
+registered and mapped, so their memory stays allocated even where multiprocessing's resource
+tracker unlinks the files (when the whole container dies, the files stay too). Each pool therefore holds an
+exclusive lock on a file of its own beside its regions for as long as any of them lives; the
+kernel drops the lock when the process dies, in whatever PID namespace, so the next front end
+to start (`reclaim_stale`) can tell the dead pools' regions from the living ones and free them.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -24,8 +34,11 @@ from typing import Callable
 
 import numpy as np
 
+log = logging.getLogger("atoken.triton")
 ALIGN = 64  # each tensor starts on a cache line
 MIN_REGION = 1 << 20
+SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (shm_open's "/name")
+_REGION_NAME = re.compile(r"(atoken-[0-9a-f]{12})-[0-9]+")
 
 
 @dataclass
@@ -63,10 +76,12 @@ class RegionPool:
 
         self._shm = shm
         self._register, self._unregister = register, unregister
-        self._prefix = f"atoken-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._prefix = f"atoken-{uuid.uuid4().hex[:12]}"
+        self._owner = _hold(_lock_path(self._prefix))  # held while any region of ours lives
         self._free: list[Region] = []
         self._lock = threading.Lock()
         self._count = 0
+        self._live = 0
         self._closed = False
 
     def take(self, nbytes: int) -> Region:
@@ -97,16 +112,49 @@ class RegionPool:
             free, self._free = self._free, []
         for r in free:
             self._destroy(r)
+        self._release_if_done()
+
+    def reclaim_stale(self, registered: list[str]) -> list[str]:
+        """Frees the regions among `registered` (the names the server holds) whose pools died:
+        unregistered at the server, their files and their pool's lock file removed. A pool
+        still alive, in this process or another, holds its lock and is left alone, as is any
+        region not named by a pool like this one. -> the names freed."""
+        owners: dict[str, list[str]] = {}
+        for name in registered:
+            match = _REGION_NAME.fullmatch(name)
+            if match and match.group(1) != self._prefix:
+                owners.setdefault(match.group(1), []).append(name)
+        freed = []
+        for owner, names in owners.items():
+            path = _lock_path(owner)
+            dead = _try_hold(path)
+            if dead is None:
+                continue
+            for name in names:
+                try:
+                    self._unregister(name)
+                except Exception as exc:  # noqa: BLE001 - still ours to remove from /dev/shm
+                    log.warning("could not unregister stale region %s: %s", name, exc)
+                _unlink(os.path.join(SHM_DIR, name))
+            _unlink(path)
+            os.close(dead)
+            freed += names
+        return freed
 
     def _create(self, size: int) -> Region:
         with self._lock:
             self._count += 1
+            self._live += 1
             name = f"{self._prefix}-{self._count}"
-        handle = self._shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
         try:
-            self._register(name, "/" + name, size)
+            handle = self._shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
+            try:
+                self._register(name, "/" + name, size)
+            except Exception:
+                self._shm.destroy_shared_memory_region(handle)
+                raise
         except Exception:
-            self._shm.destroy_shared_memory_region(handle)
+            self._forget_one()
             raise
         return Region(name, handle, size, handle._mpsm_handle.buf)
 
@@ -116,3 +164,57 @@ class RegionPool:
         except Exception:  # noqa: BLE001 - the server may be gone; the memory is ours to free
             pass
         self._shm.destroy_shared_memory_region(region.handle)
+        self._forget_one()
+
+    def _forget_one(self) -> None:
+        with self._lock:
+            self._live -= 1
+        self._release_if_done()
+
+    def _release_if_done(self) -> None:
+        """The lock file goes once the pool is closed and its last region freed: a region still
+        on the wire keeps its pool's claim, so no starting front end reclaims it mid-request."""
+        with self._lock:
+            if not self._closed or self._live or self._owner is None:
+                return
+            owner, self._owner = self._owner, None
+        _unlink(_lock_path(self._prefix))
+        os.close(owner)
+
+
+def _lock_path(prefix: str) -> str:
+    return os.path.join(SHM_DIR, prefix + ".lock")
+
+
+def _hold(path: str) -> int | None:
+    """This pool's claim: `path` created and locked. None where that fails (no /dev/shm, no
+    permission): the pool then works unclaimed, and nobody reclaims a pool without a lock file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        log.info("no lock file for this front end's shared-memory regions (%s)", exc)
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just created: nobody else holds it
+    return fd
+
+
+def _try_hold(path: str) -> int | None:
+    """A locked descriptor of `path` if its pool has died (nobody holds the lock), else None
+    (alive, or no such file: a pool without its lock file is not judged)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -163,3 +163,48 @@ def test_a_server_that_cannot_map_our_memory_gets_the_wire_or_a_clear_error(trit
     with pytest.raises(WorkerDied, match="cannot map"):
         TritonBackend(triton.url, shared_memory="on").start()
     assert TritonBackend("triton.internal:8000").shared_memory == "auto"  # not loopback: never tried
+
+
+def test_regions_a_killed_front_end_left_at_the_server_are_freed_by_the_next(triton):
+    """A front end killed with requests done keeps its regions registered (and mapped) at the
+    server; the next front end to start frees them, and leaves a living one's alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import tritonclient.http as http
+
+    from service.triton_backend import TritonBackend
+    from tests.conftest import ROOT
+
+    code = (
+        "import os, signal\n"
+        "import numpy as np\n"
+        "from service.triton_backend import TritonBackend\n"
+        "from service.worker.jobs import Job, pixel_patches\n"
+        f"backend = TritonBackend({triton.url!r})\n"
+        "backend.start()\n"
+        "assert backend.run([Job(0, 'embed', batch=pixel_patches(np.zeros((1, 32, 32, 3), np.uint8)))])[0].error is None\n"
+        "print(backend.regions._prefix, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    server = http.InferenceServerClient(triton.url)
+    living = TritonBackend(triton.url)
+    living.start()
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    dead = run.stdout.strip()
+
+    def registered(prefix: str) -> list[str]:
+        return [r["name"] for r in server.get_system_shared_memory_status() if r["name"].startswith(prefix + "-")]
+
+    assert registered(dead), "the killed front end's regions should still be registered"
+    starting = TritonBackend(triton.url)
+    starting.start()
+    assert registered(dead) == []
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(dead)]
+    assert registered(living.regions._prefix) and registered(starting.regions._prefix)
+    for backend in (living, starting):
+        backend.stop()
+    assert server.get_system_shared_memory_status() == []

@@ -1,6 +1,9 @@
 """The shared-memory regions that carry Triton request inputs: reuse, growth, cleanup."""
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 pytest.importorskip("tritonclient")
 
 from service.triton_shm import ALIGN, MIN_REGION, RegionPool, region_bytes  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 
 class FakeServer:
@@ -29,8 +33,9 @@ class FakeServer:
             del self.registered[name]
 
 
-def _shm_files(prefix: str) -> list[str]:
-    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+def _shm_files(prefix: str, lock: bool = True) -> list[str]:
+    """The pool's files in /dev/shm: its regions, and with `lock` its lock file."""
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix) and (lock or not f.endswith(".lock"))]
 
 
 def test_regions_are_reused_grown_and_freed():
@@ -47,7 +52,7 @@ def test_regions_are_reused_grown_and_freed():
     big = pool.take(3 * MIN_REGION)  # nothing free fits: a free one is replaced, not added
     assert big.size == 4 * MIN_REGION and len(server.registered) == 2
     prefix = big.name.rsplit("-", 1)[0]
-    assert len(_shm_files(prefix)) == 2
+    assert len(_shm_files(prefix, lock=False)) == 2
     pool.give(big)
     pool.close()
     assert server.registered == {} and _shm_files(prefix) == []
@@ -90,5 +95,57 @@ def test_a_server_that_cannot_map_leaves_nothing_behind():
     pool = RegionPool(server.register, server.unregister)
     with pytest.raises(RuntimeError, match="cannot map"):
         pool.take(10)
-    assert _shm_files(pool._prefix) == []
+    assert _shm_files(pool._prefix, lock=False) == []
     pool.close()
+    assert _shm_files(pool._prefix) == []
+
+
+def _dead_pool(tmp_path) -> list[str]:
+    """A pool in another process, killed (SIGKILL) while holding two regions: -> their names."""
+    code = (
+        "import os, signal\n"
+        "from service.triton_shm import RegionPool\n"
+        "pool = RegionPool(lambda name, key, size: None, lambda name: None)\n"
+        "print(pool.take(10).name, pool.take(10).name, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    return run.stdout.split()
+
+
+def test_regions_of_a_pool_that_died_are_reclaimed_and_living_ones_kept(tmp_path):
+    dead = _dead_pool(tmp_path)
+    dead_prefix = dead[0].rsplit("-", 1)[0]
+    # Its region files may already be gone (multiprocessing's resource tracker unlinks what a
+    # dead process leaves), but a server that registered them keeps them mapped, and its lock
+    # file stays to say that nobody holds them.
+    assert _shm_files(dead_prefix + ".lock")
+    server = FakeServer()
+    server.registered.update({name: MIN_REGION for name in dead})
+    living = RegionPool(server.register, server.unregister)  # another front end, alive
+    held = living.take(10)
+    server.registered["not-ours"] = 1
+    starting = RegionPool(server.register, server.unregister)
+    mine = starting.take(10)
+    freed = starting.reclaim_stale(list(server.registered))
+    assert sorted(freed) == sorted(dead)
+    assert _shm_files(dead_prefix) == []  # regions and lock file gone
+    assert set(server.registered) == {held.name, mine.name, "not-ours"}
+    assert starting.reclaim_stale(list(server.registered)) == []  # nothing else is anyone's to free
+    for pool, region in ((living, held), (starting, mine)):
+        pool.give(region)
+        pool.close()
+        assert _shm_files(pool._prefix) == []
+
+
+def test_a_pool_keeps_its_claim_while_a_closed_pool_still_has_a_region_on_the_wire():
+    server = FakeServer()
+    pool = RegionPool(server.register, server.unregister)
+    busy = pool.take(10)
+    pool.close()
+    other = RegionPool(server.register, server.unregister)
+    assert other.reclaim_stale(list(server.registered)) == []  # the request still holds its region
+    pool.give(busy)
+    assert _shm_files(pool._prefix) == [] and server.registered == {}
+    other.close()
