@@ -15,10 +15,11 @@ request is at most one batch, so the regions together hold at most (requests in 
 
 A front end that dies (killed, out of memory) cannot free its regions: the server keeps them
 registered and mapped, so their memory stays allocated even where multiprocessing's resource
-tracker unlinks the files (when the whole container dies, the files stay too). Each pool therefore holds an
-exclusive lock on a file of its own beside its regions for as long as any of them lives; the
-kernel drops the lock when the process dies, in whatever PID namespace, so the next front end
-to start (`reclaim_stale`) can tell the dead pools' regions from the living ones and free them.
+tracker unlinks the files (when the whole container dies, the files stay too). Each pool
+therefore holds an exclusive lock on a file of its own beside its regions for as long as any
+of them lives; the kernel drops the lock when the process dies, in whatever PID namespace, so
+the next front end to start (`reclaim_stale`) can tell the dead pools' regions from the
+living ones and free them.
 """
 
 from __future__ import annotations
