@@ -149,12 +149,13 @@ class RegionPool:
             name = f"{self._prefix}-{self._count}"
         try:
             handle = self._shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
-            try:
-                self._register(name, "/" + name, size)
-            except Exception:
-                self._shm.destroy_shared_memory_region(handle)
-                raise
         except Exception:
+            self._forget_one()
+            raise
+        try:
+            self._register(name, "/" + name, size)
+        except Exception:
+            self._shm.destroy_shared_memory_region(handle)
             self._forget_one()
             raise
         return Region(name, handle, size, handle._mpsm_handle.buf)
