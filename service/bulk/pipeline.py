@@ -15,6 +15,7 @@ from model.layers.attention import PoolState, merge_pool_states
 from model.sparse import SparseBatch
 
 from ..errors import from_worker
+from ..media import video as vid
 from ..pipeline import model_input
 from ..worker.jobs import Job
 from .prepare import Failed, Prepared, failure
@@ -91,7 +92,7 @@ class ShardRunner:
             t = result.tokens
             values = (t.indices if t.indices is not None else t.latents).numpy().astype(self.value_dtype)
             coords = job.batch.coords[:, 1:].numpy().astype(np.int32)
-            coords[:, 0] += tile * 4  # a video's tiles count t from their own start (others: tile 0)
+            coords[:, 0] += tile * (vid.TILE // vid.TUBELET)  # a video's tiles count t from their own start
             row.parts.append((values, coords))
             if result.embedding is not None:
                 row.embedding = result.embedding.numpy()
