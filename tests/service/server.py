@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -18,7 +19,9 @@ class LiveServer:
         # Tests serve a randomly initialised tiny model (with a Gaussian decoder) unless told
         # otherwise, so they do not depend on the shipped default.
         # Each server gets its own jobs directory unless told otherwise (a restart test shares one).
-        overrides.setdefault("jobs_dir", tempfile.mkdtemp(prefix="atoken-jobs-"))
+        # A directory made here is removed when the server stops; one passed in is the caller's.
+        self._own_jobs_dir = None if "jobs_dir" in overrides else tempfile.mkdtemp(prefix="atoken-jobs-")
+        overrides.setdefault("jobs_dir", self._own_jobs_dir)
         self.settings = Settings(**{"variant": "tiny", **overrides})
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
@@ -59,3 +62,5 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        if self._own_jobs_dir and not self.thread.is_alive():
+            shutil.rmtree(self._own_jobs_dir, ignore_errors=True)
