@@ -47,11 +47,20 @@ def _long_request(live: ServerProcess, outcome: dict) -> threading.Thread:
 
 
 def _exited(pid: int) -> bool:
-    """The process has died (a zombie waiting to be reaped, or gone)."""
+    """Every thread of the process has died (zombies waiting to be reaped, or gone). The main
+    thread alone is not enough: it turns zombie while the others still tear down, and until
+    the last one has, the process keeps its files and its parent cannot see it exit."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return True
+    for task in tasks:
+        try:
+            if Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return False
+        except FileNotFoundError:
+            continue
+    return True
 
 
 def _ready_again_without_traffic(live: ServerProcess, old_pid: int) -> float:
