@@ -40,7 +40,8 @@ def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
         return lambda: TritonBackend(settings.triton_url, settings.triton_protocol,
                                       max_inflight_batches=settings.triton_inflight_batches,
                                       shared_memory=settings.triton_shared_memory)
-    return lambda: ProcessBackend(settings.model_spec)
+    slots = settings.model_spec.engine_lanes if settings.lane_batches else 1
+    return lambda: ProcessBackend(settings.model_spec, slots=slots)
 
 
 @dataclass

@@ -85,7 +85,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._rate = config.default_rate  # EMA of token passes per second
-        self._inflight: threading.BoundedSemaphore | None = None  # batch slots, for backends that take several
+        self._inflight: _Slots | None = None  # batch slots, for backends that take several
         self._batch_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -200,7 +200,7 @@ class Scheduler:
             slots = self._inflight  # a restart makes new slots; each batch frees the one it took
             if slots is not None:
                 slots.acquire()
-            batch = self._form_batch()
+            batch = self._form_batch(slots.free + 1 if slots is not None and slots.share else 1)
             if not batch:
                 if slots is not None:
                     slots.release()
@@ -210,7 +210,7 @@ class Scheduler:
                 continue
             self._batch_pool.submit(self._run_batch_in_slot, self.backend, batch, slots)
 
-    def _run_batch_in_slot(self, backend: Backend, batch: list[Pending], slots: threading.BoundedSemaphore) -> None:
+    def _run_batch_in_slot(self, backend: Backend, batch: list[Pending], slots: _Slots) -> None:
         try:
             self._run_batch(batch, backend)
         finally:
@@ -227,7 +227,7 @@ class Scheduler:
             backend = self.backend_factory()
             self.info = backend.start()
             slots = getattr(backend, "max_inflight_batches", 1)
-            self._inflight = threading.BoundedSemaphore(slots) if slots > 1 else None
+            self._inflight = _Slots(slots, getattr(backend, "share_slots", False)) if slots > 1 else None
             if slots > 1 and self._batch_pool is None:
                 self._batch_pool = ThreadPoolExecutor(slots, thread_name_prefix="atoken-batch")
             self.backend = backend
@@ -250,7 +250,9 @@ class Scheduler:
             dropped.append(p)
         return dropped
 
-    def _form_batch(self) -> list[Pending]:
+    def _form_batch(self, ways: int = 1) -> list[Pending]:
+        """The next batch; with `ways` free slots that share out work, about 1/ways of what is
+        queued, so that a burst on an idle worker runs on all its lanes at once."""
         cfg = self.config
         with self._cond:
             while self._running and not self._queue:
@@ -270,6 +272,7 @@ class Scheduler:
                 if not self._queue or queued >= cfg.max_batch_tokens or wait <= 0 or self.preparing == 0:
                     break
                 self._cond.wait(wait)
+            cap = cfg.max_batch_tokens if ways <= 1 else min(cfg.max_batch_tokens, -(-self._queued_cost // ways))
             batch, cost = [], 0
             while self._queue:
                 p = self._queue[0]
@@ -277,7 +280,7 @@ class Scheduler:
                     self._fail_dropped([self._queue.popleft()])
                     self._queued_cost -= p.job.cost
                     continue
-                if batch and cost + p.job.cost > cfg.max_batch_tokens:
+                if batch and cost + p.job.cost > cap:
                     break
                 batch.append(self._queue.popleft())
                 cost += p.job.cost
@@ -324,3 +327,25 @@ class Scheduler:
             r.extra["queue_ms"] = (start - p.enqueued) * 1e3
             r.extra["batch_size"] = len(batch)
             p.resolve(r)
+
+
+class _Slots:
+    """Batches a backend takes at once: a slot is taken before a batch forms and freed when its
+    answer comes. `share`: the backend runs its batches side by side (the process worker's
+    lanes), so free slots split what is queued between them."""
+
+    def __init__(self, n: int, share: bool):
+        self.share = share
+        self._semaphore = threading.BoundedSemaphore(n)
+        self._lock = threading.Lock()
+        self.free = n  # after the taken ones
+
+    def acquire(self) -> None:
+        self._semaphore.acquire()
+        with self._lock:
+            self.free -= 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.free += 1
+        self._semaphore.release()

@@ -90,13 +90,26 @@ class Engine:
             r.compute_ms = elapsed
         return results
 
+    def run_lane(self, jobs: list[Job], threads: int) -> list[JobResult]:
+        """The whole batch as one part on the calling thread, with `threads` intra-op threads:
+        for callers that run several batches side by side, one per lane."""
+        start = time.perf_counter()
+        results = self._run_group(jobs, threads)
+        elapsed = (time.perf_counter() - start) * 1e3
+        for r in results:
+            r.compute_ms = elapsed
+        return results
+
     def _run_group(self, jobs: list[Job], threads: int) -> list[JobResult]:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # per thread for OpenMP: each lane sets its own
         try:
-            return self._run_packed(jobs)
+            results = self._run_packed(jobs)
         except Exception:  # noqa: BLE001 - isolate: one bad job must not fail its batch
-            return [self._run_alone(job) for job in jobs]
+            results = [self._run_alone(job) for job in jobs]
+        for r in results:
+            r.extra["threads"] = threads
+        return results
 
     def _run_alone(self, job: Job) -> JobResult:
         try:

@@ -4,10 +4,10 @@ its arrays in a shared-memory arena when they fit.
 torch's default for multiprocessing moves each tensor through its own shared-memory segment,
 whose file descriptor the receiver fetches over a socket from a helper thread of the sender.
 That thread needs the front end's GIL, so a busy event loop (say, answering a flood of 429s)
-stalls the worker's every batch. Here each direction has one arena, mapped by both processes
-when the worker starts and reused for every message (one batch is in flight at a time): the
-sender copies each array in once, the receiver copies it out once, and the pipe carries only
-offsets. A message too large for its arena travels whole through the pipe instead, so nothing
+stalls the worker's every batch. Here each batch slot has an arena each way, mapped by both
+processes when the worker starts and reused for every message of that slot (one batch is in a
+slot at a time): the sender copies each array in once, the receiver copies it out once, and the
+pipe carries only offsets. A message too large for its arena travels whole through the pipe instead, so nothing
 is ever refused for size here (the request limits bound it upstream)."""
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ import uuid
 import torch
 
 ALIGN = 64  # array starts on cache-line boundaries
-ARENA_BYTES = 32 * 2**20  # one CPU batch of 2048 reconstructed tokens (25 MB of float32 pixels) fits
+# Per direction, shared out among the batches in flight. A CPU batch of 2048 tokens crosses in
+# 1.5 MB (images as uint8 patches or pixels) to 6 MB (video); larger messages (3D's float
+# tubelets, 25 MB) travel through the pipe. 32 MiB in all fits a container's default /dev/shm.
+ARENA_BYTES = 16 * 2**20
 _IN_ARENA, _INLINE = b"A", b"I"
 
 
@@ -41,9 +44,17 @@ class _ByValue(pickle.Pickler):
         return NotImplemented
 
 
+class ArenaUnavailable(OSError):
+    """No room for an arena where shared memory lives (a container's /dev/shm is 64 MiB by default)."""
+
+
 class Arena:
     """A fixed-size shared file mapped by both processes. The creator unlinks its name once the
-    other side has mapped it (`forget_name`), so nothing is left behind, even after a crash."""
+    other side has mapped it (`forget_name`), so nothing is left behind, even after a crash.
+
+    The creator reserves the file's memory at once: writing through a mapping into a tmpfs
+    that has run full is SIGBUS, which would kill the front end mid-request; a reservation
+    that does not fit fails here, at start-up, as ArenaUnavailable."""
 
     def __init__(self, path: str | None = None, size: int = ARENA_BYTES):
         create = path is None
@@ -53,7 +64,7 @@ class Arena:
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                _reserve(fd, path, size)
             self.size = os.fstat(fd).st_size
             self.map = mmap.mmap(fd, self.size)
         finally:
@@ -92,6 +103,18 @@ class Arena:
     def close(self) -> None:
         self.forget_name()
         self.map.close()
+
+
+def _reserve(fd: int, path: str, size: int) -> None:
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # macOS: a file in the temporary folder, on disk
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        os.unlink(path)  # the caller closes the descriptor
+        folder = os.path.dirname(path)
+        raise ArenaUnavailable(exc.errno, f"no room for a {size / 2**20:.0f} MiB arena in {folder}: {exc.strerror}") from None
 
 
 def dumps(obj, arena: Arena | None = None) -> bytes:

@@ -69,3 +69,49 @@ def test_inflight_batches_are_bounded_and_survive_a_restart():
         assert scheduler.running_batch == 0
     finally:
         scheduler.stop()
+
+
+class Lanes:
+    """Runs two batches side by side, like the process worker's lanes; records batch sizes."""
+
+    max_inflight_batches = 2
+    share_slots = True
+    sizes: list[int] = []
+
+    def start(self) -> dict:
+        return {"variant": "lanes"}
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        type(self).sizes.append(len(jobs))
+        time.sleep(0.05)
+        return [JobResult(j.id) for j in jobs]
+
+
+class Remote2(Lanes):
+    share_slots = False  # Triton: batches again on its side; a batch takes what is queued
+    sizes: list[int] = []
+
+
+def _burst(backend, n: int) -> list[int]:
+    scheduler = Scheduler(backend, BatchingConfig(max_batch_tokens=64, max_wait_ms=0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+    try:
+        async def ask() -> list:
+            return await scheduler.submit([Job(scheduler.next_id(), "pool") for _ in range(n)], 10)
+
+        assert len(asyncio.run(ask())) == n
+    finally:
+        scheduler.stop()
+    return backend.sizes
+
+
+def test_a_burst_on_idle_lanes_is_shared_between_them():
+    assert _burst(Lanes, 9) == [5, 4]  # both lanes at once, not one batch of nine and an idle lane
+    assert _burst(Remote2, 9) == [9]

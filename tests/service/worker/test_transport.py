@@ -2,8 +2,12 @@
 through the pipe when they do not fit, and no file left behind."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from model.api import Tokens
@@ -50,8 +54,9 @@ def _arena_files() -> set[str]:
     return {f for f in os.listdir(folder) if f.startswith(f"atoken-{os.getpid()}-")} if folder else set()
 
 
-def test_process_worker_uses_arenas_and_leaves_no_files():
-    backend = ProcessBackend(ModelSpec(variant="tiny"))
+@pytest.mark.parametrize("slots", [1, 2])
+def test_process_worker_uses_arenas_and_leaves_no_files(slots):
+    backend = ProcessBackend(ModelSpec(variant="tiny"), slots=slots)
     backend.start()
     try:
         assert not _arena_files()  # unlinked once the worker mapped them
@@ -65,4 +70,47 @@ def test_process_worker_uses_arenas_and_leaves_no_files():
         assert all(r.tubelets is not None and r.tubelets.shape == (4, 3072) for r in results)
     finally:
         backend.stop()
-    assert backend.inbox is None and backend.outbox is None
+    assert backend._arenas == [] and not _arena_files()
+
+
+_NO_ROOM = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file past the limit: EFBIG, as a full /dev/shm gives ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+from service.worker import transport
+try:
+    transport.Arena(size=4 * 2**20)
+except transport.ArenaUnavailable as exc:
+    print("unavailable:", exc)
+if __name__ == "__main__":
+    import numpy as np
+    from service.worker.backends import ProcessBackend
+    from service.worker.jobs import Job, pixel_patches
+    from service.worker.loader import ModelSpec
+    backend = ProcessBackend(ModelSpec(variant="tiny"), slots=2)
+    backend.start()
+    try:
+        jobs = [Job(i, "embed", batch=pixel_patches(np.full((1, 32, 32, 3), 9, np.uint8))) for i in range(2)]
+        print("answers:", [r.id for r in backend.run(jobs)], "arenas:", backend._arenas)
+    finally:
+        backend.stop()
+"""
+
+
+def test_without_room_for_arenas_the_worker_goes_through_the_pipe(tmp_path):
+    """Writing into a full tmpfs through a mapping is SIGBUS: the arenas' memory is reserved
+    when they are made, and where it does not fit the worker runs without them."""
+    script = tmp_path / "no_room.py"
+    script.write_text(_NO_ROOM)
+    before = _all_arena_files()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[3], env={**os.environ, "PYTHONPATH": "."})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unavailable: [Errno 27] no room for a 4 MiB arena" in done.stdout
+    assert "answers: [0, 1] arenas: [(None, None), (None, None)]" in done.stdout
+    assert "go through the pipe instead" in done.stderr
+    assert _all_arena_files() <= before  # nothing half-made left behind
+
+
+def _all_arena_files() -> set[str]:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("atoken-")} if os.path.isdir("/dev/shm") else set()

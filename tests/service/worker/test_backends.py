@@ -1,0 +1,101 @@
+"""The process worker with one batch per lane in flight: batches side by side give the numbers
+of one batch at a time, each answer to its own caller, and a worker that dies fails every
+batch it held, quickly."""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from service.worker.backends import ProcessBackend, WorkerDied
+from service.worker.jobs import Job, pixel_patches
+from service.worker.loader import ModelSpec
+
+SPEC = ModelSpec(variant="tiny", dtype="float32", threads=2)
+
+
+def _batch(first: int, n: int, op: str, side: int = 32) -> list[Job]:
+    rng = np.random.default_rng(first)
+    return [Job(first + i, op, batch=pixel_patches(rng.integers(0, 256, (1, side, side + 16, 3), dtype=np.uint8)))
+            for i in range(n)]
+
+
+def _cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def backends():
+    one, two = ProcessBackend(SPEC, slots=1), ProcessBackend(SPEC, slots=2)
+    one.start()
+    two.start()
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+def test_batches_side_by_side_give_the_numbers_of_one_at_a_time(backends):
+    one, two = backends
+    batches = [_batch(10 * k, n, op) for k, (n, op) in
+               enumerate([(1, "embed"), (3, "reconstruct"), (2, "tokenize"), (1, "reconstruct"), (4, "embed")])]
+    expected = [one.run(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:  # more callers than slots: they take turns
+        got = list(pool.map(two.run, batches))
+    for batch, a, b in zip(batches, expected, got):
+        assert [r.id for r in b] == [j.id for j in batch]  # each caller gets its own batch back
+        if len(batch) > 1:  # a lane of its own, one thread
+            assert {r.extra["threads"] for r in b} == {1}
+        for ra, rb in zip(a, b):
+            assert rb.error is None
+            for field in ("embedding", "tubelets"):
+                x, y = getattr(ra, field), getattr(rb, field)
+                assert (x is None) == (y is None)
+                if x is not None:
+                    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+            if ra.tokens is not None:
+                torch.testing.assert_close(rb.tokens.latents, ra.tokens.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lone_job_on_an_idle_worker_runs_on_every_thread(backends):
+    _, two = backends
+    for k in range(3):  # a lane has one thread; a lone job on an idle worker takes both
+        result = two.run(_batch(100 + k, 1, "embed"))
+        assert result[0].error is None and result[0].extra["threads"] == 2
+
+
+def test_a_worker_that_dies_fails_every_batch_it_held(backends):
+    two = ProcessBackend(SPEC, slots=2)
+    two.start()
+    try:
+        big = [_batch(200, 8, "reconstruct", 512), _batch(300, 8, "reconstruct", 512)]  # seconds each
+        errors: list[BaseException] = []
+
+        def run(batch):
+            try:
+                two.run(batch)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(b,)) for b in big]
+        for t in threads:
+            t.start()
+        busy_from = _cpu_s(two.pid)
+        while _cpu_s(two.pid) < busy_from + 0.5:  # both batches sent and running
+            time.sleep(0.02)
+        os.kill(two.pid, signal.SIGKILL)
+        start = time.monotonic()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "a batch was left waiting on a dead worker"
+        assert time.monotonic() - start < 5
+        assert len(errors) == 2 and all(isinstance(e, WorkerDied) for e in errors)
+        with pytest.raises(WorkerDied):
+            two.run(_batch(400, 1, "embed"))
+    finally:
+        two.stop()
