@@ -84,7 +84,11 @@ class Scheduler:
         self._running = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
-        self._rate = config.default_rate  # EMA of token passes per second
+        self._rate = config.default_rate  # token passes per second, over recent batches
+        # Decayed sums of finished cost and of the time it took, the batches in flight counted
+        # together (`_run_batch`); their ratio is the rate, until measured the default.
+        self._done_cost, self._done_s = config.default_rate * 0.1, 0.1
+        self._last_done = 0.0
         self._inflight: _Slots | None = None  # batch slots, for backends that take several
         self._batch_pool: ThreadPoolExecutor | None = None
 
@@ -314,12 +318,20 @@ class Scheduler:
                 p.resolve(error=WorkerUnavailable(f"the model worker died while running this request ({exc}); "
                                                   "it is being restarted, retry shortly", retry_after=5))
             return
+        now = time.monotonic()
+        elapsed = now - start
+        cost = sum(p.job.cost for p in batch)
         with self._cond:
             self.running_batch -= len(batch)
-        elapsed = time.monotonic() - start
-        cost = sum(p.job.cost for p in batch)
-        if elapsed > 0:
-            self._rate = 0.8 * self._rate + 0.2 * (cost / elapsed)
+            # With batches side by side (lanes, Triton) a batch's own cost over its own time is
+            # a fraction of what the worker does: it is charged the time since the last batch
+            # finished instead, so the rate (and the queue's drain time, the autoscaling
+            # metric) counts them together. One batch at a time, that is its own time.
+            self._done_cost = 0.8 * self._done_cost + cost
+            self._done_s = 0.8 * self._done_s + (now - max(start, self._last_done))
+            self._last_done = now
+            if self._done_s > 0:
+                self._rate = self._done_cost / self._done_s
         self.batches += 1
         if self.on_batch:
             self.on_batch(len(batch), cost, elapsed)

@@ -259,7 +259,11 @@ class ProcessBackend:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise WorkerDied(f"worker not ready after {self.start_timeout:.0f} s")
-        return transport.loads(conn.recv_bytes())
+        try:
+            return transport.loads(conn.recv_bytes())
+        except EOFError:  # it closed the pipe without a word: it died while starting
+            proc.join(5)
+            raise WorkerDied(f"worker exited during start-up (exit code {proc.exitcode})") from None
 
     def _make_arenas(self) -> list[tuple]:
         """An arena each way per slot, their memory reserved now; where shared memory has no room

@@ -11,7 +11,18 @@ from service.worker.backends import WorkerDied
 from service.worker.jobs import Job, JobResult
 
 
-class Remote:
+class _Engine:
+    def start(self) -> dict:
+        return {"variant": type(self).__name__}
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
+class Remote(_Engine):
     """Takes two batches at once; the first engine dies mid-batch, the next ones live."""
 
     max_inflight_batches = 2
@@ -23,15 +34,6 @@ class Remote:
     def __init__(self):
         Remote.started += 1
         self.generation = Remote.started
-
-    def start(self) -> dict:
-        return {"variant": "remote"}
-
-    def alive(self) -> bool:
-        return True
-
-    def stop(self) -> None:
-        pass
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
         with Remote.lock:
@@ -71,21 +73,12 @@ def test_inflight_batches_are_bounded_and_survive_a_restart():
         scheduler.stop()
 
 
-class Lanes:
+class Lanes(_Engine):
     """Runs two batches side by side, like the process worker's lanes; records batch sizes."""
 
     max_inflight_batches = 2
     share_slots = True
     sizes: list[int] = []
-
-    def start(self) -> dict:
-        return {"variant": "lanes"}
-
-    def alive(self) -> bool:
-        return True
-
-    def stop(self) -> None:
-        pass
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
         type(self).sizes.append(len(jobs))
@@ -115,3 +108,31 @@ def _burst(backend, n: int) -> list[int]:
 def test_a_burst_on_idle_lanes_is_shared_between_them():
     assert _burst(Lanes, 9) == [5, 4]  # both lanes at once, not one batch of nine and an idle lane
     assert _burst(Remote2, 9) == [9]
+
+
+class OneLane(Lanes):
+    max_inflight_batches = 1
+    sizes: list[int] = []
+
+
+def _rate_after(backend, batches: int) -> float:
+    scheduler = Scheduler(backend, BatchingConfig(max_batch_tokens=1, max_wait_ms=0, default_rate=1.0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+    try:
+        async def ask() -> list:  # one job a batch, each 0.05 s: 20 batches/s per slot
+            return await asyncio.gather(*(scheduler.submit([Job(scheduler.next_id(), "pool")], 10)
+                                          for _ in range(batches)))
+
+        asyncio.run(ask())
+        return scheduler._rate
+    finally:
+        scheduler.stop()
+
+
+def test_the_rate_counts_batches_side_by_side_together():
+    """The queue's drain time (the autoscaling metric) divides by this rate: two lanes finish
+    twice the work of one, not the same work each in twice the time."""
+    one, two = _rate_after(OneLane, 24), _rate_after(Lanes, 48)
+    assert 12 < one < 24  # cost 1 per 0.05 s, less scheduling slack
+    assert 1.5 < two / one < 2.5

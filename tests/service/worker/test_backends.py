@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 from service.worker.backends import ProcessBackend, WorkerDied
 from service.worker.jobs import Job, pixel_patches
 from service.worker.loader import ModelSpec
+from tests.service.worker.results import assert_results_close
 
 SPEC = ModelSpec(variant="tiny", dtype="float32", threads=2)
 
@@ -51,15 +51,7 @@ def test_batches_side_by_side_give_the_numbers_of_one_at_a_time(backends):
         assert [r.id for r in b] == [j.id for j in batch]  # each caller gets its own batch back
         if len(batch) > 1:  # a lane of its own, one thread
             assert {r.extra["threads"] for r in b} == {1}
-        for ra, rb in zip(a, b):
-            assert rb.error is None
-            for field in ("embedding", "tubelets"):
-                x, y = getattr(ra, field), getattr(rb, field)
-                assert (x is None) == (y is None)
-                if x is not None:
-                    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
-            if ra.tokens is not None:
-                torch.testing.assert_close(rb.tokens.latents, ra.tokens.latents, rtol=1e-5, atol=1e-5)
+        assert_results_close(a, b)
 
 
 def test_a_lone_job_on_an_idle_worker_runs_on_every_thread(backends):
@@ -99,3 +91,38 @@ def test_a_worker_that_dies_fails_every_batch_it_held(backends):
             two.run(_batch(400, 1, "embed"))
     finally:
         two.stop()
+
+
+def _spawned_children() -> set[int]:
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        for pid in open(f"/proc/self/task/{task}/children").read().split():
+            try:
+                if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    pids.add(int(pid))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_worker_killed_while_starting_is_reported_as_such():
+    backend = ProcessBackend(SPEC, slots=2)
+    before = _spawned_children()
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(_try(backend.start)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (new := _spawned_children() - before):  # it is importing torch: a second or more
+        assert time.monotonic() < deadline and thread.is_alive(), "no worker was started"
+        time.sleep(0.005)
+    os.kill(new.pop(), signal.SIGKILL)
+    thread.join(30)
+    assert isinstance(outcome[0], WorkerDied) and "exited during start-up" in str(outcome[0]), outcome
+    backend.stop()
+
+
+def _try(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001
+        return exc

@@ -9,6 +9,7 @@ from model.patchify import frames_to_sparse
 from service.worker.engine import Engine, chunks_by_cost, split_by_cost
 from service.worker.jobs import Job, pixel_patches
 from service.worker.loader import ModelSpec, load_tokenizers
+from tests.service.worker.results import assert_results_close
 
 
 def _job(i: int, n: int, op: str = "embed") -> Job:
@@ -56,15 +57,7 @@ def test_lanes_give_the_numbers_of_one_pass(tokenizers):
     finally:
         torch.set_num_threads(threads)
     assert [r.id for r in three] == [j.id for j in jobs]
-    for a, b in zip(one, three):
-        assert a.error is None and b.error is None
-        for field in ("embedding", "tubelets"):
-            x, y = getattr(a, field), getattr(b, field)
-            assert (x is None) == (y is None)
-            if x is not None:
-                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-        if a.tokens is not None:
-            torch.testing.assert_close(a.tokens.latents, b.tokens.latents, rtol=1e-4, atol=1e-5)
+    assert_results_close(one, three, rtol=1e-4)
 
 
 def test_a_bad_job_fails_alone_in_its_lane(tokenizers):
