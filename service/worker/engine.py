@@ -28,16 +28,21 @@ def gaussians_to_dict(g: Gaussians) -> dict:
 
 def split_by_cost(jobs: list[Job], n: int) -> list[list[Job]]:
     """At most n contiguous, non-empty groups of jobs of near-equal total cost."""
-    n = max(1, min(n, len(jobs)))
-    total = sum(j.cost for j in jobs)
-    groups: list[list[Job]] = []
-    current: list[Job] = []
+    return [[jobs[i] for i in group] for group in split_weights([j.cost for j in jobs], n)]
+
+
+def split_weights(weights: list[int], n: int) -> list[list[int]]:
+    """Indices 0..len-1 cut into at most n contiguous, non-empty groups of near-equal weight."""
+    n = max(1, min(n, len(weights)))
+    total = sum(weights)
+    groups: list[list[int]] = []
+    current: list[int] = []
     acc = 0
-    for i, job in enumerate(jobs):
-        current.append(job)
-        acc += job.cost
+    for i, weight in enumerate(weights):
+        current.append(i)
+        acc += weight
         left = n - len(groups) - 1  # groups still to open after this one
-        if left > 0 and (acc * n >= total * (len(groups) + 1) or len(jobs) - i - 1 == left):
+        if left > 0 and (acc * n >= total * (len(groups) + 1) or len(weights) - i - 1 == left):
             groups.append(current)
             current = []
     if current:

@@ -15,6 +15,7 @@ from service.settings import Settings
 from service.worker.backends import LocalBackend
 from service.worker.jobs import Job, pixel_patches
 from tests import assets
+from tests.service.worker.results import assert_results_close
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None or
                                 importlib.util.find_spec("tritonclient") is None,
@@ -208,3 +209,28 @@ def test_regions_a_killed_front_end_left_at_the_server_are_freed_by_the_next(tri
     for backend in (living, starting):
         backend.stop()
     assert server.get_system_shared_memory_status() == []
+
+
+def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numbers(triton):
+    """With lanes the model hands a batch to a free lane and returns from `execute`; the lane
+    answers its requests later. Many front-end batches at once: each gets its own answers,
+    with the numbers of one batch at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.triton_backend import TritonBackend
+
+    local = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
+    local.start()
+    remote = TritonBackend(triton.url, max_inflight_batches=6)
+    remote.start()
+    items = _items()[:2]
+    batches = [[Job(10 * b + k, op, batch=items[(b + k) % 2].batch) for k in range(1 + b % 3)]
+               for b, op in enumerate(["embed", "reconstruct", "tokenize"] * 4)]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(remote.run, batches))
+    finally:
+        remote.stop()
+    for batch, answers in zip(batches, got):
+        assert [r.id for r in answers] == [j.id for j in batch]
+        assert_results_close(local.run(batch), answers, rtol=1e-4, atol=2e-4)

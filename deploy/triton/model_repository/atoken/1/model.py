@@ -5,11 +5,13 @@ request its dynamic batcher joined; all their jobs run through the same Engine t
 worker uses, in passes of at most ATOKEN_MAX_BATCH_TOKENS token passes (joined requests from
 many front ends cannot make one pass bigger than a front end's own batch). The model comes
 from the ATOKEN_* environment (checkpoint, config, dtype, device), exactly as for the HTTP
-service.
+service. On a CPU each batch runs on a lane of its own, side by side with the next, answered
+after `execute` returns (Triton 24.07 or later: docker/Dockerfile.triton uses 25.01).
 """
 
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 # The backend stub's embedded interpreter ignores PYTHONPATH; a virtual environment outside
@@ -28,7 +30,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.triton_io import INPUTS, info_outputs, inputs_to_jobs, results_to_outputs, unpack_json  # noqa: E402
 from service.worker.backends import canary, describe  # noqa: E402
-from service.worker.engine import Engine, chunks_by_cost  # noqa: E402
+from service.worker.engine import Engine, chunks_by_cost, split_weights  # noqa: E402
 from service.worker.loader import load_tokenizers  # noqa: E402
 
 
@@ -46,16 +48,34 @@ class TritonPythonModel:
         # concurrency 32, while the model's lanes waited). The last pass's answers are sent by
         # `execute` itself, which waits for them anyway: 0.1 ms less a lone request.
         self.responder = ThreadPoolExecutor(1, thread_name_prefix="atoken-respond")
+        # One batch per lane, side by side, as in the process worker (docs/performance.md):
+        # `execute` hands a batch to a free lane and returns, so that Triton's batcher gathers
+        # the next one while this one runs; its requests are answered from the lane.
+        lanes = spec.engine_lanes if settings.lane_batches else 1
+        self.lanes = _Lanes(self.engine, lanes) if lanes > 1 else None
 
     def execute(self, requests):
         """Runs the joined requests in passes of at most max_batch_tokens and answers each
         request as soon as its own jobs are done (through its response sender), so the front
-        ends can encode the first answers while later passes run. It returns once every
-        request has its answer."""
+        ends can encode the first answers while later passes run. With lanes, a batch that
+        does not run here on every thread goes to a lane, and `execute` returns at once."""
+        pending, jobs = self._read(requests)
+        if not jobs:
+            return None
+        if self.lanes is None or (len(jobs) == 1 and self.lanes.idle()):
+            self._run(pending, jobs, self.engine.run)
+            return None
+        for part in self.lanes.shares(pending):
+            self.lanes.submit(self._run, part)
+        return None
+
+    def _read(self, requests) -> tuple[list, list]:
         pending, jobs, next_id = [], [], 0
         for request in requests:
             sender = request.get_response_sender()
             arrays = {name: _from_triton(pb_utils.get_input_tensor_by_name(request, name)) for name in INPUTS}
+            if self.lanes is not None:  # a lane may read them after `execute` returns, when Triton has freed its own
+                arrays = {name: a.copy() for name, a in arrays.items()}
             meta = unpack_json(arrays["META"])
             if meta.get("info"):  # the front end asks which model this is
                 _send(sender, info_outputs(self.info))
@@ -64,11 +84,15 @@ class TritonPythonModel:
             next_id += len(own)
             pending.append((sender, own))
             jobs += own
+        return pending, jobs
+
+    def _run(self, pending: list, jobs: list, run) -> None:
+        """Every request gets its one answer, whatever happens."""
         results, answering = {}, []
         try:
             chunks = chunks_by_cost(jobs, self.max_batch_tokens)
             for k, chunk in enumerate(chunks):
-                results.update((r.id, r) for r in self.engine.run(chunk))
+                results.update((r.id, r) for r in run(chunk))
                 last = k == len(chunks) - 1
                 while pending and all(j.id in results for j in pending[0][1]):
                     sender, own = pending.pop(0)
@@ -82,10 +106,53 @@ class TritonPythonModel:
                 _fail(sender, exc)
         for done in answering:
             done.result()
-        return None
 
     def finalize(self):
+        if self.lanes is not None:
+            self.lanes.close()
         self.responder.shutdown(wait=True)
+
+
+class _Lanes:
+    """Batches side by side, one lane each with its share of the threads. `submit` waits for
+    a free lane, so `execute` blocks while every lane is busy and requests queue at Triton."""
+
+    def __init__(self, engine: Engine, lanes: int):
+        self.engine, self.lanes = engine, lanes
+        self.threads = max(1, engine.threads // lanes)
+        self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="atoken-lane")
+        self._free = threading.Semaphore(lanes)
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._running == 0
+
+    def shares(self, pending: list) -> list[list]:
+        """The requests cut into as many parts as lanes are free now (whole requests, near-equal
+        cost, in order): a burst on idle lanes runs on all of them."""
+        with self._lock:
+            free = self.lanes - self._running
+        weights = [sum(j.cost for j in own) for _, own in pending]
+        return [[pending[i] for i in part] for part in split_weights(weights, max(1, free))]
+
+    def submit(self, run, pending: list) -> None:
+        self._free.acquire()
+        with self._lock:
+            self._running += 1
+        self._pool.submit(self._lane, run, pending)
+
+    def _lane(self, run, pending: list) -> None:
+        try:
+            run(pending, [j for _, own in pending for j in own], lambda chunk: self.engine.run_lane(chunk, self.threads))
+        finally:
+            with self._lock:
+                self._running -= 1
+            self._free.release()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _answer(sender, results) -> None:
