@@ -130,9 +130,11 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
     lanes = _Lanes(engine, len(slots), answer)
     while (msg := _receive(conn, slots)) is not None:
         # A lone job that finds the worker idle, with nothing behind it, runs on every thread
-        # (batch-1 latency). Here, on the main thread: from any other thread torch's
-        # OpenMP-parallel operations (copies, norms, adds) ran at half speed, a batch-1 pass in
-        # 11 instead of 6 ms. No batch is read while it runs; none could start before it ends.
+        # (batch-1 latency). Here, on the main thread, which loaded the model: OpenMP gives each
+        # thread that opens a multi-threaded region a team of its own, and with a second team
+        # on two cores every parallel op slowed, on both threads (a batch-1 pass 11 instead of
+        # 6 ms). Lanes run one thread each: no team. No batch is read while this one runs;
+        # none could start before it ends.
         if lanes.idle() and len(msg[1]) == 1 and not conn.poll(0):
             answer(msg[0], engine.run(msg[1]))
         else:
