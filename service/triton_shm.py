@@ -40,6 +40,7 @@ ALIGN = 64  # each tensor starts on a cache line
 MIN_REGION = 1 << 20
 SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (shm_open's "/name")
 _REGION_NAME = re.compile(r"(atoken-[0-9a-f]{12})-[0-9]+")
+_LOCK_NAME = re.compile(r"atoken-[0-9a-f]{12}\.lock")
 
 
 @dataclass
@@ -116,15 +117,19 @@ class RegionPool:
         self._release_if_done()
 
     def reclaim_stale(self, registered: list[str]) -> list[str]:
-        """Frees the regions among `registered` (the names the server holds) whose pools died:
-        unregistered at the server, their files and their pool's lock file removed. A pool
-        still alive, in this process or another, holds its lock and is left alone, as is any
-        region not named by a pool like this one. -> the names freed."""
+        """Frees what pools that died left behind: the regions among `registered` (the names
+        the server holds), unregistered at the server, and every dead pool's files in
+        /dev/shm, its lock file included, also where no server holds its regions any more
+        (the server was restarted too). A pool still alive, in this process or another, holds
+        its lock and is left alone, as is any region not named by a pool like this one.
+        -> the registered names freed."""
         owners: dict[str, list[str]] = {}
         for name in registered:
             match = _REGION_NAME.fullmatch(name)
             if match and match.group(1) != self._prefix:
                 owners.setdefault(match.group(1), []).append(name)
+        for owner in _claimed_prefixes() - {self._prefix}:
+            owners.setdefault(owner, [])
         freed = []
         for owner, names in owners.items():
             path = _lock_path(owner)
@@ -136,6 +141,7 @@ class RegionPool:
                     self._unregister(name)
                 except Exception as exc:  # noqa: BLE001 - still ours to remove from /dev/shm
                     log.warning("could not unregister stale region %s: %s", name, exc)
+            for name in _region_files(owner):
                 _unlink(os.path.join(SHM_DIR, name))
             _unlink(path)
             os.close(dead)
@@ -188,15 +194,43 @@ def _lock_path(prefix: str) -> str:
     return os.path.join(SHM_DIR, prefix + ".lock")
 
 
+def _claimed_prefixes() -> set[str]:
+    """Pools with a lock file in /dev/shm, alive or dead."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return set()
+    return {n.removesuffix(".lock") for n in names if _LOCK_NAME.fullmatch(n)}
+
+
+def _region_files(prefix: str) -> list[str]:
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return [n for n in names if (m := _REGION_NAME.fullmatch(n)) and m.group(1) == prefix]
+
+
 def _hold(path: str) -> int | None:
     """This pool's claim: `path` created and locked. None where that fails (no /dev/shm, no
     permission): the pool then works unclaimed, and nobody reclaims a pool without a lock file."""
+    # Locked under a private name, then linked into place: a starting front end scanning
+    # /dev/shm must never find the lock file before it is locked, and take it for a dead pool's.
+    staging = f"{path}.{os.getpid()}.{threading.get_ident()}"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         log.info("no lock file for this front end's shared-memory regions (%s)", exc)
         return None
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just created: nobody else holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just created: nobody else holds it
+        os.link(staging, path)
+    except OSError as exc:
+        os.close(fd)
+        log.info("no lock file for this front end's shared-memory regions (%s)", exc)
+        return None
+    finally:
+        _unlink(staging)
     return fd
 
 

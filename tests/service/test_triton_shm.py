@@ -100,11 +100,14 @@ def test_a_server_that_cannot_map_leaves_nothing_behind():
     assert _shm_files(pool._prefix) == []
 
 
-def _dead_pool(tmp_path) -> list[str]:
-    """A pool in another process, killed (SIGKILL) while holding two regions: -> their names."""
+def _dead_pool(tmp_path, keep_files: bool = False) -> list[str]:
+    """A pool in another process, killed (SIGKILL) while holding two regions: -> their names.
+    `keep_files`: its region files outlive it (no resource tracker to unlink them)."""
     code = (
         "import os, signal\n"
-        "from service.triton_shm import RegionPool\n"
+        + ("from multiprocessing import resource_tracker\nresource_tracker.register = lambda *a: None\n"
+           if keep_files else "")
+        + "from service.triton_shm import RegionPool\n"
         "pool = RegionPool(lambda name, key, size: None, lambda name: None)\n"
         "print(pool.take(10).name, pool.take(10).name, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -135,6 +138,25 @@ def test_regions_of_a_pool_that_died_are_reclaimed_and_living_ones_kept(tmp_path
     assert starting.reclaim_stale(list(server.registered)) == []  # nothing else is anyone's to free
     for pool, region in ((living, held), (starting, mine)):
         pool.give(region)
+        pool.close()
+        assert _shm_files(pool._prefix) == []
+
+
+def test_a_dead_pool_no_server_holds_any_more_leaves_nothing_behind(tmp_path):
+    """The server died too (or was restarted): nobody lists the dead pool's regions, but its
+    lock file and region files are still in /dev/shm; the next pool removes them."""
+    dead = _dead_pool(tmp_path, keep_files=True)
+    dead_prefix = dead[0].rsplit("-", 1)[0]
+    assert sorted(_shm_files(dead_prefix)) == sorted(dead + [dead_prefix + ".lock"])
+    server = FakeServer()
+    living = RegionPool(server.register, server.unregister)
+    held = living.take(10)
+    starting = RegionPool(server.register, server.unregister)
+    assert starting.reclaim_stale([]) == []  # nothing was registered anywhere
+    assert _shm_files(dead_prefix) == []
+    assert sorted(_shm_files(living._prefix)) == sorted([held.name, living._prefix + ".lock"])  # alive: kept
+    living.give(held)
+    for pool in (living, starting):
         pool.close()
         assert _shm_files(pool._prefix) == []
 
