@@ -125,11 +125,15 @@ class RegionPool:
         -> the registered names freed."""
         owners: dict[str, list[str]] = {}
         for name in registered:
-            match = _REGION_NAME.fullmatch(name)
-            if match and match.group(1) != self._prefix:
+            if match := _REGION_NAME.fullmatch(name):
                 owners.setdefault(match.group(1), []).append(name)
-        for owner in _claimed_prefixes() - {self._prefix}:
-            owners.setdefault(owner, [])
+        files: dict[str, list[str]] = {}  # pool -> its region files in /dev/shm
+        for name in _shm_names():
+            if _LOCK_NAME.fullmatch(name):
+                owners.setdefault(name.removesuffix(".lock"), [])
+            elif match := _REGION_NAME.fullmatch(name):
+                files.setdefault(match.group(1), []).append(name)
+        owners.pop(self._prefix, None)
         freed = []
         for owner, names in owners.items():
             path = _lock_path(owner)
@@ -141,7 +145,7 @@ class RegionPool:
                     self._unregister(name)
                 except Exception as exc:  # noqa: BLE001 - still ours to remove from /dev/shm
                     log.warning("could not unregister stale region %s: %s", name, exc)
-            for name in _region_files(owner):
+            for name in files.get(owner, []):
                 _unlink(os.path.join(SHM_DIR, name))
             _unlink(path)
             os.close(dead)
@@ -194,21 +198,11 @@ def _lock_path(prefix: str) -> str:
     return os.path.join(SHM_DIR, prefix + ".lock")
 
 
-def _claimed_prefixes() -> set[str]:
-    """Pools with a lock file in /dev/shm, alive or dead."""
+def _shm_names() -> list[str]:
     try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return set()
-    return {n.removesuffix(".lock") for n in names if _LOCK_NAME.fullmatch(n)}
-
-
-def _region_files(prefix: str) -> list[str]:
-    try:
-        names = os.listdir(SHM_DIR)
+        return os.listdir(SHM_DIR)
     except OSError:
         return []
-    return [n for n in names if (m := _REGION_NAME.fullmatch(n)) and m.group(1) == prefix]
 
 
 def _hold(path: str) -> int | None:

@@ -11,10 +11,10 @@ import signal
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict
 from multiprocessing.connection import wait as mp_wait
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -22,7 +22,7 @@ from model.api import ATokenizer
 from model.patchify import frames_to_sparse
 
 from . import transport
-from .engine import Engine
+from .engine import Engine, Lanes
 from .jobs import Job, JobResult
 from .loader import ModelSpec, load_tokenizers
 
@@ -127,18 +127,26 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
         while (msg := _receive(conn, slots)) is not None:
             answer(msg[0], engine.run(msg[1]))
         return
-    lanes = _Lanes(engine, len(slots), answer)
+    lanes = Lanes(engine, len(slots))
+
+    def on_lane(slot: int, jobs: list[Job]) -> None:
+        try:
+            answer(slot, lanes.run(jobs))
+        except BaseException:  # noqa: BLE001 - a batch nobody answers would hang its requests
+            traceback.print_exc()
+            os._exit(70)  # the front end sees the worker die and fails the batches it held
+
     while (msg := _receive(conn, slots)) is not None:
         # A lone job that finds the worker idle, with nothing behind it, runs on every thread
         # (batch-1 latency). Here, on the main thread, which loaded the model: OpenMP gives each
         # thread that opens a multi-threaded region a team of its own, and with a second team
         # on two cores every parallel op slowed, on both threads (a batch-1 pass 11 instead of
         # 6 ms). Lanes run one thread each: no team. No batch is read while this one runs;
-        # none could start before it ends.
+        # none could start before it ends. The front end holds at most one batch per lane.
         if lanes.idle() and len(msg[1]) == 1 and not conn.poll(0):
             answer(msg[0], engine.run(msg[1]))
         else:
-            lanes.submit(*msg)
+            lanes.submit(on_lane, *msg)
     lanes.close()
 
 
@@ -151,40 +159,6 @@ def _receive(conn, slots: list) -> tuple[int, list[Job]] | None:
     slot = data[0]
     jobs = transport.loads(memoryview(data)[1:], slots[slot][0])
     return None if jobs is None else (slot, jobs)
-
-
-class _Lanes:
-    """Batches side by side in the worker, each on a lane with its share of the threads (the
-    front end holds at most one batch per lane in flight)."""
-
-    def __init__(self, engine: Engine, lanes: int, answer: Callable[[int, list[JobResult]], None]):
-        self.engine, self.answer = engine, answer
-        self.threads = max(1, engine.threads // lanes)
-        self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="atoken-lane")
-        self._lock = threading.Lock()
-        self._running = 0  # counted from submission: a batch queued for a lane is not idle time
-
-    def idle(self) -> bool:
-        with self._lock:
-            return self._running == 0
-
-    def submit(self, slot: int, jobs: list[Job]) -> None:
-        with self._lock:
-            self._running += 1
-        self._pool.submit(self._run, slot, jobs)
-
-    def _run(self, slot: int, jobs: list[Job]) -> None:
-        try:
-            results = self.engine.run_lane(jobs, self.threads)
-            with self._lock:
-                self._running -= 1
-            self.answer(slot, results)
-        except BaseException:  # noqa: BLE001 - a batch nobody answers would hang its requests
-            traceback.print_exc()
-            os._exit(70)  # the front end sees the worker die and fails the batches it held
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 def _running(proc: mp.process.BaseProcess) -> bool:

@@ -4,8 +4,10 @@ breaks the batch is retried alone so that it fails alone."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
@@ -64,6 +66,57 @@ def chunks_by_cost(jobs: list[Job], cap: int) -> list[list[Job]]:
     return chunks
 
 
+def _stamped(results: list[JobResult], start: float) -> list[JobResult]:
+    elapsed = (time.perf_counter() - start) * 1e3
+    for r in results:
+        r.compute_ms = elapsed
+    return results
+
+
+class Lanes:
+    """Batches side by side on one engine, each on a lane of its own with its share of the
+    threads (one each on a CPU: no OpenMP team beside the caller's; docs/performance.md).
+    The process worker and Triton's model hand batches here; `submit` waits for a free lane."""
+
+    def __init__(self, engine: "Engine", lanes: int):
+        self.engine, self.lanes = engine, lanes
+        self.threads = max(1, engine.threads // lanes)
+        self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="atoken-lane")
+        self._free = threading.Semaphore(lanes)
+        self._lock = threading.Lock()
+        self._running = 0  # counted from submission: a batch waiting for its lane is not idle time
+
+    def free(self) -> int:
+        with self._lock:
+            return self.lanes - self._running
+
+    def idle(self) -> bool:
+        return self.free() == self.lanes
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        """One pass on the calling lane."""
+        return self.engine.run_lane(jobs, self.threads)
+
+    def submit(self, fn: Callable[..., None], *args) -> None:
+        """fn(*args) on the next free lane, which it runs its passes on (`run`); fn answers
+        for its own errors: nothing it raises is seen."""
+        self._free.acquire()
+        with self._lock:
+            self._running += 1
+        self._pool.submit(self._on_lane, fn, args)
+
+    def _on_lane(self, fn: Callable[..., None], args: tuple) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+            self._free.release()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class Engine:
     """Runs jobs on the tokenizer of their token mode (one model may serve both).
 
@@ -90,20 +143,13 @@ class Engine:
         results = self._run_group(groups[0], per_lane)
         for future in rest:
             results += future.result()
-        elapsed = (time.perf_counter() - start) * 1e3
-        for r in results:
-            r.compute_ms = elapsed
-        return results
+        return _stamped(results, start)
 
     def run_lane(self, jobs: list[Job], threads: int) -> list[JobResult]:
         """The whole batch as one part on the calling thread, with `threads` intra-op threads:
-        for callers that run several batches side by side, one per lane."""
+        for callers that run several batches side by side (`Lanes`)."""
         start = time.perf_counter()
-        results = self._run_group(jobs, threads)
-        elapsed = (time.perf_counter() - start) * 1e3
-        for r in results:
-            r.compute_ms = elapsed
-        return results
+        return _stamped(self._run_group(jobs, threads), start)
 
     def _run_group(self, jobs: list[Job], threads: int) -> list[JobResult]:
         if torch.get_num_threads() != threads:

@@ -7,8 +7,8 @@ That thread needs the front end's GIL, so a busy event loop (say, answering a fl
 stalls the worker's every batch. Here each batch slot has an arena each way, mapped by both
 processes when the worker starts and reused for every message of that slot (one batch is in a
 slot at a time): the sender copies each array in once, the receiver copies it out once, and the
-pipe carries only offsets. A message too large for its arena travels whole through the pipe instead, so nothing
-is ever refused for size here (the request limits bound it upstream)."""
+pipe carries only offsets. A message too large for its arena travels whole through the pipe
+instead, so nothing is ever refused for size here (the request limits bound it upstream)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ after `execute` returns (Triton 24.07 or later: docker/Dockerfile.triton uses 25
 
 import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 # The backend stub's embedded interpreter ignores PYTHONPATH; a virtual environment outside
@@ -30,7 +29,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.triton_io import INPUTS, info_outputs, inputs_to_jobs, results_to_outputs, unpack_json  # noqa: E402
 from service.worker.backends import canary, describe  # noqa: E402
-from service.worker.engine import Engine, chunks_by_cost, split_weights  # noqa: E402
+from service.worker.engine import Engine, Lanes, chunks_by_cost, split_weights  # noqa: E402
 from service.worker.loader import load_tokenizers  # noqa: E402
 
 
@@ -52,7 +51,7 @@ class TritonPythonModel:
         # `execute` hands a batch to a free lane and returns, so that Triton's batcher gathers
         # the next one while this one runs; its requests are answered from the lane.
         lanes = spec.engine_lanes if settings.lane_batches else 1
-        self.lanes = _Lanes(self.engine, lanes) if lanes > 1 else None
+        self.lanes = Lanes(self.engine, lanes) if lanes > 1 else None
 
     def execute(self, requests):
         """Runs the joined requests in passes of at most max_batch_tokens and answers each
@@ -63,10 +62,12 @@ class TritonPythonModel:
         if not jobs:
             return None
         if self.lanes is None or (len(jobs) == 1 and self.lanes.idle()):
-            self._run(pending, jobs, self.engine.run)
+            self._run(pending, self.engine.run)
             return None
-        for part in self.lanes.shares(pending):
-            self.lanes.submit(self._run, part)
+        # Whole requests, cut into as many parts as lanes are free: a burst on idle lanes runs on all.
+        weights = [sum(j.cost for j in own) for _, own in pending]
+        for part in split_weights(weights, max(1, self.lanes.free())):
+            self.lanes.submit(self._run, [pending[i] for i in part], self.lanes.run)
         return None
 
     def _read(self, requests) -> tuple[list, list]:
@@ -86,11 +87,11 @@ class TritonPythonModel:
             jobs += own
         return pending, jobs
 
-    def _run(self, pending: list, jobs: list, run) -> None:
-        """Every request gets its one answer, whatever happens."""
+    def _run(self, pending: list, run) -> None:
+        """The requests' jobs in passes of `run`; every request gets its one answer, whatever happens."""
         results, answering = {}, []
         try:
-            chunks = chunks_by_cost(jobs, self.max_batch_tokens)
+            chunks = chunks_by_cost([j for _, own in pending for j in own], self.max_batch_tokens)
             for k, chunk in enumerate(chunks):
                 results.update((r.id, r) for r in run(chunk))
                 last = k == len(chunks) - 1
@@ -111,48 +112,6 @@ class TritonPythonModel:
         if self.lanes is not None:
             self.lanes.close()
         self.responder.shutdown(wait=True)
-
-
-class _Lanes:
-    """Batches side by side, one lane each with its share of the threads. `submit` waits for
-    a free lane, so `execute` blocks while every lane is busy and requests queue at Triton."""
-
-    def __init__(self, engine: Engine, lanes: int):
-        self.engine, self.lanes = engine, lanes
-        self.threads = max(1, engine.threads // lanes)
-        self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="atoken-lane")
-        self._free = threading.Semaphore(lanes)
-        self._lock = threading.Lock()
-        self._running = 0
-
-    def idle(self) -> bool:
-        with self._lock:
-            return self._running == 0
-
-    def shares(self, pending: list) -> list[list]:
-        """The requests cut into as many parts as lanes are free now (whole requests, near-equal
-        cost, in order): a burst on idle lanes runs on all of them."""
-        with self._lock:
-            free = self.lanes - self._running
-        weights = [sum(j.cost for j in own) for _, own in pending]
-        return [[pending[i] for i in part] for part in split_weights(weights, max(1, free))]
-
-    def submit(self, run, pending: list) -> None:
-        self._free.acquire()
-        with self._lock:
-            self._running += 1
-        self._pool.submit(self._lane, run, pending)
-
-    def _lane(self, run, pending: list) -> None:
-        try:
-            run(pending, [j for _, own in pending for j in own], lambda chunk: self.engine.run_lane(chunk, self.threads))
-        finally:
-            with self._lock:
-                self._running -= 1
-            self._free.release()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 def _answer(sender, results) -> None:
