@@ -31,7 +31,7 @@ class VideoTiles:
     """A video's job inputs, decoded a 16-frame tile at a time as the model reaches them: its
     frames never all exist at once (up to 36,000 frames are allowed). It pickles as the file's
     bytes and the plan read from its header, so a Ray pre-processing task can hand the actor
-    the compressed video instead of its frames (beyond `on_ray.PREPARE_VIDEO_BYTES`)."""
+    the compressed video instead of its frames (beyond `on_ray.PREPARE_BYTES`)."""
     source: VideoSource
 
     def __iter__(self):

@@ -25,7 +25,7 @@ from ..errors import InvalidParameter
 from ..priority import lower_thread_priority
 from ..settings import Settings
 from ..worker.jobs import FRAME_VALUES
-from . import schema
+from . import on_ray, schema
 from .output import FORMAT, Output
 from .on_ray import PREPARE_IDLE, RayModel, prepare_shard
 from .pipeline import ShardRunner, built, torch_threads, value_dtype
@@ -295,13 +295,15 @@ class RayEngine:
         # node runs one task at a time (each task process costs seconds of CPU to start, taken
         # from the model on a small machine; one keeps well ahead of it), a 16-core node twenty.
         # Not a whole CPU: with the actor's resources Ray Data's optimiser fuses the two stages.
-        ds = ds.map(prepare_shard, fn_kwargs={"options": self.options, "limits": limits, "idle": PREPARE_IDLE},
-                    num_cpus=0.75)
+        ds = ds.map(prepare_shard, fn_kwargs={"options": self.options, "limits": limits, "idle": PREPARE_IDLE,
+                                              "budget": on_ray.PREPARE_BYTES}, num_cpus=0.75)
         ds = ds.map_batches(RayModel, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
                             num_gpus=1 if gpu else 0, num_cpus=1,
                             fn_constructor_kwargs={"spec": spec, "mode": cfg.tokens, "embeddings": cfg.embeddings,
                                                    "max_batch_tokens": cfg.batch_tokens,
-                                                   "dtype": dtype, "threads": self.threads})
+                                                   "dtype": dtype, "threads": self.threads,
+                                                   "options": self.options, "limits": limits,
+                                                   "nice": self.settings.frontend_nice})
         # No prefetching: with it, a shard's result reached the driver (to be written, and counted
         # by the progress bar) only once the model had computed the next shard as well.
         for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):

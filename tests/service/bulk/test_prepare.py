@@ -88,13 +88,30 @@ def test_a_ray_task_decodes_videos_within_its_budget(tmp_path):
     entry = _entry(tmp_path, "talk.mp4", assets.clip_with_audio(3.0))
     planned = prepare(entry, Options(), LIMITS).sources.decoded_bytes
     for budget, in_task in ((planned - 1, False), (planned, True)):
-        out = on_ray.prepare_shard({"shard": 0, "entries": pickle.dumps([entry])}, Options(), LIMITS, video_bytes=budget)
+        out = on_ray.prepare_shard({"shard": 0, "entries": pickle.dumps([entry])}, Options(), LIMITS, budget=budget)
         (item,) = pickle.loads(out["prepared"])
         assert isinstance(item.sources, list) == in_task
         if in_task:
             frames = [source.frames for _, source in item.sources]
             decoded = sum(f.nbytes for f in frames)
             assert decoded <= planned < decoded + 16 * frames[0][0].nbytes  # within the last tile's padding
+
+
+def test_a_ray_task_holds_its_budget_and_one_input_at_most(tmp_path):
+    """Inputs are prepared in order while the budget lasts (the one that spends it is kept);
+    the rest travel as entries, for the actor to prepare as the model reaches them."""
+    from service.bulk import on_ray
+
+    names = ("chelsea.png", "coffee.png", "camera.png", "rocket.jpg")
+    entries = [_entry(tmp_path, name, assets.image(name).read_bytes()) for name in names]
+    sizes = [on_ray._held(prepare(e, Options(), LIMITS)) for e in entries]
+    for budget, in_task in ((0, 0), (1, 1), (sizes[0], 1), (sizes[0] + 1, 2), (sum(sizes), 4)):
+        items = on_ray.prepare_within(entries, Options(), LIMITS, budget)
+        assert [isinstance(x, Prepared) for x in items] == [True] * in_task + [False] * (4 - in_task)
+        assert items[in_task:] == entries[in_task:]
+        for item, entry in zip(items[:in_task], entries):
+            expected = prepare(entry, Options(), LIMITS)
+            assert np.array_equal(item.sources[0][1].frames, expected.sources[0][1].frames)
 
 
 def test_a_bad_input_is_the_error_the_api_gives(tmp_path):

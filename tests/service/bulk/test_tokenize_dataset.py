@@ -152,7 +152,12 @@ def test_the_cli_names_the_refused_option(dataset, tmp_path):
     assert "error (422): --batch-tokens must be 1 to 262144" in proc.stderr
 
 
-def test_the_ray_engine_writes_what_the_local_engine_writes(dataset, clean, tmp_path):
+def test_the_ray_engine_writes_what_the_local_engine_writes(dataset, clean, tmp_path, monkeypatch):
+    from service.bulk import on_ray
+
+    # A budget that the first image or two of a shard spend: the rest of each shard (images,
+    # meshes, videos) is prepared on the actor instead of in the task, to the same bytes.
+    monkeypatch.setattr(on_ray, "PREPARE_BYTES", 60_000)
     out = tmp_path / "ray"
     summary = _run(dataset, out, embeddings=True, engine="ray")
     assert summary["rows"] == 8
