@@ -40,20 +40,24 @@ def test_blocked_backend_splits_long_work_into_blocks(monkeypatch, budget):
     lengths = (3, 7, 3, 1, 7, 7)
     q, k, v = _qkv(sum(lengths), h=3)
     seg = Segments(lengths, q.device)
-    for softcap in (0.0, 30.0):
-        ref = _with_backend("reference", q, k, v, seg, 0.25, softcap)
-        torch.testing.assert_close(_with_backend("blocked", q, k, v, seg, 0.25, softcap), ref, rtol=1e-5, atol=1e-5)
+    for scale in (0.25, 0.3):  # a power of two scales q exactly; any other scales the scores
+        for softcap in (0.0, 30.0):
+            ref = _with_backend("reference", q, k, v, seg, scale, softcap)
+            out = _with_backend("blocked", q, k, v, seg, scale, softcap)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_backend_in_bfloat16_is_as_close_to_exact_as_sdpa():
+@pytest.mark.parametrize("head_dim", [64, 72])  # So400m's 72: a scale that is no power of two
+def test_blocked_backend_in_bfloat16_is_as_close_to_exact_as_sdpa(head_dim):
     """Scores of 10-20, where rounding a plain bfloat16 matmul's scores would make the error
     five times SDPA's (measured)."""
     lengths = (256, 256, 100)
-    q, k, v = _qkv(sum(lengths), h=4, d=64, seed=3)
+    q, k, v = _qkv(sum(lengths), h=4, d=head_dim, seed=3)
     seg = Segments(lengths, q.device)
     q, k, v = (t.bfloat16() for t in (q, k, v))
-    exact = _with_backend("reference", *(t.double() for t in (q, k, v)), seg, 0.125)
-    error = {name: ((_with_backend(name, q, k, v, seg, 0.125).double() - exact).norm() / exact.norm()).item()
+    scale = head_dim**-0.5
+    exact = _with_backend("reference", *(t.double() for t in (q, k, v)), seg, scale)
+    error = {name: ((_with_backend(name, q, k, v, seg, scale).double() - exact).norm() / exact.norm()).item()
              for name in ("torch", "blocked")}
     assert error["blocked"] < 1.5 * error["torch"], error
 
