@@ -35,10 +35,12 @@ def test_backend_matches_reference(backend, lengths, softcap):
 # float32 rows of 7 keys are 28 bytes, a (sequence, head) pair's scores 196: these budgets run
 # blocks of 2 pairs, then blocks of 3 query rows (3 + 3 + 1) of one pair, then single rows.
 @pytest.mark.parametrize("budget", [400, 100, 1])
-def test_blocked_backend_splits_long_work_into_blocks(monkeypatch, budget):
+@pytest.mark.parametrize("size", [1.0, 0.05])  # logits of 4 and more (made exact), under 2 (kept rough)
+def test_blocked_backend_splits_long_work_into_blocks(monkeypatch, budget, size):
     monkeypatch.setattr(attn, "BLOCK_SCORES_BYTES", budget)
     lengths = (3, 7, 3, 1, 7, 7)
     q, k, v = _qkv(sum(lengths), h=3)
+    q = q * size
     seg = Segments(lengths, q.device)
     for scale in (0.25, 0.3):  # a power of two scales q exactly; any other scales the scores
         for softcap in (0.0, 30.0):
@@ -48,11 +50,13 @@ def test_blocked_backend_splits_long_work_into_blocks(monkeypatch, budget):
 
 
 @pytest.mark.parametrize("head_dim", [64, 72])  # So400m's 72: a scale that is no power of two
-def test_blocked_backend_in_bfloat16_is_as_close_to_exact_as_sdpa(head_dim):
-    """Scores of 10-20, where rounding a plain bfloat16 matmul's scores would make the error
-    five times SDPA's (measured)."""
+@pytest.mark.parametrize("size", [1.0, 0.05])
+def test_blocked_backend_in_bfloat16_is_as_close_to_exact_as_sdpa(head_dim, size):
+    """Scores of 10-20 (size 1), where rounding a plain bfloat16 matmul's scores would make the
+    error five times SDPA's (measured); and under 2 (size 0.05), where the rough scores serve."""
     lengths = (256, 256, 100)
     q, k, v = _qkv(sum(lengths), h=4, d=head_dim, seed=3)
+    q = q * size
     seg = Segments(lengths, q.device)
     q, k, v = (t.bfloat16() for t in (q, k, v))
     scale = head_dim**-0.5
