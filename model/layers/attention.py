@@ -142,10 +142,8 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> T
     exact_scale = math.frexp(scale)[0] == 0.5  # a power of two scales q without rounding
     q = (q * scale if exact_scale else q).reshape(n, length, d)
     k, v = k.reshape(n, length, d), v.reshape(n, length, d)
-    q_shift = F.pad(q, (0, 2))  # two columns: bfloat16 matmuls take values in pairs
-    k_shift = F.pad(k, (0, 2))
-    k_shift[..., d] = 1
-    kt, k_shift = k.transpose(1, 2), k_shift.transpose(1, 2)
+    kt = k.transpose(1, 2)
+    q_shift = k_shift = None  # made when a block first needs the exact pass
     row_bytes = length * q.element_size()
     pairs = max(1, BLOCK_SCORES_BYTES // (row_bytes * length))
     rows = length if pairs > 1 else max(1, min(length, BLOCK_SCORES_BYTES // row_bytes))
@@ -155,6 +153,8 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> T
             scores = torch.bmm(q[i:i + pairs, r:r + rows], kt[i:i + pairs])
             peak = scores.amax(-1)
             if peak.abs().max().item() * (1 if exact_scale else scale) > ROUGH_LOGITS_MAX or softcap > 0:
+                if q_shift is None:
+                    q_shift, k_shift = _with_shift_column(q, k)
                 block = q_shift[i:i + pairs, r:r + rows]
                 block[..., d] = -peak
                 scores = torch.bmm(block, k_shift[i:i + pairs])  # q.k - peak
@@ -165,6 +165,15 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> T
                 scores = scores.mul_(scale)
             torch.bmm(scores.softmax(-1).to(v.dtype), v[i:i + pairs], out=out[i:i + pairs, r:r + rows])
     return out.view(g, h, length, d)
+
+
+def _with_shift_column(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """q [n, L, D], k [n, L, D] -> q with two columns more (the first set per block to -peak),
+    k transposed [n, D + 2, L] with ones in the first: bfloat16 matmuls take values in pairs."""
+    d = q.shape[-1]
+    q_shift, k_shift = F.pad(q, (0, 2)), F.pad(k, (0, 2))
+    k_shift[..., d] = 1
+    return q_shift, k_shift.transpose(1, 2)
 
 
 def _reference_backend(q: Tensor, k: Tensor, v: Tensor, seg: Segments, scale: float, softcap: float) -> Tensor:
