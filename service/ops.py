@@ -22,7 +22,7 @@ from .errors import ClientClosedRequest, InvalidParameter, NotAcceptable, Overlo
 from .outputs import MEDIA_TYPES, choose_format, preview_file, render, render_image, score_3d, zip_files
 from .inputs import Options
 from .pipeline import Item, compact_indices, round_trip_psnr, token_grid, tokens_to_json
-from .runtime import Runtime, Timing
+from .runtime import Runtime, Timing, abandon
 from .streaming import Progress, Tile
 from .worker.jobs import Job, JobResult
 
@@ -81,13 +81,12 @@ async def _guarded(call: Call, work: Awaitable):
     try:
         done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if task not in done:
-            task.cancel()
             raise ClientClosedRequest("the caller went away before the answer was ready")
         return task.result()
     finally:
-        watch.cancel()
+        abandon(watch)
         if not task.done():
-            task.cancel()
+            abandon(task)
 
 
 async def _infer_plain(runtime: Runtime, call: Call, jobs: list[Job]) -> tuple[list[JobResult], Timing]:

@@ -161,9 +161,9 @@ class Runtime:
         watch = asyncio.ensure_future(watch() if watch else asyncio.Event().wait())
         done, _ = await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
         if submit not in done:
-            submit.cancel()  # the client left: its queued jobs are skipped
+            abandon(submit)  # the client left: its queued jobs are skipped
             raise ClientClosedRequest("the client closed the connection before the answer was ready")
-        watch.cancel()
+        abandon(watch)
         results = submit.result()
         for i, r in enumerate(results):
             if r.error:
@@ -176,6 +176,19 @@ class Runtime:
                         max(r.extra.get("batch_size", 0) for r in results))
         self.metrics.queue_time.observe(timing.queue_ms / 1e3)
         return results, timing
+
+
+def abandon(future: asyncio.Future) -> None:
+    """Cancel work that nobody will await, and read how it ends: an error it raises while it
+    winds down (at shutdown, say, its pools already gone) is logged here, at debug level,
+    instead of by its finalizer as "never retrieved", whenever the garbage collector runs."""
+    future.cancel()
+    future.add_done_callback(_read_outcome)
+
+
+def _read_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("abandoned work ended with %r", future.exception())
 
 
 async def wait_disconnect(request: Request) -> None:
