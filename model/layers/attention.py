@@ -152,7 +152,7 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> T
         for r in range(0, length, rows):
             scores = torch.bmm(q[i:i + pairs, r:r + rows], kt[i:i + pairs])
             peak = scores.amax(-1)
-            if peak.abs().max().item() * (1 if exact_scale else scale) > ROUGH_LOGITS_MAX or softcap > 0:
+            if softcap > 0 or peak.abs().max().item() * (1 if exact_scale else scale) > ROUGH_LOGITS_MAX:
                 if q_shift is None:
                     q_shift, k_shift = _with_shift_column(q, k)
                 block = q_shift[i:i + pairs, r:r + rows]

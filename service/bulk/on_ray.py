@@ -116,10 +116,10 @@ class RayModel:
     def _prepared(self, items: list) -> Iterator:
         if not any(isinstance(x, Entry) for x in items):
             return iter(items)
-        from .run import READ_AHEAD_ITEMS, _ReadAhead
+        from .run import READ_AHEAD_ITEMS, ReadAhead
 
         def one(x):
             return prepare(x, self.options, self.limits) if isinstance(x, Entry) else x
 
-        return iter(_ReadAhead(self.pool, one, items, window=READ_AHEAD_ITEMS, parallel=1,
+        return iter(ReadAhead(self.pool, one, items, window=READ_AHEAD_ITEMS, parallel=1,
                                weight=lambda x: _held(x) if isinstance(x, Prepared) else 0, budget=PREPARE_BYTES))

@@ -48,7 +48,7 @@ class RunConfig:
     batch_tokens: int = 0  # token passes per model batch (0: ATOKEN_BULK_BATCH_TOKENS)
 
 
-class _ReadAhead:
+class ReadAhead:
     """fn over items in a thread pool, results in input order. At most `parallel` items run at
     once and `window` are ahead of the consumer, and none starts while the finished results
     waiting for the consumer weigh `budget` or more: what reading ahead holds is bounded by
@@ -210,7 +210,7 @@ class LocalEngine:
     def run(self, todo: list[int], shards: list[list[Entry]], dtype: str, bar):
         limits = self.settings.limits
         # One read-ahead over every shard to do, so decoding runs on across shard boundaries.
-        prepared = iter(_ReadAhead(self.pool, lambda e: built(prepare(e, self.options, limits)),
+        prepared = iter(ReadAhead(self.pool, lambda e: built(prepare(e, self.options, limits)),
                                    [e for k in todo for e in shards[k]], window=READ_AHEAD_ITEMS,
                                    parallel=self.workers, weight=_tokens,
                                    budget=READ_AHEAD_BATCHES * self.cfg.batch_tokens))

@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from service.bulk.prepare import prepare
-from service.bulk.run import _ReadAhead, _tokens
+from service.bulk.run import ReadAhead, _tokens
 from service.bulk.sources import Entry
 from service.inputs import Options
 from service.media.limits import MediaLimits
@@ -28,7 +28,7 @@ def _run(consume_delay: float, **kw) -> tuple[list[int], int]:
 
     out = []
     with ThreadPoolExecutor(4) as pool:
-        for value in _ReadAhead(pool, fn, range(N), parallel=4, **kw):
+        for value in ReadAhead(pool, fn, range(N), parallel=4, **kw):
             time.sleep(consume_delay)  # a slow model: decoding would run ahead if allowed
             with lock:
                 consumed[0] += 1
@@ -68,7 +68,7 @@ def test_an_item_that_raises_reaches_the_consumer():
     got = []
     with ThreadPoolExecutor(2) as pool:
         try:
-            for value in _ReadAhead(pool, fn, range(10), window=4, parallel=2, weight=lambda v: v, budget=5):
+            for value in ReadAhead(pool, fn, range(10), window=4, parallel=2, weight=lambda v: v, budget=5):
                 got.append(value)
         except ValueError as exc:
             assert "bad input 3" in str(exc)
@@ -77,7 +77,7 @@ def test_an_item_that_raises_reaches_the_consumer():
 
 def test_a_stopped_pool_ends_reading_ahead_quietly():
     pool = ThreadPoolExecutor(2)
-    reader = iter(_ReadAhead(pool, lambda i: i, range(100), window=8, parallel=2))
+    reader = iter(ReadAhead(pool, lambda i: i, range(100), window=8, parallel=2))
     assert next(reader) == 0
     pool.shutdown(wait=True, cancel_futures=True)  # the engine stops mid-run
     rest = list(reader)  # what had started still arrives; nothing new starts, nothing raises
