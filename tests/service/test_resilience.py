@@ -119,8 +119,11 @@ def test_work_of_a_disconnected_client_is_dropped():
     """A request queued behind a running batch whose client leaves never reaches the model.
 
     The worker is paused (SIGSTOP) while it runs the first batch, so the second request is
-    certainly still queued when its client gives up, however fast the machine is."""
-    with LiveServer(worker="process", max_side=256, max_frames=64, max_batch_tokens=3600, max_wait_ms=1) as live:
+    certainly still queued when its client gives up, however fast the machine is. One batch in
+    flight (no lane batches): with a slot per lane, the image's job took the second slot
+    whenever it came before the video's next tile, and went to the paused worker."""
+    with LiveServer(worker="process", max_side=256, max_frames=64, max_batch_tokens=3600, max_wait_ms=1,
+                    lane_batches=False) as live:
         scheduler = live.runtime.scheduler
         done = {}
 
