@@ -203,8 +203,11 @@ def fairness_rows(live: ServerProcess) -> list[str]:
 def ready_again(live: ServerProcess, old: int) -> float:
     start = time.monotonic()
     while time.monotonic() - start < 60:
-        if live.ready() and live.worker_pid() != old:
-            return time.monotonic() - start
+        try:
+            if live.ready() and live.worker_pid() != old:
+                return time.monotonic() - start
+        except RuntimeError:  # no worker process yet: /readyz can still say ready for up to 0.1 s
+            pass
         time.sleep(0.02)
     return float("inf")
 
