@@ -71,8 +71,9 @@ class BodyReader:
         if self.done:  # later calls only wait for the client's disconnect
             return await self.receive()
         remaining = self.deadline - time.monotonic()
-        try:
-            message = await asyncio.wait_for(self.receive(), max(0.0, min(self.idle_s, remaining)))
+        try:  # a timeout scope, not wait_for: that wraps each receive in a task of its own
+            async with asyncio.timeout(max(0.0, min(self.idle_s, remaining))):
+                message = await self.receive()
         except TimeoutError:
             if remaining <= self.idle_s:
                 raise RequestTimeout(f"the request body did not arrive within {self.total_s:g} s",
@@ -186,17 +187,19 @@ async def _discard_small_body(receive, headers: dict[bytes, bytes], idle_s: floa
     declared = headers.get(b"content-length", b"")
     if not declared.isdigit() or int(declared) > DISCARD_BYTES:
         return
-    read, deadline = 0, time.monotonic() + DISCARD_SECONDS
-    while read < int(declared) and time.monotonic() < deadline:
-        try:
-            message = await asyncio.wait_for(receive(), min(idle_s, DISCARD_SECONDS))
-        except TimeoutError:
-            return
-        if message["type"] != "http.request":
-            return
-        read += len(message.get("body", b""))
-        if not message.get("more_body"):
-            return
+    read = 0
+    try:
+        async with asyncio.timeout(DISCARD_SECONDS):
+            while read < int(declared):
+                async with asyncio.timeout(idle_s):
+                    message = await receive()
+                if message["type"] != "http.request":
+                    return
+                read += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    return
+    except TimeoutError:
+        return
 
 
 async def _no_body():
