@@ -84,10 +84,10 @@ class Runtime:
         self._lower_frontend_priority()
 
     def _lower_frontend_priority(self) -> None:
-        """Under overload the model's work comes first: this thread (the event loop) and the
-        pool threads it starts later run at a lower CPU priority than the dispatcher thread,
-        already started, and the worker it spawns. Linux nice values are per thread; elsewhere
-        this is a no-op (`service/priority.py`)."""
+        """With `frontend_nice` > 0 this thread (the event loop) and the pool threads it starts
+        later run at a lower CPU priority than the dispatcher thread, already started, and the
+        worker it spawns. Linux nice values are per thread; elsewhere this is a no-op
+        (`service/priority.py`). The default, 0, leaves them alone (see the setting)."""
         lower_thread_priority(self.settings.frontend_nice)
 
     def stop(self) -> None:

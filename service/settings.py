@@ -69,10 +69,14 @@ class Settings(BaseSettings):
     max_queue_tokens: int = 262144
     request_timeout_s: float = 120.0
     max_inflight_requests: int = 64
-    # The front end's threads run this much nicer than the model worker (0: same priority), so
-    # answering a flood of requests never takes CPU the model needs (docs/limits.md); the bulk
-    # local engine's decoding threads run at the same (docs/bulk.md).
-    frontend_nice: int = 10
+    # The front end's threads run this much nicer than the model worker. 0, the same priority:
+    # the model's batches are the front end's output, and at nice 10 it delivered them late
+    # while both lanes computed (smaller passes, a core idle; 1.04-1.07x less at concurrency
+    # 32 and a fifth less goodput under 10x overload; docs/limits.md).
+    frontend_nice: int = 0
+    # tokenize-dataset's decoding threads, which read ahead of the model and only fill what
+    # its threads leave of the cores (nice 10 measured faster than 0 or 4; docs/bulk.md).
+    bulk_decode_nice: int = 10
 
     # Limits (also shown in /info).
     max_upload_bytes: int = 64 * 2**20

@@ -189,13 +189,13 @@ class LocalEngine:
 
         self.settings, self.cfg, self.options, self.threads = settings, cfg, options, threads
         self.backend = LocalBackend(settings.model_spec)
-        # Decoding at the front end's lower priority, reading well ahead: it fills what the
+        # Decoding at a lower priority (bulk_decode_nice), reading well ahead: it fills what the
         # model's threads leave of the cores (between operations, a lane waiting for its
         # partner) rather than taking cores from them (docs/bulk.md). Nice, not idle: faster
         # in paired runs, and still served on a machine that other work keeps busy.
         self.workers = max(2, threads)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="atoken-bulk",
-                                       initializer=lambda: lower_thread_priority(settings.frontend_nice))
+                                       initializer=lambda: lower_thread_priority(settings.bulk_decode_nice))
 
     def start(self) -> dict:
         torch_threads(self.threads)
@@ -303,7 +303,7 @@ class RayEngine:
                                                    "max_batch_tokens": cfg.batch_tokens,
                                                    "dtype": dtype, "threads": self.threads,
                                                    "options": self.options, "limits": limits,
-                                                   "nice": self.settings.frontend_nice})
+                                                   "nice": self.settings.bulk_decode_nice})
         # No prefetching: with it, a shard's result reached the driver (to be written, and counted
         # by the progress bar) only once the model had computed the next shard as well.
         for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):

@@ -58,3 +58,28 @@ def test_a_refusal_is_logged_not_raised(monkeypatch, caplog):
         lower_thread_priority(10)
         lower_thread_priority(None)
     assert sum("not in this sandbox" in r.getMessage() for r in caplog.records) == 2
+
+
+def _nice_of(prefix: str) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate() if t.name.startswith(prefix)}
+
+
+@linux_only
+@pytest.mark.parametrize("nice", [None, 5])
+def test_front_end_threads_run_at_the_front_end_nice(nice):
+    """The event loop and the decoding threads it starts run at ATOKEN_FRONTEND_NICE (default 0:
+    the model's priority, since the model's batches are what they produce); the dispatcher,
+    which feeds the worker, never lower."""
+    from tests import assets
+    from tests.service.server import LiveServer
+
+    base = _own_nice()
+    with LiveServer(**({} if nice is None else {"frontend_nice": nice})) as live:
+        with live.client() as c:
+            image = assets.image("rocket.jpg")
+            assert c.post("/encode", files={"file": (image.name, image.read_bytes())}).status_code == 200
+        expected = base if nice is None else max(base, nice)
+        assert _nice_of("atoken-pre") == {expected}
+        assert _nice_of("atoken-dispatcher") == {base}
+        loop_thread = live.thread.native_id
+        assert os.getpriority(os.PRIO_PROCESS, loop_thread) == expected
