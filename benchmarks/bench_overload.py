@@ -268,8 +268,9 @@ def main() -> None:
         "",
         *overload,
         "",
-        "Refusals are decided from the headers (in-flight count, queue) before the body is read, so a "
-        "429 costs almost nothing and the model keeps working at capacity.",
+        "Refusals are decided from the headers (in-flight count, queue) before the body is read. What "
+        "goodput loses under 10x is the flood's own CPU on the shared cores: the client sending it and "
+        "the event loop answering it (docs/limits.md).",
         "",
         "## Fair pre-processing",
         "",
