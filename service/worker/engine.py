@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -100,9 +101,17 @@ class Lanes:
     def submit(self, fn: Callable[..., None], *args) -> None:
         """fn(*args) on the next free lane, which it runs its passes on (`run`); fn answers
         for its own errors: nothing it raises is seen."""
+        self.reserve()
+        self.start(fn, *args)
+
+    def reserve(self) -> None:
+        """Wait for a free lane and hold it for the next `start`."""
         self._free.acquire()
         with self._lock:
             self._running += 1
+
+    def start(self, fn: Callable[..., None], *args) -> None:
+        """fn(*args) on the lane `reserve` held (see `submit`)."""
         self._pool.submit(self._on_lane, fn, args)
 
     def _on_lane(self, fn: Callable[..., None], args: tuple) -> None:
@@ -115,6 +124,67 @@ class Lanes:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class LaneQueue:
+    """Work waits here for a free lane and is taken when one frees, not before: what arrives
+    while every lane computes joins the next pass instead of waiting in small passes of its
+    own (the process worker gets this from its front end, which forms a batch only once a lane
+    is free; Triton's model gets requests from Triton's batcher whenever they come).
+
+    `put` adds items with their costs and returns at once, unless `limit` cost is queued already
+    (then it waits: the caller's own queue holds the rest). A free lane takes whole items in
+    order, about 1/ways of what is queued, ways being the free lanes with it (a burst on idle
+    lanes runs on all), at most `cap`, at least one item; `run(items)` runs them on that lane
+    and answers for its own errors."""
+
+    def __init__(self, lanes: Lanes, run: Callable[[list], None], cap: int, limit: int):
+        self.lanes, self.run, self.cap, self.limit = lanes, run, cap, limit
+        self._items: deque[tuple[object, int]] = deque()
+        self._cost = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._feed, name="atoken-lanefeed", daemon=True)
+        self._thread.start()
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._items
+
+    def put(self, items: list, costs: list[int]) -> None:
+        with self._cond:
+            while self._cost >= self.limit and not self._closed:
+                self._cond.wait()
+            self._items.extend(zip(items, costs))
+            self._cost += sum(costs)
+            self._cond.notify_all()
+
+    def _feed(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return  # closed, and everything put was taken
+            self.lanes.reserve()
+            with self._cond:  # only this thread takes items: some are still there
+                share = min(self.cap, -(-self._cost // (self.lanes.free() + 1)))
+                taken, cost = [], 0
+                while self._items and (not taken or cost + self._items[0][1] <= share):
+                    item, c = self._items.popleft()
+                    taken.append(item)
+                    cost += c
+                self._cost -= cost
+                self._cond.notify_all()
+            self.lanes.start(self.run, taken)
+
+    def close(self) -> None:
+        """Every item put is handed to a lane; then the feeding thread ends (`Lanes.close`
+        waits for them to finish)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
 
 
 class Engine:

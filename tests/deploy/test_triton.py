@@ -2,6 +2,7 @@
 gives the same tokens, embeddings and reconstructions as the in-process worker."""
 
 import dataclasses
+import os
 import importlib.util
 
 import numpy as np
@@ -212,9 +213,10 @@ def test_regions_a_killed_front_end_left_at_the_server_are_freed_by_the_next(tri
 
 
 def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numbers(triton):
-    """With lanes the model hands a batch to a free lane and returns from `execute`; the lane
-    answers its requests later. Many front-end batches at once: each gets its own answers,
-    with the numbers of one batch at a time."""
+    """With lanes `execute` queues its requests and returns; a lane that frees takes what is
+    queued, requests of several `execute` calls in one pass, and answers them later. Many
+    front-end batches at once: each gets its own answers, with the numbers of one batch at a
+    time (job ids from different calls once collided in a pass: an answer never came)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from service.triton_backend import TritonBackend
@@ -223,6 +225,8 @@ def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numb
     local.start()
     remote = TritonBackend(triton.url, max_inflight_batches=6)
     remote.start()
+    # A lane per core, as the process worker has (the backend stub's OpenMP says one thread).
+    assert remote.info["lanes"] == len(os.sched_getaffinity(0))
     items = _items()[:2]
     batches = [[Job(10 * b + k, op, batch=items[(b + k) % 2].batch) for k in range(1 + b % 3)]
                for b, op in enumerate(["embed", "reconstruct", "tokenize"] * 4)]

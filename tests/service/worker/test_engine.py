@@ -1,12 +1,16 @@
 """Lanes: a batch cut into parts run side by side gives the one-pass numbers (up to the float
 rounding of other matrix shapes), each result to its own job."""
 
+import threading
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from model.patchify import frames_to_sparse
-from service.worker.engine import Engine, chunks_by_cost, split_by_cost
+from service.worker.engine import Engine, LaneQueue, Lanes, chunks_by_cost, split_by_cost
 from service.worker.jobs import Job, pixel_patches
 from service.worker.loader import ModelSpec, load_tokenizers
 from tests.service.worker.results import assert_results_close
@@ -99,3 +103,90 @@ def test_tokens_alone_skip_the_pooling_head_and_keep_their_numbers(tokenizers):
         assert b.embedding is None and b.pool_state is None
         torch.testing.assert_close(b.tokens.latents, p.tokens.latents, rtol=0, atol=0)
         torch.testing.assert_close(p.embedding, e.embedding)
+
+
+class _Recorder:
+    """A LaneQueue `run` that records each call's items and holds it until its item's gate opens."""
+
+    def __init__(self):
+        self.runs: list[list[str]] = []
+        self.gates: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, items: list[str]) -> None:
+        with self._lock:
+            self.runs.append(list(items))
+        gate = self.gates.get(items[0])
+        if gate is not None:
+            gate.wait(10)
+
+    def hold(self, *names: str) -> None:
+        for name in names:
+            self.gates[name] = threading.Event()
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.runs) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(self.runs) >= count, self.runs
+
+
+def _lanes(n: int = 2) -> Lanes:
+    return Lanes(SimpleNamespace(threads=n), n)  # run_lane is never called: the queue's `run` is the test's
+
+
+def test_lane_queue_joins_what_comes_while_every_lane_computes():
+    lanes, run = _lanes(), _Recorder()
+    run.hold("a", "b")
+    queue = LaneQueue(lanes, run, cap=100, limit=1000)
+    queue.put(["a"], [10])
+    run.wait_for(1)
+    queue.put(["b"], [10])
+    run.wait_for(2)
+    for name in "cde":  # one at a time, as Triton's batcher hands them over
+        queue.put([name], [10])
+    time.sleep(0.05)
+    assert run.runs == [["a"], ["b"]]  # nothing more starts while both lanes compute
+    run.gates["a"].set()
+    run.wait_for(3)
+    assert run.runs[2] == ["c", "d", "e"]  # one pass when a lane frees, not three
+    run.gates["b"].set()
+    queue.close()
+    lanes.close()
+
+
+def test_lane_queue_shares_a_burst_between_idle_lanes_and_caps_each_pass():
+    lanes, run = _lanes(), _Recorder()
+    run.hold("a", "c")
+    queue = LaneQueue(lanes, run, cap=100, limit=1000)
+    queue.put(list("abcd"), [10] * 4)
+    run.wait_for(2)
+    assert sorted(run.runs) == [["a", "b"], ["c", "d"]]
+    run.gates["a"].set()
+    run.gates["c"].set()
+    queue.put(list("efgh"), [60, 60, 150, 10])  # at most the cap, at least one item
+    queue.close()
+    lanes.close()
+    assert sorted(run.runs[2:]) == [["e"], ["f"], ["g"], ["h"]]  # 60 + 60 passes the cap; 150 goes alone
+
+
+def test_lane_queue_holds_the_caller_when_its_limit_is_queued():
+    lanes, run = _lanes(), _Recorder()
+    run.hold("a", "b")
+    queue = LaneQueue(lanes, run, cap=100, limit=20)
+    queue.put(["a"], [10])
+    run.wait_for(1)
+    queue.put(["b"], [10])
+    run.wait_for(2)
+    queue.put(["c", "d"], [10, 10])  # the limit, queued
+    third = threading.Thread(target=queue.put, args=(["e"], [10]))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # waits while the limit is queued
+    run.gates["a"].set()
+    third.join(10)
+    assert not third.is_alive()
+    run.gates["b"].set()
+    queue.close()
+    lanes.close()
+    assert sorted(x for r in run.runs for x in r) == list("abcde")  # each once

@@ -12,6 +12,7 @@ after `execute` returns (Triton 24.07 or later: docker/Dockerfile.triton uses 25
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 # The backend stub's embedded interpreter ignores PYTHONPATH; a virtual environment outside
 # the image's own site-packages is named here instead (service/triton_launch.py sets it).
@@ -29,7 +30,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.triton_io import INPUTS, info_outputs, inputs_to_jobs, results_to_outputs, unpack_json  # noqa: E402
 from service.worker.backends import canary, describe  # noqa: E402
-from service.worker.engine import Engine, Lanes, chunks_by_cost, split_weights  # noqa: E402
+from service.worker.engine import Engine, LaneQueue, Lanes, chunks_by_cost  # noqa: E402
 from service.worker.loader import load_tokenizers  # noqa: E402
 
 
@@ -37,6 +38,12 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = Settings()
         spec = settings.model_spec
+        if not spec.threads and spec.device == "cpu":
+            # The backend stub starts OpenMP with one thread (omp_get_max_threads() is 1 there,
+            # with two CPUs allowed), so torch's default left one lane on one core: every core
+            # this process may use instead, as the process worker gets from torch's default.
+            spec = replace(spec, threads=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
         tokenizers = load_tokenizers(spec)
         self.engine = Engine(tokenizers, spec.engine_lanes, spec.threads)
         self.max_batch_tokens = settings.max_batch_tokens
@@ -47,31 +54,36 @@ class TritonPythonModel:
         # concurrency 32, while the model's lanes waited). The last pass's answers are sent by
         # `execute` itself, which waits for them anyway: 0.1 ms less a lone request.
         self.responder = ThreadPoolExecutor(1, thread_name_prefix="atoken-respond")
+        self._next_id = 0
         # One batch per lane, side by side, as in the process worker (docs/performance.md):
-        # `execute` hands a batch to a free lane and returns, so that Triton's batcher gathers
-        # the next one while this one runs; its requests are answered from the lane.
+        # `execute` queues its requests and returns; a lane that frees takes what is queued
+        # then, so requests that come while both lanes compute join one pass (a batch formed
+        # when `execute` ran, before a lane was free, made passes half the process worker's).
+        # Requests are answered from the lane. Up to a full pass per lane waits here; more
+        # waits in Triton's queue (`execute` blocks).
         lanes = spec.engine_lanes if settings.lane_batches else 1
         self.lanes = Lanes(self.engine, lanes) if lanes > 1 else None
+        self.info["lanes"] = lanes
+        self.queue = LaneQueue(self.lanes, lambda pending: self._run(pending, self.lanes.run), self.max_batch_tokens,
+                               lanes * self.max_batch_tokens) if self.lanes else None
 
     def execute(self, requests):
         """Runs the joined requests in passes of at most max_batch_tokens and answers each
         request as soon as its own jobs are done (through its response sender), so the front
-        ends can encode the first answers while later passes run. With lanes, a batch that
-        does not run here on every thread goes to a lane, and `execute` returns at once."""
+        ends can encode the first answers while later passes run. With lanes, requests that
+        do not run here on every thread are queued for the lanes, and `execute` returns."""
         pending, jobs = self._read(requests)
         if not jobs:
             return None
-        if self.lanes is None or (len(jobs) == 1 and self.lanes.idle()):
+        if self.lanes is None or (len(jobs) == 1 and self.lanes.idle() and self.queue.empty()):
             self._run(pending, self.engine.run)
             return None
-        # Whole requests, cut into as many parts as lanes are free: a burst on idle lanes runs on all.
-        weights = [sum(j.cost for j in own) for _, own in pending]
-        for part in split_weights(weights, max(1, self.lanes.free())):
-            self.lanes.submit(self._run, [pending[i] for i in part], self.lanes.run)
+        self.queue.put(pending, [sum(j.cost for j in own) for _, own in pending])
         return None
 
     def _read(self, requests) -> tuple[list, list]:
-        pending, jobs, next_id = [], [], 0
+        # Job ids count on across `execute` calls: a lane's pass may join requests of several.
+        pending, jobs, next_id = [], [], self._next_id
         for request in requests:
             sender = request.get_response_sender()
             arrays = {name: _from_triton(pb_utils.get_input_tensor_by_name(request, name)) for name in INPUTS}
@@ -85,6 +97,7 @@ class TritonPythonModel:
             next_id += len(own)
             pending.append((sender, own))
             jobs += own
+        self._next_id = next_id
         return pending, jobs
 
     def _run(self, pending: list, run) -> None:
@@ -110,6 +123,7 @@ class TritonPythonModel:
 
     def finalize(self):
         if self.lanes is not None:
+            self.queue.close()
             self.lanes.close()
         self.responder.shutdown(wait=True)
 
