@@ -60,8 +60,11 @@ def test_a_refusal_is_logged_not_raised(monkeypatch, caplog):
     assert sum("not in this sandbox" in r.getMessage() for r in caplog.records) == 2
 
 
-def _nice_of(prefix: str) -> set[int]:
-    return {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate() if t.name.startswith(prefix)}
+def _nice_of(prefix: str, besides: set[int]) -> set[int]:
+    """The nice values of this process's threads named `prefix`..., other than those in `besides`
+    (threads that earlier tests' servers left)."""
+    return {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate()
+            if t.name.startswith(prefix) and t.native_id not in besides}
 
 
 @linux_only
@@ -74,12 +77,13 @@ def test_front_end_threads_run_at_the_front_end_nice(nice):
     from tests.service.server import LiveServer
 
     base = _own_nice()
+    earlier = {t.native_id for t in threading.enumerate()}
     with LiveServer(**({} if nice is None else {"frontend_nice": nice})) as live:
         with live.client() as c:
             image = assets.image("rocket.jpg")
             assert c.post("/encode", files={"file": (image.name, image.read_bytes())}).status_code == 200
         expected = base if nice is None else max(base, nice)
-        assert _nice_of("atoken-pre") == {expected}
-        assert _nice_of("atoken-dispatcher") == {base}
+        assert _nice_of("atoken-pre", earlier) == {expected}
+        assert _nice_of("atoken-dispatcher", earlier) == {base}
         loop_thread = live.thread.native_id
         assert os.getpriority(os.PRIO_PROCESS, loop_thread) == expected
