@@ -135,14 +135,20 @@ def _lanes(n: int = 2) -> Lanes:
     return Lanes(SimpleNamespace(threads=n), n)  # run_lane is never called: the queue's `run` is the test's
 
 
-def test_lane_queue_joins_what_comes_while_every_lane_computes():
+def _both_lanes_busy(limit: int) -> tuple[Lanes, _Recorder, LaneQueue]:
+    """A queue on two lanes, each computing a held item ("a", "b") put one after the other."""
     lanes, run = _lanes(), _Recorder()
     run.hold("a", "b")
-    queue = LaneQueue(lanes, run, cap=100, limit=1000)
+    queue = LaneQueue(lanes, run, cap=100, limit=limit)
     queue.put(["a"], [10])
     run.wait_for(1)
     queue.put(["b"], [10])
     run.wait_for(2)
+    return lanes, run, queue
+
+
+def test_lane_queue_joins_what_comes_while_every_lane_computes():
+    lanes, run, queue = _both_lanes_busy(limit=1000)
     for name in "cde":  # one at a time, as Triton's batcher hands them over
         queue.put([name], [10])
     time.sleep(0.05)
@@ -171,13 +177,7 @@ def test_lane_queue_shares_a_burst_between_idle_lanes_and_caps_each_pass():
 
 
 def test_lane_queue_holds_the_caller_when_its_limit_is_queued():
-    lanes, run = _lanes(), _Recorder()
-    run.hold("a", "b")
-    queue = LaneQueue(lanes, run, cap=100, limit=20)
-    queue.put(["a"], [10])
-    run.wait_for(1)
-    queue.put(["b"], [10])
-    run.wait_for(2)
+    lanes, run, queue = _both_lanes_busy(limit=20)
     queue.put(["c", "d"], [10, 10])  # the limit, queued
     third = threading.Thread(target=queue.put, args=(["e"], [10]))
     third.start()
