@@ -42,8 +42,7 @@ class TritonPythonModel:
             # The backend stub starts OpenMP with one thread (omp_get_max_threads() is 1 there,
             # with two CPUs allowed), so torch's default left one lane on one core: every core
             # this process may use instead, as the process worker gets from torch's default.
-            spec = replace(spec, threads=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                           else os.cpu_count() or 1)
+            spec = replace(spec, threads=len(os.sched_getaffinity(0)))  # Triton runs on Linux only
         tokenizers = load_tokenizers(spec)
         self.engine = Engine(tokenizers, spec.engine_lanes, spec.threads)
         self.max_batch_tokens = settings.max_batch_tokens
