@@ -28,11 +28,12 @@ def triton():
     from service.triton_launch import TritonServer
 
     # float32: conformance compares numbers across different batchings (bf16 rounds them apart).
-    # Passes of at most 256 tokens: a batch of jobs runs in several, so answers go out both from
-    # the responder thread (requests done before the last pass) and from `execute` (the last).
-    with TritonServer(env={"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny", "ATOKEN_DTYPE": "float32",
-                           "ATOKEN_MAX_BATCH_TOKENS": "256"}) as server:
+    # Passes of at most 256 tokens: a batch of jobs runs in several.
+    with TritonServer(env=SMALL) as server:
         yield server
+
+
+SMALL = {"ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny", "ATOKEN_DTYPE": "float32", "ATOKEN_MAX_BATCH_TOKENS": "256"}
 
 
 def _items():
@@ -235,6 +236,34 @@ def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numb
             got = list(pool.map(remote.run, batches))
     finally:
         remote.stop()
+    for batch, answers in zip(batches, got):
+        assert [r.id for r in answers] == [j.id for j in batch]
+        assert_results_close(local.run(batch), answers, rtol=1e-4, atol=2e-4)
+
+
+def test_one_lane_answers_early_through_senders_and_last_in_executes_return():
+    """On one lane every pass runs inside `execute`: requests done before its last pass are
+    answered through their response senders while later passes run, the last pass's in
+    `execute`'s return value (some places None). Requests Triton joins into one `execute`,
+    in several passes each: every one gets its own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.triton_backend import TritonBackend
+    from service.triton_launch import TritonServer
+
+    local = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
+    local.start()
+    items = _items()[:2]
+    batches = [[Job(10 * b + k, op, batch=items[(b + k) % 2].batch) for k in range(1 + b % 3)]
+               for b, op in enumerate(["embed", "reconstruct", "tokenize"] * 2)]
+    with TritonServer(env=dict(SMALL, ATOKEN_LANE_BATCHES="0")) as server:
+        remote = TritonBackend(server.url, max_inflight_batches=6)
+        assert remote.start()["lanes"] == 1
+        try:
+            with ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(remote.run, batches))
+        finally:
+            remote.stop()
     for batch, answers in zip(batches, got):
         assert [r.id for r in answers] == [j.id for j in batch]
         assert_results_close(local.run(batch), answers, rtol=1e-4, atol=2e-4)
