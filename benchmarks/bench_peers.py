@@ -186,9 +186,10 @@ async def drive(url: str, route: str, image: bytes, concurrency: int, total: int
 
 
 def total_for(route: str, concurrency: int) -> int:
-    """Requests measured per cell: 2-3 s of work, so that one scheduling hiccup on this shared
-    machine moves a cell by a few percent, not by 20 (cells of under a second did)."""
-    per = {"/encode": 24, "/reconstruct": 16}[route]
+    """Requests measured per cell: 2-4 s of work for this service, so that one scheduling
+    hiccup on this shared machine moves a cell by a few percent, not by 20 (cells of about a
+    second did: a third of the counts here, sized when the service was four times slower)."""
+    per = {"/encode": 60, "/reconstruct": 40}[route]
     return 3 * per if concurrency == 1 else max(8 * per, 6 * concurrency)
 
 
@@ -395,8 +396,9 @@ def report(raw: dict, before: dict | None) -> str:
              f"`make bench-peers` on {raw['machine']}, {raw['date']}; {reps} repetitions; all servers loaded, "
              "taking turns cell by cell in rotating order (a server waiting its turn is frozen with SIGSTOP), "
              "medians (per-repetition ratios in brackets). One 256x256 PNG per request, multipart upload, "
-             "72 (/encode) or 48 (/reconstruct) requests per cell at concurrency 1, 192 (/encode) or 128-192 "
-             "(/reconstruct) at 8 and 32, after a warm-up; "
+             f"{total_for('/encode', 1)} (/encode) or {total_for('/reconstruct', 1)} (/reconstruct) requests per "
+             f"cell at concurrency 1, {total_for('/encode', 8)} or {total_for('/reconstruct', 8)} at 8 and 32, "
+             "after a warm-up; "
              "same async client (aiohttp) for every server, loopback; client, server and model share the cores. "
              "LitServe serves the same model through the same pre/post-processing code "
              "(`benchmarks/peers/litserve_app.py`; its recommended settings: max_batch_size 32, "
