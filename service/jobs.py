@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import sqlite3
@@ -80,6 +81,9 @@ class JobStore:
         self.dir = Path(config.directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Held from reading the bytes used to writing the new files, so that two jobs admitted
+        # or finishing at once cannot both fit in the same free space.
+        self._space = threading.Lock()
         self._db = sqlite3.connect(self.dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -112,24 +116,23 @@ class JobStore:
     def create(self, owner: str, op: str, uploads: list[bytes], request: dict, total: int = 1,
                unit: str = "items") -> dict:
         size = sum(len(u) for u in uploads)
-        used, cap = self.used_bytes(), self.config.max_bytes
-        if used + size > cap:
-            raise StorageFull(f"the jobs storage holds {used} of {cap} bytes; this job's {size} bytes do not fit "
-                              "(finished results expire, or fetch and DELETE them)", limit=cap)
-        queued = self._exec("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")[0]["n"]
-        if queued >= self.config.max_queued:
-            raise Overloaded(f"{queued} jobs queued or running", limit=self.config.max_queued, retry_after=30)
-        job_id = secrets.token_urlsafe(12)
-        for k, data in enumerate(uploads):
-            if isinstance(data, DiskUpload):
-                shutil.move(data.path, self.input_path(job_id, k))  # on disk already: no copy in memory
-            else:
-                self.input_path(job_id, k).write_bytes(data)
-        now = time.time()
-        self._exec("INSERT INTO jobs (id, owner, op, status, created, expires, request, inputs, input_bytes, total, "
-                   "unit) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                   (job_id, owner, op, now, now + self.config.ttl_s, json.dumps(request), len(uploads), size,
-                    total, unit))
+        with self._space:
+            self._check_space(size, f"this job's {size} bytes do not fit (finished results expire, or fetch "
+                                    "and DELETE them)")
+            queued = self._exec("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")[0]["n"]
+            if queued >= self.config.max_queued:
+                raise Overloaded(f"{queued} jobs queued or running", limit=self.config.max_queued, retry_after=30)
+            job_id = secrets.token_urlsafe(12)
+            for k, data in enumerate(uploads):
+                if isinstance(data, DiskUpload):
+                    shutil.move(data.path, self.input_path(job_id, k))  # on disk already: no copy in memory
+                else:
+                    self.input_path(job_id, k).write_bytes(data)
+            now = time.time()
+            self._exec("INSERT INTO jobs (id, owner, op, status, created, expires, request, inputs, input_bytes, "
+                       "total, unit) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                       (job_id, owner, op, now, now + self.config.ttl_s, json.dumps(request), len(uploads), size,
+                        total, unit))
         return self.get(job_id, owner)
 
     def get(self, job_id: str, owner: str) -> dict:
@@ -155,16 +158,31 @@ class JobStore:
         self._exec("UPDATE jobs SET done = ?, total = ?, eta_s = ? WHERE id = ?", (done, total, eta_s, job_id))
 
     def succeed(self, job_id: str, source: str | None, body: bytes | None, media_type: str, headers: dict) -> None:
-        target = self.result_path(job_id)
-        if source is not None:
-            shutil.move(source, target)
-        else:
-            target.write_bytes(body or b"")
-        now = time.time()
-        self._exec("UPDATE jobs SET status = 'succeeded', finished = ?, expires = ?, result_bytes = ?, "
-                   "media_type = ?, headers = ?, eta_s = 0, done = total WHERE id = ?",
-                   (now, now + self.config.ttl_s, target.stat().st_size, media_type, json.dumps(headers), job_id))
+        """Keeps the result, if it fits under the cap beside what is stored (its inputs are
+        dropped first: they are done with); else the job fails with 507 and nothing is kept."""
         self._drop_inputs(job_id)
+        size = os.path.getsize(source) if source is not None else len(body or b"")
+        target = self.result_path(job_id)
+        with self._space:
+            try:
+                self._check_space(size, f"this job's result of {size} bytes does not fit, so it was not kept")
+            except StorageFull:
+                if source is not None:
+                    os.unlink(source)
+                raise
+            if source is not None:
+                shutil.move(source, target)
+            else:
+                target.write_bytes(body or b"")
+            now = time.time()
+            self._exec("UPDATE jobs SET status = 'succeeded', finished = ?, expires = ?, result_bytes = ?, "
+                       "media_type = ?, headers = ?, eta_s = 0, done = total WHERE id = ?",
+                       (now, now + self.config.ttl_s, size, media_type, json.dumps(headers), job_id))
+
+    def _check_space(self, size: int, what: str) -> None:
+        used, cap = self.used_bytes(), self.config.max_bytes
+        if used + size > cap:
+            raise StorageFull(f"the jobs storage holds {used} of {cap} bytes; {what}", limit=cap)
 
     def fail(self, job_id: str, exc: BaseException) -> None:
         status, body, _ = error_body(exc) if isinstance(exc, Exception) else (500, {"error": {

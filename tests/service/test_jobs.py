@@ -3,12 +3,14 @@ answers, cancellation, restarts, ownership, the disk cap and expiry."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from pathlib import Path
 
 import av
 import pytest
+from PIL import Image
 
 from tests import assets
 from tests.service.server import LiveServer
@@ -114,9 +116,11 @@ def test_jobs_belong_to_their_api_key(tmp_path):
 
 
 def test_a_full_disk_cap_answers_507_and_expired_results_410(tmp_path):
-    with LiveServer(jobs_dir=str(tmp_path), jobs_max_bytes=len(PHOTO) + 1000, job_ttl_s=3600, **SETTINGS) as live, \
-            live.client() as c:
+    with LiveServer(jobs_dir=str(tmp_path), job_ttl_s=3600, **SETTINGS) as live, live.client() as c:
         first, _ = _wait(c, _submit(c, "reconstruct", PHOTO).json())
+        assert first["status"] == "succeeded"
+        store = live.runtime.jobs.store
+        store.config = dataclasses.replace(store.config, max_bytes=store.used_bytes() + len(PHOTO) - 1)
         refused = _submit(c, "reconstruct", PHOTO)
         assert refused.status_code == 507 and refused.json()["error"]["code"] == "insufficient_storage"
         assert c.get(first["links"]["result"]).status_code == 200  # never deleted to make room
@@ -124,6 +128,24 @@ def test_a_full_disk_cap_answers_507_and_expired_results_410(tmp_path):
         assert c.get(first["links"]["result"]).status_code == 410
         assert c.get(first["links"]["self"]).json()["expired"] is True
         assert _submit(c, "reconstruct", PHOTO).status_code == 202  # expired results free the space
+
+
+def test_a_result_over_the_cap_fails_the_job_with_507_and_is_not_kept(tmp_path):
+    """The cap holds for results too, whose size is known only at the end: a small upload whose
+    tokens do not fit fails with the limit named, and the store never holds more than the cap."""
+    flat = io.BytesIO()
+    Image.new("RGB", (128, 128), (90, 120, 200)).save(flat, "PNG")
+    flat = flat.getvalue()
+    cap = len(flat) + 2000
+    with LiveServer(jobs_dir=str(tmp_path), jobs_max_bytes=cap, **SETTINGS) as live, live.client() as c:
+        job, _ = _wait(c, _submit(c, "tokenize", flat, "flat.png").json())
+        assert job["status"] == "failed" and job["error"]["code"] == "insufficient_storage"
+        assert f"of {cap} bytes" in job["error"]["message"] and "result of" in job["error"]["message"]
+        answer = c.get(job["links"]["result"])
+        assert answer.status_code == 507 and answer.json()["error"]["code"] == "insufficient_storage"
+        store = live.runtime.jobs.store
+        assert store.used_bytes() <= cap and not store.result_path(job["id"]).exists()
+        assert not list(tmp_path.glob(f"{job['id']}.*"))  # its input is gone too
 
 
 def test_a_video_damaged_half_way_fails_naming_where(tmp_path):
