@@ -244,6 +244,9 @@ class ProcessBackend:
     def _make_arenas(self) -> list[tuple]:
         """An arena each way per slot, their memory reserved now; where shared memory has no room
         for them, none: every message then travels through the pipe (slower, never a crash)."""
+        freed = transport.reclaim_stale()
+        if freed:
+            log.warning("freed %d shared-memory arenas that front ends which died while starting had left", len(freed))
         size = transport.ARENA_BYTES // self.max_inflight_batches
         made: list[transport.Arena] = []
         try:

@@ -12,10 +12,12 @@ instead, so nothing is ever refused for size here (the request limits bound it u
 
 from __future__ import annotations
 
+import fcntl
 import io
 import mmap
 import os
 import pickle
+import re
 import tempfile
 import uuid
 
@@ -27,6 +29,7 @@ ALIGN = 64  # array starts on cache-line boundaries
 # tubelets, 25 MB) travel through the pipe. 32 MiB in all fits a container's default /dev/shm.
 ARENA_BYTES = 16 * 2**20
 _IN_ARENA, _INLINE = b"A", b"I"
+_NAME = re.compile(r"atoken-[0-9]+-[0-9a-f]{12}")
 
 
 def _tensor(array, dtype: str) -> torch.Tensor:
@@ -50,31 +53,40 @@ class ArenaUnavailable(OSError):
 
 class Arena:
     """A fixed-size shared file mapped by both processes. The creator unlinks its name once the
-    other side has mapped it (`forget_name`), so nothing is left behind, even after a crash.
+    other side has mapped it (`forget_name`), so nothing is left behind by a crash after that.
+
+    A front end killed before (the worker takes seconds to load the model) cannot unlink it, and
+    shared memory is RAM: a pod whose container restarts keeps its /dev/shm, and each such
+    crash would keep another set. So the creator holds an exclusive lock on the file while its
+    name exists; the kernel drops the lock when the process dies, in whatever PID namespace,
+    and the next front end to make arenas (`reclaim_stale`) unlinks the unlocked ones.
 
     The creator reserves the file's memory at once: writing through a mapping into a tmpfs
     that has run full is SIGBUS, which would kill the front end mid-request; a reservation
     that does not fit fails here, at start-up, as ArenaUnavailable."""
 
     def __init__(self, path: str | None = None, size: int = ARENA_BYTES):
-        create = path is None
-        if create:
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-            path = os.path.join(folder, f"atoken-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        self._claim: int | None = None  # the creator's locked descriptor, while the name exists
+        if path is None:
+            path = os.path.join(_folder(), f"atoken-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            fd = self._claim = _create_claimed(path, size)
+        else:
+            fd = os.open(path, os.O_RDWR)
         try:
-            if create:
-                _reserve(fd, path, size)
             self.size = os.fstat(fd).st_size
             self.map = mmap.mmap(fd, self.size)
         finally:
-            os.close(fd)
+            if fd != self._claim:
+                os.close(fd)
         self.path: str | None = path
 
     def forget_name(self) -> None:
         if self.path and os.path.exists(self.path):
             os.unlink(self.path)
         self.path = None
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
 
     def write(self, buffers: list[memoryview]) -> list[tuple[int, int]] | None:
         """Copy the buffers in; their (offset, length), or None when they do not fit."""
@@ -105,6 +117,52 @@ class Arena:
         self.map.close()
 
 
+def _folder() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _create_claimed(path: str, size: int) -> int:
+    """The file at `path`, its memory reserved and locked by the returned descriptor. Made and
+    locked under a private name first: `reclaim_stale` must never find it unlocked."""
+    staging = path + ".new"
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # just created: nobody else holds it
+        _reserve(fd, staging, size)
+        os.rename(staging, path)
+    except BaseException:
+        os.close(fd)
+        if os.path.exists(staging):
+            os.unlink(staging)
+        raise
+    return fd
+
+
+def reclaim_stale(folder: str | None = None) -> list[str]:
+    """Unlinks the arenas whose creators died before unlinking them (nobody holds their lock);
+    -> their names. A living creator's, in this process or another, is left alone."""
+    folder = folder or _folder()
+    freed = []
+    for name in os.listdir(folder):
+        if not _NAME.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # alive
+        else:
+            os.unlink(path)
+            freed.append(name)
+        finally:
+            os.close(fd)
+    return freed
+
+
 def _reserve(fd: int, path: str, size: int) -> None:
     try:
         if hasattr(os, "posix_fallocate"):
@@ -112,7 +170,6 @@ def _reserve(fd: int, path: str, size: int) -> None:
         else:  # macOS: a file in the temporary folder, on disk
             os.ftruncate(fd, size)
     except OSError as exc:
-        os.unlink(path)  # the caller closes the descriptor
         folder = os.path.dirname(path)
         raise ArenaUnavailable(exc.errno, f"no room for a {size / 2**20:.0f} MiB arena in {folder}: {exc.strerror}") from None
 

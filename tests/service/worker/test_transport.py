@@ -114,3 +114,36 @@ def test_without_room_for_arenas_the_worker_goes_through_the_pipe(tmp_path):
 
 def _all_arena_files() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith("atoken-")} if os.path.isdir("/dev/shm") else set()
+
+
+_DIES_STARTING = """
+import os, signal
+from service.worker import transport
+arena = transport.Arena(size=2**20)  # the worker would map it now; this front end dies first
+print(os.path.basename(arena.path), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_arenas_of_a_front_end_that_died_starting_are_freed_and_living_ones_kept(tmp_path):
+    """A front end killed while its worker loads leaves its arenas named in /dev/shm (RAM, kept
+    across a container's restarts in a pod); the next to make arenas unlinks them, not a living
+    front end's."""
+    living = transport.Arena(size=2**20)
+    name = os.path.basename(living.path)
+    try:
+        script = tmp_path / "dies.py"
+        script.write_text(_DIES_STARTING)
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[3], env={**os.environ, "PYTHONPATH": "."})
+        dead = done.stdout.strip()
+        assert done.returncode == -9 and dead in _all_arena_files(), done.stderr[-2000:]
+        freed = transport.reclaim_stale()
+        assert dead in freed and dead not in _all_arena_files()
+        assert name in _all_arena_files() and name not in freed
+        worker_side = transport.Arena(living.path)  # still there for its worker to map
+        assert worker_side.size == 2**20
+        worker_side.close()
+    finally:
+        living.close()
+    assert name not in _all_arena_files()
