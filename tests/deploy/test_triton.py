@@ -213,24 +213,19 @@ def test_regions_a_killed_front_end_left_at_the_server_are_freed_by_the_next(tri
     assert server.get_system_shared_memory_status() == []
 
 
-def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numbers(triton):
-    """With lanes `execute` queues its requests and returns; a lane that frees takes what is
-    queued, requests of several `execute` calls in one pass, and answers them later. Many
-    front-end batches at once: each gets its own answers, with the numbers of one batch at a
-    time (job ids from different calls once collided in a pass: an answer never came)."""
+def _many_batches_at_once_each_get_their_own_answers(url: str, lanes: int, repeat: int) -> None:
+    """Front-end batches of 1-3 jobs, six on the wire at once, against the in-process worker."""
     from concurrent.futures import ThreadPoolExecutor
 
     from service.triton_backend import TritonBackend
 
     local = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
     local.start()
-    remote = TritonBackend(triton.url, max_inflight_batches=6)
-    remote.start()
-    # A lane per core, as the process worker has (the backend stub's OpenMP says one thread).
-    assert remote.info["lanes"] == len(os.sched_getaffinity(0))
+    remote = TritonBackend(url, max_inflight_batches=6)
+    assert remote.start()["lanes"] == lanes
     items = _items()[:2]
     batches = [[Job(10 * b + k, op, batch=items[(b + k) % 2].batch) for k in range(1 + b % 3)]
-               for b, op in enumerate(["embed", "reconstruct", "tokenize"] * 4)]
+               for b, op in enumerate(["embed", "reconstruct", "tokenize"] * repeat)]
     try:
         with ThreadPoolExecutor(6) as pool:
             got = list(pool.map(remote.run, batches))
@@ -241,29 +236,21 @@ def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numb
         assert_results_close(local.run(batch), answers, rtol=1e-4, atol=2e-4)
 
 
+def test_batches_side_by_side_in_the_model_answer_each_request_with_its_own_numbers(triton):
+    """With lanes `execute` queues its requests and returns; a lane that frees takes what is
+    queued, requests of several `execute` calls in one pass, and answers them later. Many
+    front-end batches at once: each gets its own answers, with the numbers of one batch at a
+    time (job ids from different calls once collided in a pass: an answer never came). A lane
+    per core, as the process worker has (the backend stub's OpenMP says one thread)."""
+    _many_batches_at_once_each_get_their_own_answers(triton.url, len(os.sched_getaffinity(0)), 4)
+
+
 def test_one_lane_answers_early_through_senders_and_last_in_executes_return():
     """On one lane every pass runs inside `execute`: requests done before its last pass are
     answered through their response senders while later passes run, the last pass's in
     `execute`'s return value (some places None). Requests Triton joins into one `execute`,
     in several passes each: every one gets its own answers."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from service.triton_backend import TritonBackend
     from service.triton_launch import TritonServer
 
-    local = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
-    local.start()
-    items = _items()[:2]
-    batches = [[Job(10 * b + k, op, batch=items[(b + k) % 2].batch) for k in range(1 + b % 3)]
-               for b, op in enumerate(["embed", "reconstruct", "tokenize"] * 2)]
     with TritonServer(env=dict(SMALL, ATOKEN_LANE_BATCHES="0")) as server:
-        remote = TritonBackend(server.url, max_inflight_batches=6)
-        assert remote.start()["lanes"] == 1
-        try:
-            with ThreadPoolExecutor(6) as pool:
-                got = list(pool.map(remote.run, batches))
-        finally:
-            remote.stop()
-    for batch, answers in zip(batches, got):
-        assert [r.id for r in answers] == [j.id for j in batch]
-        assert_results_close(local.run(batch), answers, rtol=1e-4, atol=2e-4)
+        _many_batches_at_once_each_get_their_own_answers(server.url, 1, 2)
