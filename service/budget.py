@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from model.config import TEMPORAL_TILE
+
 from .errors import BadRequest, InvalidParameter, PayloadTooLarge
 from .media.image import PATCH
 from .media.limits import MediaLimits
@@ -59,7 +61,7 @@ def check_token_set(coords: np.ndarray, kind: str, limits: MediaLimits, where: s
     n = coords.shape[0]
     if n == 0:
         raise InvalidParameter(f"{where}: no tokens")
-    if n > limits.max_tokens:
+    if kind != "video" and n > limits.max_tokens:  # a video's are counted per tile, below
         raise PayloadTooLarge(f"{where}: {n} tokens, over the limit of {limits.max_tokens} per item",
                               limit=limits.max_tokens)
     if coords.min() < 0:
@@ -78,13 +80,19 @@ def check_token_set(coords: np.ndarray, kind: str, limits: MediaLimits, where: s
         raise InvalidParameter(f"{where}: {kind} coords need z = 0")
     grid = (int(t.max()) + 1, int(x.max()) + 1, int(y.max()) + 1)
     max_cells = limits.max_side // PATCH
-    max_latent_frames = 1 if kind == "image" else math.ceil(limits.max_decode_frames / TUBELET)
+    # A video is decoded one tile of latent frames at a time (streamed into the file), so its
+    # length is bounded like an input video's, and its tokens per tile like any item's.
+    max_latent_frames = 1 if kind == "image" else math.ceil(limits.max_frames / TUBELET)
     if grid[0] > max_latent_frames:
         raise InvalidParameter(f"{where}: {grid[0]} latent frames, over the limit of {max_latent_frames} "
                                f"for a {kind}", limit=max_latent_frames)
     if max(grid[1:]) > max_cells:
         raise InvalidParameter(f"{where}: a token grid of {grid[1]}x{grid[2]} exceeds the canvas limit of "
                                f"{max_cells}x{max_cells} tokens (max_side {limits.max_side} px)", limit=max_cells)
+    per_tile = min(grid[0], TEMPORAL_TILE) * grid[1] * grid[2]
+    if per_tile > limits.max_tokens:
+        raise PayloadTooLarge(f"{where}: {per_tile} tokens in a tile of {min(grid[0], TEMPORAL_TILE)} latent "
+                              f"frames, over the limit of {limits.max_tokens} per item", limit=limits.max_tokens)
     if n != math.prod(grid):
         raise InvalidParameter(f"{where}: {n} tokens do not fill their {grid[0]}x{grid[1]}x{grid[2]} grid "
                                "(send every token /tokenize returned)")

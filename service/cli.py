@@ -5,7 +5,6 @@ as the HTTP API, with the model in a thread), or against a running server's job 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import shutil
@@ -220,9 +219,8 @@ def decode_row(args, settings) -> int:
     field = "indices" if "indices" in row else "latents"
     values = row[field].astype("float32") if field == "latents" else row[field]
     entry = {"kind": row["kind"], "media": row["media"], "coords": row["coords"], field: values}
-    # A spot check on one's own machine may rebuild every frame of a long row at once.
-    limits = dataclasses.replace(settings.limits, max_decode_frames=settings.max_frames)
-    tokens, kind, media = tokens_from_json(entry, 0, limits, info)
+    # A spot check on one's own machine rebuilds every frame of a long row at once.
+    tokens, kind, media = tokens_from_json(entry, 0, settings.limits, info)
     result = backend.run([Job(0, "decode", tokens=tokens, gaussians=bool(info.get("gaussians")))])[0]
     if result.error:
         raise RemoteError(422, result.error[1])

@@ -87,10 +87,16 @@ async def _read_uploads(request: Request, runtime: Runtime, uploads: list) -> tu
     return uploads, fields
 
 
+async def read_body(request: Request) -> bytes:
+    """The whole body, not kept on the request (Starlette's `body()` keeps it as long as the
+    request lives: for /decode, while a long video is decoded). The gate bounds its size."""
+    return b"".join([chunk async for chunk in request.stream()])
+
+
 async def read_json(request: Request, runtime: Runtime) -> Any:
     """The body as JSON, parsed in the light pre-processing pool with size and depth limits."""
     settings = runtime.settings
-    data = await request.body()
+    data = await read_body(request)
     return await runtime.preprocess_light(parse_json, data, settings.max_json_bytes, settings.max_json_depth)
 
 

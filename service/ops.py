@@ -14,6 +14,8 @@ from typing import Awaitable, Callable
 import numpy as np
 import torch
 
+from model.api import Tokens
+
 from . import streaming
 from . import token_files as tf
 from .arrays import NPY, SAFETENSORS, array_to_json, finite_list, to_npy, to_safetensors
@@ -382,15 +384,39 @@ def _zip_to_file(path: str, outputs: list[Output]) -> None:
 
 
 # ----------------------------------------------------------------------------- /decode
-async def decoded_media(runtime: Runtime, decoded: list[tuple], results: list[JobResult], options: Options,
-                        timing: Timing) -> Answer:
-    """(tokens, kind, media) per item and their decoder results -> media files."""
-    outputs = []
-    for k, ((tokens, kind, media), r) in enumerate(zip(decoded, results)):
-        chosen = choose_format(kind, options.format, r.gaussians is not None)
-        data = await runtime.postprocess(render, kind, r.tubelets, tokens.coords, media, r.gaussians, chosen)
-        outputs.append(Output(f"item{k}.{chosen}", MEDIA_TYPES[chosen], body=data, tokens=len(tokens.coords),
-                              grid=token_grid(tokens.coords, kind)))
-    headers = timing.headers()
-    _describe(headers, outputs, {})
-    return await _package(runtime, outputs, headers)
+async def decode(runtime: Runtime, decoded: list[tuple], options: Options, call: Call) -> Answer:
+    """(tokens, kind, media) per item -> media files. A video longer than a tile of latent frames
+    is decoded tile by tile into a file (streaming.decode); the rest in one batch."""
+    gaussians = bool(runtime.model_info.get("gaussians"))
+    plain = [d for d in decoded if not _streamed_decode(*d)]
+    jobs = [Job(runtime.scheduler.next_id(), "decode", tokens=t, gaussians=gaussians, pixels=True) for t, _, _ in plain]
+    results, timing = await _infer_plain(runtime, call, jobs)
+    by_item = {id(d): r for d, r in zip(plain, results)}
+    outputs: list[Output] = []
+    try:
+        for k, item in enumerate(decoded):
+            tokens, kind, media = item
+            grid = token_grid(tokens.coords, kind)
+            if _streamed_decode(*item):
+                fmt = choose_format(kind, options.format, False)
+                done = await _guarded(call, streaming.decode(runtime, tokens, media, fmt, gaussians))
+                timing = _merge(timing, done.timing)
+                outputs.append(Output(f"item{k}.{fmt}", MEDIA_TYPES[fmt], path=done.path, tokens=done.tokens, grid=grid))
+                continue
+            r = by_item[id(item)]
+            chosen = choose_format(kind, options.format, r.gaussians is not None)
+            data = await runtime.postprocess(render, kind, r.tubelets, tokens.coords, media, r.gaussians, chosen)
+            outputs.append(Output(f"item{k}.{chosen}", MEDIA_TYPES[chosen], body=data, tokens=len(tokens.coords),
+                                  grid=grid))
+        headers = timing.headers()
+        _describe(headers, outputs, {})
+        return await _package(runtime, outputs, headers)
+    except BaseException:
+        for o in outputs:
+            if o.path and os.path.exists(o.path):
+                os.unlink(o.path)
+        raise
+
+
+def _streamed_decode(tokens: Tokens, kind: str, media: dict) -> bool:
+    return kind == "video" and streaming.token_tiles(tokens) > 1

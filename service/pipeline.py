@@ -138,7 +138,8 @@ def tokens_from_json(entry: dict, position: int, limits: MediaLimits, model: dic
             raise InvalidParameter(f"{where}.latents must be float [{n}, {width}], got {lat.dtype} {list(lat.shape)}")
         if not np.isfinite(lat).all():
             raise InvalidParameter(f"{where}.latents must be finite")
-        return Tokens(coords5, (kind,), latents=torch.from_numpy(lat.astype(np.float32))), kind, media
+        lat = lat if lat.dtype == np.float32 and lat.flags.writeable else lat.astype(np.float32)  # no second copy
+        return Tokens(coords5, (kind,), latents=torch.from_numpy(lat)), kind, media
     raise InvalidParameter(f"{where} needs 'latents' (continuous) or 'indices' (discrete)")
 
 

@@ -87,7 +87,6 @@ class Settings(BaseSettings):
     min_side: int = 16
     max_frames: int = 36_000  # video frames after sampling; streamed in 16-frame tiles (10 min at 60 fps)
     max_duration_s: float = 600.0
-    max_decode_frames: int = 64  # frames /decode rebuilds from one token set, held in memory at once
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
     max_item_tokens: int = 16384  # model tokens (voxels for 3D) per item, from declared sizes
@@ -144,7 +143,6 @@ class Settings(BaseSettings):
     def limits(self) -> MediaLimits:
         return MediaLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels, max_side=self.max_side,
                            min_side=self.min_side, max_frames=self.max_frames, max_duration_s=self.max_duration_s,
-                           max_decode_frames=self.max_decode_frames,
                            max_vertices=self.max_vertices, max_faces=self.max_faces,
                            max_voxels=self.max_item_tokens, max_tokens=self.max_item_tokens,
                            max_aspect=self.max_aspect, max_inflated_bytes=self.max_inflated_bytes)
@@ -166,6 +164,6 @@ class Settings(BaseSettings):
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (
             "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",
-            "max_frames", "max_duration_s", "max_decode_frames", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
+            "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
             "max_inflated_bytes", "max_json_bytes", "max_json_depth", "max_batch_tokens", "max_queue_jobs",
             "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s")}

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from model.api import Tokens
+from model.config import TEMPORAL_TILE
 from model.layers.attention import PoolState, merge_pool_states
 from model.sparse import SparseBatch
 
@@ -110,14 +112,7 @@ class TileRun:
             await self.runtime.preprocess_heavy(tiles.close)  # closes the decoder's container
 
     async def _submit(self, job: Job) -> JobResult:
-        deadline = time.monotonic() + self.runtime.settings.request_timeout_s
-        while True:
-            try:
-                return (await self.runtime.scheduler.submit([job], self.runtime.settings.request_timeout_s))[0]
-            except Overloaded as exc:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(min(MAX_BACKOFF_S, exc.retry_after or MAX_BACKOFF_S))
+        return await submit_tile(self.runtime, job)
 
     def _account(self, frames: np.ndarray, result: JobResult) -> None:
         self.tiles += 1
@@ -134,6 +129,19 @@ class TileRun:
     def token_grid(self) -> str:
         rows, cols = self.source.grid
         return f"{math.ceil(self.frames / vid.TUBELET)}x{rows}x{cols}"
+
+
+async def submit_tile(runtime: Runtime, job: Job) -> JobResult:
+    """One tile's job through the scheduler; a full queue delays it (up to the request timeout)
+    instead of failing a long video half-way."""
+    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    while True:
+        try:
+            return (await runtime.scheduler.submit([job], runtime.settings.request_timeout_s))[0]
+        except Overloaded as exc:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(min(MAX_BACKOFF_S, exc.retry_after or MAX_BACKOFF_S))
 
 
 def temp_path(suffix: str) -> str:
@@ -212,3 +220,74 @@ async def tokenize(runtime: Runtime, source: VideoSource, mode: str, write: Cons
     await run.run(write)
     return run
 
+
+
+# ----------------------------------------------------------------------------- /decode
+TILE_FRAMES = TEMPORAL_TILE * vid.TUBELET  # video frames one tile of tokens decodes to
+
+
+def token_tiles(tokens: Tokens) -> int:
+    """Temporal tiles in a video's token set (t counted from 0, as /tokenize gives it)."""
+    return int(tokens.coords[:, 1].max()) // TEMPORAL_TILE + 1
+
+
+def tile_tokens(tokens: Tokens, k: int) -> Tokens:
+    """Tile k's tokens, t re-based to 0 (as the decoder does within a tile), in their own order."""
+    rows = torch.div(tokens.coords[:, 1], TEMPORAL_TILE, rounding_mode="floor") == k
+    coords = tokens.coords[rows].clone()
+    coords[:, 1] -= k * TEMPORAL_TILE
+    pick = (lambda a: None if a is None else a[rows])
+    return Tokens(coords, tokens.kinds, latents=pick(tokens.latents), indices=pick(tokens.indices))
+
+
+@dataclass
+class Decoded:
+    path: str
+    frames: int
+    tokens: int
+    timing: Timing
+
+
+async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str, gaussians: bool) -> Decoded:
+    """A video's tokens decoded one tile (4 latent frames, 16 frames) at a time into a temporary
+    file: the decoder never holds more than a tile, nor the front end more than a tile's
+    frames, whatever the length (the decoder runs each tile on its own anyway, so the frames
+    equal a decode of the whole set)."""
+    path = temp_path("." + fmt)
+    writer = vid.VideoWriter(path, media["fps"], fmt)
+    size, total = (int(media["height"]), int(media["width"])), int(media["frames"])
+    pending: deque[tuple[int, Job, asyncio.Future]] = deque()
+    queue_ms = compute_ms = 0.0
+
+    def consume(k: int, job: Job, result: JobResult) -> None:
+        count = min(TILE_FRAMES, total - k * TILE_FRAMES)
+        for frame in model_size_frames(result.tubelets, job.tokens.coords, "video", count):
+            writer.write(img.resize_rgb(frame, size))
+
+    def start(k: int) -> None:
+        job = Job(runtime.scheduler.next_id(), "decode", tokens=tile_tokens(tokens, k), gaussians=gaussians,
+                  pixels=True)
+        pending.append((k, job, asyncio.ensure_future(submit_tile(runtime, job))))
+
+    tiles = min(token_tiles(tokens), -(-total // TILE_FRAMES))  # tiles past the frames asked for: none
+    try:
+        for k in range(min(LOOKAHEAD, tiles)):
+            start(k)
+        while pending:
+            k, job, future = pending.popleft()
+            result = await future
+            if result.error:
+                raise from_worker(*result.error)
+            if k + LOOKAHEAD < tiles:
+                start(k + LOOKAHEAD)
+            queue_ms, compute_ms = max(queue_ms, result.extra.get("queue_ms", 0.0)), compute_ms + result.compute_ms
+            await runtime.postprocess(consume, k, job, result)
+        await runtime.postprocess(writer.close)
+    except BaseException:
+        for *_, future in pending:
+            future.cancel()  # their queued jobs are skipped by the scheduler
+        await asyncio.gather(*(f for *_, f in pending), return_exceptions=True)
+        writer.abort()
+        os.unlink(path)
+        raise
+    return Decoded(path, total, len(tokens.coords), Timing(queue_ms, compute_ms, 1))

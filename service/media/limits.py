@@ -13,7 +13,6 @@ class MediaLimits:
     min_side: int = 16
     max_frames: int = 36_000  # video frames after sampling, streamed through in 16-frame tiles
     max_duration_s: float = 600.0
-    max_decode_frames: int = 64  # frames /decode rebuilds from a token set (held at once)
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
     max_voxels: int = 64**3

@@ -11,13 +11,12 @@ from starlette.background import BackgroundTask
 
 from .. import ops
 from ..arrays import from_safetensors
-from ..deps import get_runtime, is_safetensors, parse_options, read_json, read_uploads
+from ..deps import get_runtime, is_safetensors, parse_options, read_body, read_json, read_uploads
 from ..errors import BadRequest, PayloadTooLarge
 from ..pipeline import tokens_from_json
 from ..responses import FastJSONResponse
 from ..runtime import Runtime, wait_disconnect
 from ..uploads import release
-from ..worker.jobs import Job
 
 router = APIRouter(tags=["inference"])
 
@@ -70,24 +69,28 @@ async def reconstruct(request: Request, runtime: Runtime = Depends(get_runtime))
 @router.post("/decode", summary="Tokens (as /tokenize returned them) back to media")
 async def decode(request: Request, runtime: Runtime = Depends(get_runtime)):
     options, _ = parse_options(request, {})
+    # The body and its parsed form are dropped once the tokens are read: a long video's token
+    # set is decoded tile by tile for seconds, holding only its arrays.
+    decoded = _decoded(await _token_entries(request, runtime), runtime)
+    request.state.modality = ",".join(sorted({k for _, k, _ in decoded}))
+    return send(await ops.decode(runtime, decoded, options, _call(request)))
+
+
+async def _token_entries(request: Request, runtime: Runtime) -> list[dict]:
     if is_safetensors(request):
-        entries = _entries_from_safetensors(await request.body())
-    else:
-        doc = await read_json(request, runtime)
-        if not isinstance(doc, dict) or not isinstance(doc.get("items"), list) or not doc["items"]:
-            raise BadRequest("expected the JSON /tokenize returned: an object with a non-empty 'items' list")
-        entries = doc["items"]
+        return _entries_from_safetensors(await read_body(request))
+    doc = await read_json(request, runtime)
+    if not isinstance(doc, dict) or not isinstance(doc.get("items"), list) or not doc["items"]:
+        raise BadRequest("expected the JSON /tokenize returned: an object with a non-empty 'items' list")
+    return doc["items"]
+
+
+def _decoded(entries: list[dict], runtime: Runtime) -> list[tuple]:
     if len(entries) > runtime.settings.max_files:
         raise PayloadTooLarge(f"{len(entries)} items, over the limit of {runtime.settings.max_files}",
                               limit=runtime.settings.max_files)
     limits, model = runtime.settings.limits, runtime.model_info
-    decoded = [tokens_from_json(e, i, limits, model) for i, e in enumerate(entries)]
-    request.state.modality = ",".join(sorted({k for _, k, _ in decoded}))
-    gaussians = bool(model.get("gaussians"))
-    jobs = [Job(runtime.scheduler.next_id(), "decode", tokens=t, gaussians=gaussians, pixels=True)
-            for t, _, _ in decoded]
-    results, timing = await runtime.infer(lambda: wait_disconnect(request), jobs)
-    return send(await ops.decoded_media(runtime, decoded, results, options, timing))
+    return [tokens_from_json(e, i, limits, model) for i, e in enumerate(entries)]
 
 
 def _entries_from_safetensors(data: bytes) -> list[dict]:

@@ -47,6 +47,17 @@ def test_too_many_tokens_is_413():
     assert err.value.limit == 16384
 
 
+def test_a_video_counts_its_tokens_per_tile_it_is_decoded_in():
+    """/decode streams a video tile by tile (4 latent frames): its length is bounded by
+    max_frames, the tokens the decoder holds at once by max_tokens."""
+    long = MediaLimits(max_side=512, max_frames=4096, max_tokens=4 * 32 * 32)
+    assert check_token_set(grid(40, 32, 32), "video", long, "x") == (40, 32, 32)  # 40,960 tokens in all
+    with pytest.raises(PayloadTooLarge) as err:
+        check_token_set(grid(5, 32, 33), "video", MediaLimits(max_side=1024, max_frames=4096,
+                                                              max_tokens=4 * 32 * 32), "x")
+    assert err.value.limit == 4 * 32 * 32 and "in a tile of 4 latent frames" in str(err.value)
+
+
 def test_media_is_typed_and_bounded_by_the_pixel_limit():
     assert check_media(None, "image", (1, 2, 3), LIMITS, "x") == {
         "model_height": 32, "model_width": 48, "height": 32, "width": 48, "frames": 1}

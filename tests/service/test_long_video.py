@@ -39,6 +39,14 @@ def _reconstruct(live: ServerProcess, clip: bytes) -> tuple[bytes, float]:
     return r.content, (live.peak_kb() - base) / 1024
 
 
+def _decode(live: ServerProcess, token_json: bytes) -> tuple[bytes, float]:
+    base = live.reset_peaks()
+    with live.client(timeout=600) as c:
+        r = c.post("/decode", content=token_json, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    return r.content, (live.peak_kb() - base) / 1024
+
+
 def test_a_minute_of_video_streams_in_constant_memory(tmp_path):
     short, long = assets.clip_with_audio(5, FPS), assets.clip_with_audio(60, FPS)
     with ServerProcess(tmp_path, jobs_dir=str(tmp_path / "jobs")) as live:
@@ -47,12 +55,25 @@ def test_a_minute_of_video_streams_in_constant_memory(tmp_path):
         long_out, long_mb = _reconstruct(live, long)
         with live.client(timeout=600) as c:
             tokens = c.post("/tokenize", files={"file": ("clip.mp4", long)})
+            short_tokens = c.post("/tokenize", files={"file": ("clip.mp4", short)})
+        # The tokens back to a video, tile by tile: the same frames, rate and size, and memory
+        # that does not grow with the length either (the token set itself is a few MB).
+        _decode(live, short_tokens.content)
+        _, short_decode_mb = _decode(live, short_tokens.content)
+        decoded, long_decode_mb = _decode(live, tokens.content)
     source, back = _probe(long), _probe(long_out)
     assert back["frames"] == source["frames"] == 60 * FPS
     assert back["rate"] == source["rate"] and back["size"] == source["size"]
     assert back["audio"] == "aac" and abs(back["audio_s"] - source["audio_s"]) < 0.1
     assert _probe(short_out)["frames"] == 5 * FPS
     assert long_mb - short_mb < SLACK_MB, f"peak RSS grew {short_mb:.0f} MB for 5 s, {long_mb:.0f} MB for 60 s"
+    back = _probe(decoded)
+    assert back["frames"] == 60 * FPS and back["rate"] == source["rate"] and back["size"] == source["size"]
+    # The token set is held while it decodes (its JSON, then its arrays: about 3x its size at
+    # the peak); the frames are not (1,800 of them are 137 MB).
+    held = 3 * len(tokens.content) / 2**20
+    assert long_decode_mb - short_decode_mb < SLACK_MB + held, \
+        f"/decode's peak RSS grew {short_decode_mb:.0f} MB for 5 s, {long_decode_mb:.0f} MB for 60 s"
     item = json.loads(tokens.content)["items"][0]
     rows, cols = 144 // 16, 176 // 16
     latent_frames = math.ceil(60 * FPS / 4)
