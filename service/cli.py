@@ -219,13 +219,42 @@ def decode_row(args, settings) -> int:
     field = "indices" if "indices" in row else "latents"
     values = row[field].astype("float32") if field == "latents" else row[field]
     entry = {"kind": row["kind"], "media": row["media"], "coords": row["coords"], field: values}
-    # A spot check on one's own machine rebuilds every frame of a long row at once.
     tokens, kind, media = tokens_from_json(entry, 0, settings.limits, info)
-    result = backend.run([Job(0, "decode", tokens=tokens, gaussians=bool(info.get("gaussians")))])[0]
-    if result.error:
-        raise RemoteError(422, result.error[1])
-    fmt = choose_format(kind, args.format, result.gaussians is not None)
-    out = Path(args.output) if args.output else Path(Path(args.key).name).with_suffix(f".rec.{fmt}")
-    out.write_bytes(render(kind, result.tubelets, tokens.coords, media, result.gaussians, fmt))
+    if kind == "video":  # tile by tile into the file, as /decode does: a long row's frames are never held
+        fmt = choose_format(kind, args.format, False)
+        out = _decoded_path(args, fmt)
+        _decode_video_file(backend, tokens, media, fmt, out)
+    else:
+        result = _checked(backend.run([Job(0, "decode", tokens=tokens, gaussians=bool(info.get("gaussians")))])[0])
+        fmt = choose_format(kind, args.format, result.gaussians is not None)
+        out = _decoded_path(args, fmt)
+        out.write_bytes(render(kind, result.tubelets, tokens.coords, media, result.gaussians, fmt))
     print(f"{args.key} -> {out}")
     return 0
+
+
+def _decoded_path(args, fmt: str) -> Path:
+    return Path(args.output) if args.output else Path(Path(args.key).name).with_suffix(f".rec.{fmt}")
+
+
+def _checked(result):
+    if result.error:
+        raise RemoteError(422, result.error[1])
+    return result
+
+
+def _decode_video_file(backend, tokens, media: dict, fmt: str, out: Path) -> None:
+    from .media import video as vid
+    from .streaming import tile_tokens, tiles_for, write_tile
+    from .worker.jobs import Job
+
+    writer = vid.VideoWriter(str(out), media["fps"], fmt)
+    try:
+        for k in range(tiles_for(tokens, media["frames"])):
+            job = Job(k, "decode", tokens=tile_tokens(tokens, k), pixels=True)
+            write_tile(writer, k, job, _checked(backend.run([job])[0]), media["frames"], (media["height"], media["width"]))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        out.unlink(missing_ok=True)
+        raise

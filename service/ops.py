@@ -319,13 +319,9 @@ async def reconstruct(runtime: Runtime, items: list[Item], options: Options, cal
                 continue
             r = by_item[id(item)]
             outputs += await _render_plain(runtime, k, item, r, options, extra_headers)
-        headers = timing.headers()
-        _describe(headers, outputs, extra_headers)
-        return await _package(runtime, outputs, headers)
+        return await _files_answer(runtime, outputs, timing, extra_headers)
     except BaseException:
-        for o in outputs:
-            if o.path and os.path.exists(o.path):
-                os.unlink(o.path)
+        _discard(outputs)
         raise
 
 
@@ -359,6 +355,20 @@ def _describe(headers: dict, outputs: list[Output], extra: dict[str, list[str]])
     for name, values in extra.items():
         if values:
             headers[name] = ",".join(values)
+
+
+async def _files_answer(runtime: Runtime, outputs: list[Output], timing: Timing,
+                        extra_headers: dict[str, list[str]]) -> Answer:
+    headers = timing.headers()
+    _describe(headers, outputs, extra_headers)
+    return await _package(runtime, outputs, headers)
+
+
+def _discard(outputs: list[Output]) -> None:
+    """The temporary files of an answer that will not be sent."""
+    for o in outputs:
+        if o.path and os.path.exists(o.path):
+            os.unlink(o.path)
 
 
 async def _package(runtime: Runtime, outputs: list[Output], headers: dict) -> Answer:
@@ -408,13 +418,9 @@ async def decode(runtime: Runtime, decoded: list[tuple], options: Options, call:
             data = await runtime.postprocess(render, kind, r.tubelets, tokens.coords, media, r.gaussians, chosen)
             outputs.append(Output(f"item{k}.{chosen}", MEDIA_TYPES[chosen], body=data, tokens=len(tokens.coords),
                                   grid=grid))
-        headers = timing.headers()
-        _describe(headers, outputs, {})
-        return await _package(runtime, outputs, headers)
+        return await _files_answer(runtime, outputs, timing, {})
     except BaseException:
-        for o in outputs:
-            if o.path and os.path.exists(o.path):
-                os.unlink(o.path)
+        _discard(outputs)
         raise
 
 

@@ -240,6 +240,19 @@ def tile_tokens(tokens: Tokens, k: int) -> Tokens:
     return Tokens(coords, tokens.kinds, latents=pick(tokens.latents), indices=pick(tokens.indices))
 
 
+def write_tile(writer: vid.VideoWriter, k: int, job: Job, result: JobResult, total: int,
+               size: tuple[int, int]) -> None:
+    """Tile k's decoded frames, those of the `total` asked for, to the writer at `size` (h, w)."""
+    count = min(TILE_FRAMES, total - k * TILE_FRAMES)
+    for frame in model_size_frames(result.tubelets, job.tokens.coords, "video", count):
+        writer.write(img.resize_rgb(frame, size))
+
+
+def tiles_for(tokens: Tokens, frames: int) -> int:
+    """The tiles that hold the first `frames` frames (a set may hold more than asked for)."""
+    return min(token_tiles(tokens), -(-frames // TILE_FRAMES))
+
+
 @dataclass
 class Decoded:
     path: str
@@ -260,16 +273,14 @@ async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str, gaussi
     queue_ms = compute_ms = 0.0
 
     def consume(k: int, job: Job, result: JobResult) -> None:
-        count = min(TILE_FRAMES, total - k * TILE_FRAMES)
-        for frame in model_size_frames(result.tubelets, job.tokens.coords, "video", count):
-            writer.write(img.resize_rgb(frame, size))
+        write_tile(writer, k, job, result, total, size)
 
     def start(k: int) -> None:
         job = Job(runtime.scheduler.next_id(), "decode", tokens=tile_tokens(tokens, k), gaussians=gaussians,
                   pixels=True)
         pending.append((k, job, asyncio.ensure_future(submit_tile(runtime, job))))
 
-    tiles = min(token_tiles(tokens), -(-total // TILE_FRAMES))  # tiles past the frames asked for: none
+    tiles = tiles_for(tokens, total)
     try:
         for k in range(min(LOOKAHEAD, tiles)):
             start(k)

@@ -85,6 +85,25 @@ def test_rows_errors_and_manifest(dataset, clean):
     assert rows["meshes/ant.ply"]["kind"] == "3D"
 
 
+def test_a_video_row_decodes_tile_by_tile_to_every_frame(clean, tmp_path):
+    """`atoken decode` on a video row of 3 tiles: an MP4 of its frames at its size, written a
+    tile at a time (as /decode does), never all frames at once."""
+    import argparse
+
+    import av
+
+    from service.cli import decode_row
+
+    out = tmp_path / "talk.mp4"
+    args = argparse.Namespace(out=str(clean), key="videos/talk.mp4", output=str(out), format=None)
+    assert decode_row(args, Settings(**SETTINGS)) == 0
+    talk = next(r for r in read_rows(clean) if r["key"] == "videos/talk.mp4")
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    assert len(frames) == talk["media"]["frames"] == 45
+    assert frames[0].shape == (talk["media"]["height"], talk["media"]["width"], 3)
+
+
 def test_rows_equal_the_http_api(dataset, clean):
     """The same tokens the API gives for each input (same model, same options)."""
     from tests.service.server import LiveServer
