@@ -409,7 +409,7 @@ async def decode(runtime: Runtime, decoded: list[tuple], options: Options, call:
             grid = token_grid(tokens.coords, kind)
             if _streamed_decode(*item):
                 fmt = choose_format(kind, options.format, False)
-                done = await _guarded(call, streaming.decode(runtime, tokens, media, fmt, gaussians))
+                done = await _guarded(call, streaming.decode(runtime, tokens, media, fmt))
                 timing = _merge(timing, done.timing)
                 outputs.append(Output(f"item{k}.{fmt}", MEDIA_TYPES[fmt], path=done.path, tokens=done.tokens, grid=grid))
                 continue

@@ -256,12 +256,11 @@ def tiles_for(tokens: Tokens, frames: int) -> int:
 @dataclass
 class Decoded:
     path: str
-    frames: int
     tokens: int
     timing: Timing
 
 
-async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str, gaussians: bool) -> Decoded:
+async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str) -> Decoded:
     """A video's tokens decoded one tile (4 latent frames, 16 frames) at a time into a temporary
     file: the decoder never holds more than a tile, nor the front end more than a tile's
     frames, whatever the length (the decoder runs each tile on its own anyway, so the frames
@@ -272,12 +271,8 @@ async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str, gaussi
     pending: deque[tuple[int, Job, asyncio.Future]] = deque()
     queue_ms = compute_ms = 0.0
 
-    def consume(k: int, job: Job, result: JobResult) -> None:
-        write_tile(writer, k, job, result, total, size)
-
     def start(k: int) -> None:
-        job = Job(runtime.scheduler.next_id(), "decode", tokens=tile_tokens(tokens, k), gaussians=gaussians,
-                  pixels=True)
+        job = Job(runtime.scheduler.next_id(), "decode", tokens=tile_tokens(tokens, k), pixels=True)
         pending.append((k, job, asyncio.ensure_future(submit_tile(runtime, job))))
 
     tiles = tiles_for(tokens, total)
@@ -292,7 +287,7 @@ async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str, gaussi
             if k + LOOKAHEAD < tiles:
                 start(k + LOOKAHEAD)
             queue_ms, compute_ms = max(queue_ms, result.extra.get("queue_ms", 0.0)), compute_ms + result.compute_ms
-            await runtime.postprocess(consume, k, job, result)
+            await runtime.postprocess(write_tile, writer, k, job, result, total, size)
         await runtime.postprocess(writer.close)
     except BaseException:
         for *_, future in pending:
@@ -301,4 +296,4 @@ async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str, gaussi
         writer.abort()
         os.unlink(path)
         raise
-    return Decoded(path, total, len(tokens.coords), Timing(queue_ms, compute_ms, 1))
+    return Decoded(path, len(tokens.coords), Timing(queue_ms, compute_ms, 1))
