@@ -398,7 +398,7 @@ async def decode(runtime: Runtime, decoded: list[tuple], options: Options, call:
     """(tokens, kind, media) per item -> media files. A video longer than a tile of latent frames
     is decoded tile by tile into a file (streaming.decode); the rest in one batch."""
     gaussians = bool(runtime.model_info.get("gaussians"))
-    plain = [d for d in decoded if not _streamed_decode(*d)]
+    plain = [d for d in decoded if not _streamed_decode(d[0], d[1])]
     jobs = [Job(runtime.scheduler.next_id(), "decode", tokens=t, gaussians=gaussians, pixels=True) for t, _, _ in plain]
     results, timing = await _infer_plain(runtime, call, jobs)
     by_item = {id(d): r for d, r in zip(plain, results)}
@@ -407,7 +407,7 @@ async def decode(runtime: Runtime, decoded: list[tuple], options: Options, call:
         for k, item in enumerate(decoded):
             tokens, kind, media = item
             grid = token_grid(tokens.coords, kind)
-            if _streamed_decode(*item):
+            if _streamed_decode(tokens, kind):
                 fmt = choose_format(kind, options.format, False)
                 done = await _guarded(call, streaming.decode(runtime, tokens, media, fmt))
                 timing = _merge(timing, done.timing)
@@ -424,5 +424,5 @@ async def decode(runtime: Runtime, decoded: list[tuple], options: Options, call:
         raise
 
 
-def _streamed_decode(tokens: Tokens, kind: str, media: dict) -> bool:
+def _streamed_decode(tokens: Tokens, kind: str) -> bool:
     return kind == "video" and streaming.token_tiles(tokens) > 1

@@ -70,6 +70,16 @@ def test_media_is_typed_and_bounded_by_the_pixel_limit():
             check_media(bad, kind, (2, 2, 2) if kind == "video" else (1, 2, 2), LIMITS, "x")
 
 
+def test_a_videos_output_canvas_is_bounded_before_any_frame_is_made():
+    """A token a frame cannot ask for 4096x4096 frames by the thousand: frames x pixels is
+    bounded by max_frames x max_side^2 (64 x 512^2 here), at 413."""
+    ok = {"height": 512, "width": 512, "frames": 64}
+    assert check_media(ok, "video", (16, 1, 1), LIMITS, "x")["frames"] == 64
+    with pytest.raises(PayloadTooLarge) as err:
+        check_media({"height": 4096, "width": 4096, "frames": 2}, "video", (16, 1, 1), LIMITS, "x")
+    assert err.value.limit == 64 * 512**2
+
+
 def test_json_size_and_depth():
     assert parse_json(b'{"a": [1, {"b": 2}]}', 100, 3) == {"a": [1, {"b": 2}]}
     assert json_depth({"a": [1, {"b": [[]]}]}) == 5
