@@ -130,12 +130,12 @@ def check_media(media: Any, kind: str, grid: tuple[int, int, int], limits: Media
         return out
     out["frames"] = _integer(media, "frames", where, grid[0] * TUBELET, 1, grid[0] * TUBELET)
     # Every output frame is resized and encoded (0.43 s a 4096x4096 frame here): a few tokens
-    # a frame must not buy hours of work. The canvas of a longest video at the model's largest
-    # size is the budget: about what the request's time limit can encode at any frame size.
-    canvas, budget = out["frames"] * height * width, limits.max_frames * limits.max_side**2
+    # a frame must not buy hours of work: the video budget, about what the request's time
+    # limit can decode, bounds what it may encode too.
+    canvas, budget = out["frames"] * height * width, limits.max_video_pixels
     if canvas > budget:
         raise PayloadTooLarge(f"{where}.media: {out['frames']} frames of {width}x{height} = {canvas} output pixels "
-                              f"exceed the limit of {budget} (max_frames x max_side^2)", limit=budget)
+                              f"exceed the limit of {budget} (max_video_pixels)", limit=budget)
     fps = media.get("fps", 25.0)
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
         raise InvalidParameter(f"{where}.media.fps must be a number in (0, {MAX_FPS:g}], got {fps!r}", limit=MAX_FPS)

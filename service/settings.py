@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     max_item_tokens: int = 16384  # model tokens (voxels for 3D) per item, from declared sizes
     max_aspect: float = 32.0
     max_inflated_bytes: int = 64 * 2**20  # archives (zip meshes, npz volumes) after inflating
+    # A video's decoding work in source pixels (a frame dropped by sampling counts an eighth),
+    # and a /decode video's output canvas (docs/media.md)
+    max_video_pixels: int = Field(10**10, ge=1)
     max_json_bytes: int = 32 * 2**20
     max_json_depth: int = 32
 
@@ -145,7 +148,8 @@ class Settings(BaseSettings):
                            min_side=self.min_side, max_frames=self.max_frames, max_duration_s=self.max_duration_s,
                            max_vertices=self.max_vertices, max_faces=self.max_faces,
                            max_voxels=self.max_item_tokens, max_tokens=self.max_item_tokens,
-                           max_aspect=self.max_aspect, max_inflated_bytes=self.max_inflated_bytes)
+                           max_aspect=self.max_aspect, max_inflated_bytes=self.max_inflated_bytes,
+                           max_video_pixels=self.max_video_pixels)
 
     @property
     def jobs(self) -> JobsConfig:
@@ -166,4 +170,5 @@ class Settings(BaseSettings):
             "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",
             "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
             "max_inflated_bytes", "max_json_bytes", "max_json_depth", "max_batch_tokens", "max_queue_jobs",
-            "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s")}
+            "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s",
+            "max_video_pixels")}

@@ -19,3 +19,6 @@ class MediaLimits:
     max_tokens: int = 16384  # model tokens per item, computed from declared sizes before decoding
     max_aspect: float = 32.0  # longer side / shorter side of an image or frame
     max_inflated_bytes: int = 64 * 2**20  # what an archive (zip mesh, npz volume) may inflate to
+    # A video's decoding work in source pixels (`video.decoding_work`), and a /decode video's
+    # output canvas: about 100-170 s of decoding on one core here (docs/media.md)
+    max_video_pixels: int = 10**10

@@ -24,6 +24,11 @@ from .mp4 import faststart
 
 TUBELET = 4  # frames per latent frame
 TILE = 16  # frames per temporal tile (4 latent frames), as the official encoder cuts videos
+# A frame decoded only to be dropped (before `start`, between fps samples) costs the decoder
+# alone; a kept frame is also converted to RGB and resized. On the packaged clips decoding ran
+# at 0.5-1.1 billion pixels a second and all three at 60-95 million: a dropped frame counts an
+# eighth of its pixels against the limit.
+DROPPED_SHARE = 8
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class VideoPlan:
     fps: float  # of the kept frames
     cap: int  # most frames kept
     expected: int  # frames the declaration promises after sampling (the progress total)
+    max_work: int  # decoding work allowed (`decoding_work`), held to while decoding too
 
     @property
     def tile_tokens(self) -> int:
@@ -140,7 +146,25 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     # The model sees one 16-frame tile at a time: that, not the clip, bounds its tokens.
     check_limit("video tokens per tile", TILE // TUBELET * plan.tokens, limits.max_tokens,
                 error=MediaOutOfRangeError)
-    return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected)
+    # Decoding reads from the file's start (no seek) to the last frame kept, and one more that
+    # shows the range or the cap has been reached.
+    through = min(sampling.start_s + span, info.duration_s or math.inf)
+    decoded = 1 + max(expected, min(math.ceil(round(through * info.fps, 3)),
+                                    math.ceil(round(sampling.start_s * info.fps, 3) + expected * step)))
+    work = decoding_work(info.width * info.height, expected, decoded - expected)
+    if work > limits.max_video_pixels:
+        raise MediaTooLargeError(
+            f"decoding this video converts {expected} frames of {info.width}x{info.height} and decodes "
+            f"{decoded - expected} more to drop them: {work} pixels of work (a dropped frame counts 1/{DROPPED_SHARE}), "
+            f"over the limit of {limits.max_video_pixels} (max_video_pixels); ask for fewer frames (fps, max_frames, "
+            f"end) or raise the limit", limit=limits.max_video_pixels, actual=work)
+    return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected, limits.max_video_pixels)
+
+
+def decoding_work(frame_pixels: int, kept: int, dropped: int) -> int:
+    """What decoding a video costs, in source pixels: every kept frame's, an eighth of every
+    dropped one's (decoded, not converted or resized)."""
+    return frame_pixels * kept + frame_pixels * dropped // DROPPED_SHARE
 
 
 def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
@@ -149,12 +173,22 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
     naming the frame and time where it happened: a damaged file is never half-returned."""
     sampling, info = plan.sampling, plan.info
     kept, index, t, next_pick = 0, -1, 0.0, 0.0
+
+    def within_plan() -> None:
+        # Held while decoding: a stream whose header or time stamps lie decodes no more than
+        # its plan allowed (time stamps alone would let one thread decode on and on).
+        if decoding_work(info.width * info.height, kept, index + 1 - kept) > plan.max_work:
+            raise MediaTooLargeError(f"video holds more frames than its header declares: decoding passed the "
+                                     f"limit of {plan.max_work} pixels of work at frame {index + 1}",
+                                     limit=plan.max_work, actual=index + 1)
+
     try:
         with _open(data) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 index += 1
+                within_plan()  # this frame counted as dropped
                 t = float(frame.pts * frame.time_base) if frame.pts is not None else index / info.fps
                 if t < sampling.start_s - 1e-6:
                     continue
@@ -170,6 +204,7 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
                     continue
                 next_pick = index + plan.step
                 kept += 1
+                within_plan()  # and as kept
                 yield resize_rgb(frame.to_ndarray(format="rgb24"), plan.resize.model)
     except av.error.FFmpegError as exc:
         raise CorruptMediaError(f"video decoding failed after frame {index + 1} (at {t:.2f} s): {exc}") from None

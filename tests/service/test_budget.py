@@ -1,6 +1,7 @@
 """Cost before work, as functions: token sets, media and JSON are bounded before use."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,11 +73,12 @@ def test_media_is_typed_and_bounded_by_the_pixel_limit():
 
 def test_a_videos_output_canvas_is_bounded_before_any_frame_is_made():
     """A token a frame cannot ask for 4096x4096 frames by the thousand: frames x pixels is
-    bounded by max_frames x max_side^2 (64 x 512^2 here), at 413."""
+    bounded by max_video_pixels (64 x 512^2 here), at 413."""
+    limits = replace(LIMITS, max_video_pixels=64 * 512**2)
     ok = {"height": 512, "width": 512, "frames": 64}
-    assert check_media(ok, "video", (16, 1, 1), LIMITS, "x")["frames"] == 64
+    assert check_media(ok, "video", (16, 1, 1), limits, "x")["frames"] == 64
     with pytest.raises(PayloadTooLarge) as err:
-        check_media({"height": 4096, "width": 4096, "frames": 2}, "video", (16, 1, 1), LIMITS, "x")
+        check_media({"height": 4096, "width": 4096, "frames": 2}, "video", (16, 1, 1), limits, "x")
     assert err.value.limit == 64 * 512**2
 
 

@@ -28,7 +28,8 @@ FAST_S = 10.0  # a refusal comes within this, on any machine (they used to take 
 KEY = "hostile-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 JPG = assets.image("rocket.jpg").read_bytes()
-VIDEO = assets.video("bikes.mp4").read_bytes()
+VIDEO = assets.video("bikes.mp4").read_bytes()  # 250 frames of 640x272
+VIDEO_WORK_LIMIT = 150 * 640 * 272  # the whole clip is 250 frames' work; at 5 fps, 75
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def files_server():
 def live(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("hostile"), api_keys=KEY, allow_url_fetch="true",
                        url_allowlist="127.0.0.1", fetch_timeout_s=2, body_idle_timeout_s=1, body_timeout_s=5,
-                       max_queue_tokens=8192) as server:
+                       max_queue_tokens=8192, max_video_pixels=VIDEO_WORK_LIMIT) as server:
         yield server
 
 
@@ -240,6 +241,18 @@ def test_video_options_are_validated(live, client):
         route = "/encode" if "dense" in query else "/reconstruct"
         expect(live, lambda: client.post(f"{route}?{query}", files={"file": ("v.mp4", VIDEO)}), 422,
                "invalid_parameter")
+
+
+def test_a_video_that_would_take_too_long_to_decode_is_refused_from_its_header(live, client):
+    """Decoding work (source pixels, a dropped frame an eighth) over ATOKEN_MAX_VIDEO_PIXELS is
+    413 before a frame is decoded, on every video route; fewer frames kept fit."""
+    for route in ("/encode", "/tokenize", "/reconstruct"):
+        r = expect(live, lambda: client.post(route, files={"file": ("v.mp4", VIDEO)}), 413, "too_large",
+                   limit_key=True)
+        assert r.json()["error"]["limit"] == VIDEO_WORK_LIMIT and "max_video_pixels" in r.json()["error"]["message"]
+    r = expect(live, lambda: client.post("/tokenize?fps=5", files={"file": ("v.mp4", VIDEO)}), 200)
+    assert r.json()["items"][0]["media"]["frames"] == 50
+    assert client.get("/info").json()["limits"]["max_video_pixels"] == VIDEO_WORK_LIMIT
 
 
 def test_a_request_that_can_never_fit_is_413_not_429(live, client):

@@ -7,7 +7,9 @@ from io import BytesIO
 
 from service.media.errors import CorruptMediaError, MediaTooLargeError, UnsupportedMediaError
 from service.media.limits import MediaLimits
-from service.media.video import Sampling, decode_video, encode_video, probe_video
+from dataclasses import replace
+
+from service.media.video import Sampling, decode_video, encode_video, iter_frames, plan_video, probe_video
 from tests import assets
 
 
@@ -39,6 +41,50 @@ def test_limits_checked_before_decoding():
     with pytest.raises(MediaTooLargeError, match="frame size"):
         decode_video(data, MediaLimits(max_pixels=320 * 240))
     assert time.perf_counter() - start < 1.0
+
+
+BIKES_FRAME = 640 * 272  # pixels of each of bikes.mp4's 250 frames (10 s at 25 fps)
+
+
+def test_decoding_work_is_bounded_from_the_header():
+    """Decoding is paid per source pixel: every kept frame whole, every frame decoded only to be
+    dropped (before start, between fps samples) an eighth. Over the limit is refused before a
+    frame is decoded; sampling that keeps fewer frames brings the same clip within it."""
+    data = assets.video("bikes.mp4").read_bytes()
+    limit = 100 * BIKES_FRAME
+    start = time.perf_counter()
+    with pytest.raises(MediaTooLargeError, match="max_video_pixels") as err:
+        plan_video(data, MediaLimits(max_side=64, max_video_pixels=limit))
+    assert time.perf_counter() - start < 1.0
+    assert err.value.limit == limit and err.value.actual >= 250 * BIKES_FRAME
+    # 5 fps keeps 50 frames and drops 200 (+1 read past the end): 75 frames' worth.
+    plan = plan_video(data, MediaLimits(max_side=64, max_video_pixels=limit), Sampling(fps=5))
+    assert plan.expected == 50 and plan.max_work == limit
+    assert sum(1 for _ in iter_frames(data, plan)) == 50
+    # Frames before `start` are decoded and dropped too (no seek): 8 s in, 2 s kept (50 frames).
+    with pytest.raises(MediaTooLargeError, match="1/8"):
+        plan_video(data, MediaLimits(max_side=64, max_video_pixels=70 * BIKES_FRAME), Sampling(start_s=8.0))
+    assert plan_video(data, MediaLimits(max_side=64, max_video_pixels=76 * BIKES_FRAME), Sampling(start_s=8.0))
+
+
+def test_decoding_stops_at_the_limit_whatever_the_stream_holds():
+    """The plan's limit holds while decoding, not only against the header: a stream holding more
+    than it declares (here: a plan allowing 40 frames' work) stops there, with 413's error."""
+    data = assets.video("bikes.mp4").read_bytes()
+    plan = replace(plan_video(data, MediaLimits(max_side=64)), max_work=40 * BIKES_FRAME)
+    frames = []
+    with pytest.raises(MediaTooLargeError, match="more frames than its header declares") as err:
+        for frame in iter_frames(data, plan):
+            frames.append(frame)
+    assert len(frames) == 40 and err.value.limit == 40 * BIKES_FRAME
+    # Dropped frames count an eighth: at 5 fps, 27 kept and the 104 dropped between them are
+    # exactly 40 frames' work, and the next dropped frame passes it.
+    plan = replace(plan_video(data, MediaLimits(max_side=64), Sampling(fps=5)), max_work=40 * BIKES_FRAME)
+    frames = []
+    with pytest.raises(MediaTooLargeError):
+        for frame in iter_frames(data, plan):
+            frames.append(frame)
+    assert len(frames) == 27
 
 
 def test_truncated_and_corrupt_videos():
