@@ -29,6 +29,9 @@ TILE = 16  # frames per temporal tile (4 latent frames), as the official encoder
 # at 0.5-1.1 billion pixels a second and all three at 60-95 million: a dropped frame counts an
 # eighth of its pixels against the limit.
 DROPPED_SHARE = 8
+# Decoding starts at the keyframe before `start` (`_frames_from`); its plan allows for this
+# much before `start` (x264's default keyframe interval is 250 frames: 10 s at 25 fps).
+KEYFRAME_LEAD_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,10 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     # The model sees one 16-frame tile at a time: that, not the clip, bounds its tokens.
     check_limit("video tokens per tile", TILE // TUBELET * plan.tokens, limits.max_tokens,
                 error=MediaOutOfRangeError)
-    # Decoding reads from the file's start (no seek) to the last frame kept, and one more that
+    # Decoding reads from the keyframe before `start` to the last frame kept, and one more that
     # shows the range or the cap has been reached.
-    through = min(sampling.start_s + span, info.duration_s or math.inf)
-    decoded = 1 + max(expected, min(math.ceil(round(through * info.fps, 3)),
-                                    math.ceil(round(sampling.start_s * info.fps, 3) + expected * step)))
+    lead = min(sampling.start_s, KEYFRAME_LEAD_S)
+    decoded = 1 + max(expected, math.ceil(round((lead + min(span, expected * step / info.fps)) * info.fps, 3)))
     work = decoding_work(info.width * info.height, expected, decoded - expected)
     if work > limits.max_video_pixels:
         raise MediaTooLargeError(
@@ -183,37 +185,65 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
                                      limit=plan.max_work, actual=index + 1)
 
     try:
-        with _open(data) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                index += 1
-                within_plan()  # this frame counted as dropped
-                t = float(frame.pts * frame.time_base) if frame.pts is not None else index / info.fps
-                if t < sampling.start_s - 1e-6:
-                    continue
-                if sampling.end_s is not None and t > sampling.end_s + 1e-6:
-                    return
-                if t > info.duration_s + 1.0 or kept >= plan.cap:
-                    if sampling.max_frames is None and sampling.end_s is None:
-                        raise MediaTooLargeError(f"video runs past what its header declares ({kept} frames, "
-                                                 f"{t:.2f} s); ask for fewer (max_frames, start/end)",
-                                                 limit=plan.cap, actual=kept + 1)
-                    return
-                if index < next_pick - 1e-6:
-                    continue
-                next_pick = index + plan.step
-                kept += 1
-                within_plan()  # and as kept
-                yield resize_rgb(frame.to_ndarray(format="rgb24"), plan.resize.model)
+        for frame in _frames_from(data, sampling.start_s):
+            index += 1
+            within_plan()  # this frame counted as dropped
+            t = float(frame.pts * frame.time_base) if frame.pts is not None else index / info.fps
+            if t < sampling.start_s - 1e-6:
+                continue
+            if sampling.end_s is not None and t > sampling.end_s + 1e-6:
+                return
+            if t > info.duration_s + 1.0 or kept >= plan.cap:
+                if sampling.max_frames is None and sampling.end_s is None:
+                    raise MediaTooLargeError(f"video runs past what its header declares ({kept} frames, "
+                                             f"{t:.2f} s); ask for fewer (max_frames, start/end)",
+                                             limit=plan.cap, actual=kept + 1)
+                return
+            if index < next_pick - 1e-6:
+                continue
+            next_pick = index + plan.step
+            kept += 1
+            within_plan()  # and as kept
+            yield resize_rgb(frame.to_ndarray(format="rgb24"), plan.resize.model)
     except av.error.FFmpegError as exc:
-        raise CorruptMediaError(f"video decoding failed after frame {index + 1} (at {t:.2f} s): {exc}") from None
+        raise CorruptMediaError(f"video decoding failed at {t:.2f} s: {exc}") from None
     if kept == 0:
         raise CorruptMediaError("no frames decoded in the requested range")
     # Declared durations are approximate; a stream a tenth short (and a second) is damaged.
     if sampling.end_s is None and sampling.max_frames is None and kept < plan.expected * 0.9 - plan.fps:
         raise CorruptMediaError(f"video stream ends at frame {index + 1} (t = {t:.2f} s), but its container "
                                 f"declares {info.duration_s:.2f} s: the file is truncated or damaged")
+
+
+def _frames_from(data: Source, start_s: float) -> Iterator[av.VideoFrame]:
+    """The video stream's frames in order, from the last keyframe at or before `start_s` (the
+    demuxer seeks there rather than decoding everything before it, as ffmpeg's input `-ss`).
+    Frames from `start_s` on decode the same either way: decoding restarts at a keyframe, and
+    pictures that lean on frames before it are shown before it. Where the container cannot seek
+    exactly (the first frame comes after `start_s`, or has no time stamp), from the file's start."""
+    if start_s > 0:
+        with _open(data) as container:
+            stream = _stream(container)
+            first = None
+            if stream.time_base:
+                try:
+                    container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+                    frames = container.decode(stream)
+                    first = next(frames, None)
+                except av.error.FFmpegError:  # decoded again from the start: a real error shows there
+                    first = None
+            if first is not None and first.pts is not None and first.pts * first.time_base <= start_s + 1e-6:
+                yield first
+                yield from frames
+                return
+    with _open(data) as container:
+        yield from container.decode(_stream(container))
+
+
+def _stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
 
 
 def iter_tiles(frames: Iterable[np.ndarray], size: int = TILE) -> Iterator[np.ndarray]:

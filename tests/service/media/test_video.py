@@ -9,6 +9,8 @@ from service.media.errors import CorruptMediaError, MediaTooLargeError, Unsuppor
 from service.media.limits import MediaLimits
 from dataclasses import replace
 
+from service.media import video
+from service.media.image import resize_rgb
 from service.media.video import Sampling, decode_video, encode_video, iter_frames, plan_video, probe_video
 from tests import assets
 
@@ -85,6 +87,59 @@ def test_decoding_stops_at_the_limit_whatever_the_stream_holds():
         for frame in iter_frames(data, plan):
             frames.append(frame)
     assert len(frames) == 27
+
+
+def _from_the_start(data: bytes, start_s: float, count: int, size: tuple[int, int]) -> np.ndarray:
+    """The first `count` frames at or after start_s, decoding every frame from the file's start."""
+    out = []
+    with av.open(BytesIO(data)) as c:
+        for frame in c.decode(c.streams.video[0]):
+            if frame.pts * frame.time_base >= start_s - 1e-6 and len(out) < count:
+                out.append(resize_rgb(frame.to_ndarray(format="rgb24"), size))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name, starts", [("bikes.mp4", (1.0, 3.04, 5.5, 9.7)),  # keyframes 0, 1.2, 3.04, 5.48, ...
+                                          ("carphone_pristine.mp4", (2.0,))])
+def test_start_seeks_to_the_keyframe_before_and_gives_the_same_frames(name, starts):
+    data = assets.video(name).read_bytes()
+    for start in starts:
+        clip = decode_video(data, MediaLimits(max_side=128), Sampling(start_s=start, max_frames=12))
+        assert np.array_equal(clip.frames, _from_the_start(data, start, 12, clip.resize.model)), start
+
+
+def test_frames_before_the_keyframe_before_start_are_not_decoded():
+    """9.7 s into bikes (a keyframe at 9.68 s), 6 frames' work is enough for 4 kept frames;
+    decoding the 242 frames before them would count 30 frames' work more."""
+    data = assets.video("bikes.mp4").read_bytes()
+    plan = plan_video(data, MediaLimits(max_side=64), Sampling(start_s=9.7, max_frames=4))
+    assert len(list(iter_frames(data, replace(plan, max_work=6 * BIKES_FRAME)))) == 4
+
+
+def test_a_seek_that_lands_late_decodes_from_the_start(monkeypatch):
+    """Containers that cannot seek exactly: the first frame after the seek comes after `start`,
+    so the frames are decoded from the file's start instead, never with a gap."""
+    class LateSeek:
+        def __init__(self, container):
+            self.container = container
+
+        def seek(self, offset, **kwargs):
+            return self.container.seek(offset * 3, **kwargs)  # past the asked time
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+    opened = video._open
+    monkeypatch.setattr(video, "_open", lambda data: LateSeek(opened(data)))
+    data = assets.video("bikes.mp4").read_bytes()
+    clip = decode_video(data, MediaLimits(max_side=128), Sampling(start_s=2.0, max_frames=12))
+    assert np.array_equal(clip.frames, _from_the_start(data, 2.0, 12, clip.resize.model))
 
 
 def test_truncated_and_corrupt_videos():
