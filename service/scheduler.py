@@ -181,14 +181,20 @@ class Scheduler:
                 self._queue.append(p)
                 self._queued_cost += p.job.cost
             self._cond.notify_all()
+        gathered = asyncio.gather(*(p.future for p in pending))
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout_s))
+            return list(await asyncio.wait_for(gathered, timeout_s))
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"request did not finish within its deadline of {timeout_s:g} s",
                                    limit=timeout_s) from None
         finally:
             for p in pending:
                 p.cancelled = True  # anything still queued is skipped
+            # A caller cancelled (a client gone, a tile no longer needed) leaves the gathering
+            # future done with its own CancelledError, which nobody reads: read here, it is not
+            # logged as an error at garbage collection.
+            if gathered.done() and not gathered.cancelled():
+                gathered.exception()
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch_loop(self) -> None:

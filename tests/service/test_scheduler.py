@@ -136,3 +136,28 @@ def test_the_rate_counts_batches_side_by_side_together():
     one, two = _rate_after(OneLane, 24), _rate_after(Lanes, 48)
     assert 12 < one < 24  # cost 1 per 0.05 s, less scheduling slack
     assert 1.5 < two / one < 2.5
+
+
+def test_a_cancelled_caller_leaves_nothing_unretrieved(caplog):
+    """A caller cancelled while its jobs run (a client gone, a tile no longer needed) leaves no
+    future whose error nobody read: asyncio would log each at garbage collection."""
+    import gc
+
+    scheduler = Scheduler(Lanes, BatchingConfig(max_batch_tokens=64, max_wait_ms=0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+
+    async def cancel_one() -> None:
+        task = asyncio.ensure_future(scheduler.submit([Job(scheduler.next_id(), "pool") for _ in range(2)], 10))
+        await asyncio.sleep(0.01)  # its batch is running
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.1)  # the batch's answers arrive for nobody
+
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            asyncio.run(cancel_one())
+            gc.collect()
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    finally:
+        scheduler.stop()
