@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .runtime import Runtime, Timing
 from .worker.jobs import Job, JobResult, pixel_patches
 
 LOOKAHEAD = 2  # tiles decoded and queued ahead of the one being written
+T = TypeVar("T")
 MAX_BACKOFF_S = 1.0  # a full queue delays the next tile; it does not fail a long video
 
 
@@ -84,35 +85,23 @@ class TileRun:
 
     async def run(self, consume: Consumer) -> None:
         tiles = self.source.tiles()
-        pending: deque[tuple[int, np.ndarray, Job, asyncio.Future]] = deque()
-        index, exhausted = 0, False
-        try:
-            while True:
-                while not exhausted and len(pending) < LOOKAHEAD:
-                    frames = await self.runtime.preprocess_heavy(next, tiles, None)
-                    if frames is None:
-                        exhausted = True
-                        break
-                    job = self.make_job(pixel_patches(vid.pad_to_tubelets(frames)))
-                    pending.append((index, frames, job, asyncio.ensure_future(self._submit(job))))
-                    index += 1
-                if not pending:
-                    return
-                i, frames, job, future = pending.popleft()
-                result = await future
-                if result.error:
-                    raise from_worker(*result.error)
-                self._account(frames, result)
-                await self.runtime.postprocess(consume, Tile(i, frames, job, result))
-                self.progress.advance()
-        finally:
-            for *_, future in pending:
-                future.cancel()  # their queued jobs are skipped by the scheduler
-            await asyncio.gather(*(f for *_, f in pending), return_exceptions=True)
-            await self.runtime.preprocess_heavy(tiles.close)  # closes the decoder's container
+        count = 0
 
-    async def _submit(self, job: Job) -> JobResult:
-        return await submit_tile(self.runtime, job)
+        async def make() -> tuple[np.ndarray, Job] | None:
+            frames = await self.runtime.preprocess_heavy(next, tiles, None)
+            return None if frames is None else (frames, self.make_job(pixel_patches(vid.pad_to_tubelets(frames))))
+
+        async def done(frames: np.ndarray, job: Job, result: JobResult) -> None:
+            nonlocal count
+            self._account(frames, result)
+            await self.runtime.postprocess(consume, Tile(count, frames, job, result))
+            count += 1
+            self.progress.advance()
+
+        try:
+            await in_order(self.runtime, make, done)
+        finally:
+            await self.runtime.preprocess_heavy(tiles.close)  # closes the decoder's container
 
     def _account(self, frames: np.ndarray, result: JobResult) -> None:
         self.tiles += 1
@@ -129,6 +118,34 @@ class TileRun:
     def token_grid(self) -> str:
         rows, cols = self.source.grid
         return f"{math.ceil(self.frames / vid.TUBELET)}x{rows}x{cols}"
+
+
+async def in_order(runtime: Runtime, make: Callable[[], Awaitable[tuple[T, Job] | None]],
+                   done: Callable[[T, Job, JobResult], Awaitable[None]]) -> None:
+    """Jobs made one at a time by `make` (None: no more) run through the scheduler LOOKAHEAD
+    ahead of the one `done` is handed, results in order. A failed job, or `done` raising,
+    stops it: the jobs still queued are cancelled (the scheduler skips them)."""
+    pending: deque[tuple[T, Job, asyncio.Future]] = deque()
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < LOOKAHEAD:
+                made = await make()
+                if made is None:
+                    exhausted = True
+                    break
+                pending.append((*made, asyncio.ensure_future(submit_tile(runtime, made[1]))))
+            if not pending:
+                return
+            item, job, future = pending.popleft()
+            result = await future
+            if result.error:
+                raise from_worker(*result.error)
+            await done(item, job, result)
+    finally:
+        for *_, future in pending:
+            future.cancel()
+        await asyncio.gather(*(f for *_, f in pending), return_exceptions=True)
 
 
 async def submit_tile(runtime: Runtime, job: Job) -> JobResult:
@@ -268,31 +285,23 @@ async def decode(runtime: Runtime, tokens: Tokens, media: dict, fmt: str) -> Dec
     path = temp_path("." + fmt)
     writer = vid.VideoWriter(path, media["fps"], fmt)
     size, total = (int(media["height"]), int(media["width"])), int(media["frames"])
-    pending: deque[tuple[int, Job, asyncio.Future]] = deque()
+    tiles = iter(range(tiles_for(tokens, total)))
     queue_ms = compute_ms = 0.0
 
-    def start(k: int) -> None:
-        job = Job(runtime.scheduler.next_id(), "decode", tokens=tile_tokens(tokens, k), pixels=True)
-        pending.append((k, job, asyncio.ensure_future(submit_tile(runtime, job))))
+    async def make() -> tuple[int, Job] | None:
+        k = next(tiles, None)
+        return None if k is None else (k, Job(runtime.scheduler.next_id(), "decode", tokens=tile_tokens(tokens, k),
+                                              pixels=True))
 
-    tiles = tiles_for(tokens, total)
+    async def done(k: int, job: Job, result: JobResult) -> None:
+        nonlocal queue_ms, compute_ms
+        queue_ms, compute_ms = max(queue_ms, result.extra.get("queue_ms", 0.0)), compute_ms + result.compute_ms
+        await runtime.postprocess(write_tile, writer, k, job, result, total, size)
+
     try:
-        for k in range(min(LOOKAHEAD, tiles)):
-            start(k)
-        while pending:
-            k, job, future = pending.popleft()
-            result = await future
-            if result.error:
-                raise from_worker(*result.error)
-            if k + LOOKAHEAD < tiles:
-                start(k + LOOKAHEAD)
-            queue_ms, compute_ms = max(queue_ms, result.extra.get("queue_ms", 0.0)), compute_ms + result.compute_ms
-            await runtime.postprocess(write_tile, writer, k, job, result, total, size)
+        await in_order(runtime, make, done)
         await runtime.postprocess(writer.close)
     except BaseException:
-        for *_, future in pending:
-            future.cancel()  # their queued jobs are skipped by the scheduler
-        await asyncio.gather(*(f for *_, f in pending), return_exceptions=True)
         writer.abort()
         os.unlink(path)
         raise

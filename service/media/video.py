@@ -181,7 +181,7 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
         # its plan allowed (time stamps alone would let one thread decode on and on).
         if decoding_work(info.width * info.height, kept, index + 1 - kept) > plan.max_work:
             raise MediaTooLargeError(f"video holds more frames than its header declares: decoding passed the "
-                                     f"limit of {plan.max_work} pixels of work at frame {index + 1}",
+                                     f"limit of {plan.max_work} pixels of work after {index + 1} frames decoded",
                                      limit=plan.max_work, actual=index + 1)
 
     try:
@@ -206,7 +206,10 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
             within_plan()  # and as kept
             yield resize_rgb(frame.to_ndarray(format="rgb24"), plan.resize.model)
     except av.error.FFmpegError as exc:
-        raise CorruptMediaError(f"video decoding failed at {t:.2f} s: {exc}") from None
+        # Frames are counted from the keyframe decoding began at: from the file's start only
+        # without `start`.
+        where = f"after frame {index + 1} (at {t:.2f} s)" if not sampling.start_s else f"at {t:.2f} s"
+        raise CorruptMediaError(f"video decoding failed {where}: {exc}") from None
     if kept == 0:
         raise CorruptMediaError("no frames decoded in the requested range")
     # Declared durations are approximate; a stream a tenth short (and a second) is damaged.
