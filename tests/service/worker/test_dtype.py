@@ -25,6 +25,20 @@ def test_explicit_dtypes_are_kept():
         assert resolve_dtype(dtype, "cpu") == dtype
 
 
+def test_float16_on_a_cpu_without_its_units_is_served_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(loader, "cpu_has_fp16", lambda: False)
+    with caplog.at_level("WARNING", logger="atoken.worker"):
+        assert resolve_dtype("float16", "cpu") == "float16"
+        assert resolve_dtype("float32", "cpu") == "float32"
+    assert [r.getMessage() for r in caplog.records if "float16" in r.getMessage()] == [
+        "ATOKEN_DTYPE=float16 on a CPU without float16 units is emulated and several times slower than float32; "
+        "use auto, bfloat16 or float32"]
+    caplog.clear()
+    monkeypatch.setattr(loader, "cpu_has_fp16", lambda: True)
+    resolve_dtype("float16", "cpu")
+    assert not caplog.records
+
+
 def test_auto_follows_the_machine_that_loads_the_model(monkeypatch):
     spec = Settings(dtype="auto", variant="tiny").model_spec
     assert spec.dtype == "auto"  # resolved where the model loads, not where settings are read
