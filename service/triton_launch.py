@@ -3,15 +3,19 @@ model repository, on loopback ports, for tests, benchmarks and single-machine us
 
     python -m service.triton_launch [--http-port 8001]
 
-In containers, the official Triton image runs `tritonserver --model-repository
-/models` directly (see docker/ and deploy/helm); this helper only assembles what the wheel
-ships into the layout the server expects.
+In containers (docker/Dockerfile.triton, deploy/helm) the official Triton image's own
+`tritonserver` is started through `python -m service.triton_launch exec --model-repository
+/models`: the shared memory claim below, then the server in this process's place.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
+import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -25,6 +29,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "deploy" / "triton" / "model_repository"
+SHM = "/dev/shm"
+# The Python backend's own shared memory (a few MiB per server) is named with this prefix and
+# an owner token; `<SHM>/<prefix><token>.lock` is flock-held for as long as the server (or a
+# stub of its) lives. tritonserver killed outright cannot unlink its regions, and /dev/shm
+# outlives it (a container restarted in its pod, a test run killed): the next launch frees them.
+REGION_PREFIX = "atoken_triton_"
+log = logging.getLogger("atoken.triton")
 
 
 def _pytriton_dir() -> Path:
@@ -34,6 +45,41 @@ def _pytriton_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("nvidia-pytriton is not installed (it carries the tritonserver binary)")
     return Path(spec.submodule_search_locations[0]) / "tritonserver"
+
+
+def claim_regions(folder: str = SHM) -> tuple[int, str]:
+    """(a descriptor holding the lock, the region prefix) for a new server's shared memory.
+    The lock file is made and locked under a private name first, so that `reclaim_stale`
+    never finds it unlocked."""
+    token = secrets.token_hex(6)
+    path = os.path.join(folder, f"{REGION_PREFIX}{token}.lock")
+    fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(path + ".new", path)
+    return fd, f"{REGION_PREFIX}{token}_"
+
+
+def reclaim_stale(folder: str = SHM) -> list[str]:
+    """Unlinks the regions of servers that died without unlinking them (nobody holds their
+    lock), and their lock files; -> the names freed. A living server's are left alone."""
+    freed = []
+    for lock in glob.glob(os.path.join(glob.escape(folder), f"{REGION_PREFIX}*.lock")):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # alive
+        else:
+            for region in glob.glob(glob.escape(lock[:-len(".lock")]) + "_*"):
+                os.unlink(region)
+                freed.append(os.path.basename(region))
+            os.unlink(lock)
+        finally:
+            os.close(fd)
+    return freed
 
 
 def free_port() -> int:
@@ -51,6 +97,7 @@ class TritonServer:
         self.model_repository = model_repository
         self.proc: subprocess.Popen | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="atoken-triton-"))
+        self.regions: tuple[int, str] | None = None  # (lock descriptor, prefix) when /dev/shm is there
 
     @property
     def url(self) -> str:
@@ -80,8 +127,14 @@ class TritonServer:
                f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--http-address=127.0.0.1",
                "--grpc-address=127.0.0.1", "--log-verbose=0", "--exit-on-error=true",
                "--disable-auto-complete-config"]
+        self.regions = self._claim_regions()
+        if self.regions:
+            cmd.append(f"--backend-config=python,shm-region-prefix-name={self.regions[1]}")
         self.log = open(self.workdir / "tritonserver.log", "wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # The server inherits the lock: its regions count as alive while it does, whatever
+        # happens to this process.
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     pass_fds=(self.regions[0],) if self.regions else ())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -94,6 +147,17 @@ class TritonServer:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    @staticmethod
+    def _claim_regions() -> tuple[int, str] | None:
+        try:
+            freed = reclaim_stale()
+            if freed:
+                log.warning("freed %d shared memory regions of Triton servers that had died: %s", len(freed), freed)
+            return claim_regions()
+        except OSError as exc:  # no /dev/shm to use: the backend's default names, unowned
+            log.warning("Triton's shared memory is not claimed (%s)", exc)
+            return None
 
     def tail(self, chars: int = 4000) -> str:
         path = self.workdir / "tritonserver.log"
@@ -108,6 +172,10 @@ class TritonServer:
                 self.proc.kill()
         if getattr(self, "log", None):
             self.log.close()
+        if self.regions:
+            os.close(self.regions[0])
+            self.regions = None
+            reclaim_stale()  # its lock file, and any region it left; if a stub still holds it, the next launch
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":
@@ -117,7 +185,22 @@ class TritonServer:
         self.stop()
 
 
+def exec_tritonserver(args: list[str]) -> None:
+    """Replaces this process by `tritonserver args...` with its shared memory claimed: what a
+    server killed before (its container restarted in the same pod) left in /dev/shm is freed
+    first. The server is the container's main process, as with a plain entry point."""
+    regions = TritonServer._claim_regions()
+    if regions:
+        os.set_inheritable(regions[0], True)  # held by the server, and by the stubs it starts
+        args = [*args, f"--backend-config=python,shm-region-prefix-name={regions[1]}"]
+    sys.stdout.flush()
+    os.execvp("tritonserver", ["tritonserver", *args])
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["exec"]:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        exec_tritonserver(sys.argv[2:])
     parser = argparse.ArgumentParser(description="run tritonserver with the AToken model repository")
     parser.add_argument("--http-port", type=int, default=8001)
     parser.add_argument("--grpc-port", type=int, default=8002)

@@ -254,3 +254,18 @@ def test_one_lane_answers_early_through_senders_and_last_in_executes_return():
 
     with TritonServer(env=dict(SMALL, ATOKEN_LANE_BATCHES="0")) as server:
         _many_batches_at_once_each_get_their_own_answers(server.url, 1, 2)
+
+
+def test_the_servers_own_shared_memory_is_named_for_it_and_kept_while_it_lives(triton):
+    """The Python backend names its regions with the prefix the launcher claimed (its lock held
+    by the server), so a later launch can tell a dead server's regions from a living one's."""
+    import glob
+
+    from service.triton_launch import SHM, reclaim_stale
+
+    prefix = triton.regions[1]
+    regions = glob.glob(os.path.join(SHM, prefix + "*"))
+    assert regions, os.listdir(SHM)
+    assert not set(map(os.path.basename, regions)) & set(reclaim_stale())
+    assert all(os.path.exists(r) for r in regions)
+    assert triton.proc.poll() is None
