@@ -141,3 +141,79 @@ def test_disguised_format_is_refused():
 def test_sniff_detects_by_content():
     assert sniff(assets.image("rocket.jpg").read_bytes()) == ("image", "jpeg")
     assert sniff(assets.video("bikes.mp4").read_bytes()) == ("video", "mp4")
+
+
+def _png_of(image: Image.Image | np.ndarray, **save) -> bytes:
+    buf = BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+FAST = ("8-bit rgb", "level 0", "level 9", "optimized", "one pixel")  # what libspng decodes
+
+
+def _pngs() -> dict[str, bytes]:
+    """PNGs of every kind the fast path takes (FAST) or must leave to Pillow."""
+    photo = np.asarray(Image.open(assets.image("astronaut.png")).convert("RGB"))[:200, :300]
+    exif = Image.fromarray(photo).getexif()
+    exif[0x0112] = 6  # rotate 90
+    return {
+        "8-bit rgb": _png_of(photo), "level 0": _png_of(photo, compress_level=0), "level 9": _png_of(photo, compress_level=9),
+        "optimized": _png_of(photo, optimize=True), "one pixel": _png_of(photo[:1, :1]),
+        "grey": _png_of(photo[..., 0]), "rgba": _png_of(np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)])),
+        "palette": _png_of(Image.fromarray(photo).quantize(64)),
+        "palette with transparency": _png_of(Image.fromarray(photo).quantize(64), transparency=3),
+        "rgb with transparency": _png_of(photo, transparency=(0, 0, 0)),
+        "exif orientation": _png_of(photo, exif=exif),
+        "16-bit rgb": _sixteen_bit_rgb((photo.astype(np.uint16) * 257).astype(">u2")),
+    }
+
+
+def _sixteen_bit_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (Pillow cannot write one): IHDR bit depth 16, rows filtered with None."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\0" + pixels[y].tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_the_fast_png_path_gives_pillows_pixels(monkeypatch):
+    """libspng (where installed) decodes 8-bit RGB PNGs; everything else, and anything it
+    refuses, goes through Pillow. Pillow alone is the oracle: the same pixels for every kind."""
+    from service.media import image
+
+    pytest.importorskip("pyspng")
+    calls = []
+    load = image.pyspng.load
+    monkeypatch.setattr(image.pyspng, "load", lambda *a, **k: calls.append(1) or load(*a, **k))
+    for name, data in _pngs().items():
+        calls.clear()
+        monkeypatch.setattr(image, "FAST_PNG", True)
+        fast = decode_image(data)
+        took = bool(calls)
+        monkeypatch.setattr(image, "FAST_PNG", False)
+        plain = decode_image(data)
+        assert fast.dtype == plain.dtype == np.uint8 and np.array_equal(fast, plain), name
+        assert took == (name in FAST), name
+    # Damaged 8-bit RGB PNGs (a byte flipped in the pixels, in zlib's checksum or in the chunk's;
+    # the file cut short) are Pillow's to decide, as alone: the same pixels, or the same error.
+    # libspng, as pyspng runs it, would decode the flipped ones without a word.
+    data = _pngs()["8-bit rgb"]  # ends: zlib's adler32 (4 bytes), the IDAT chunk's CRC (4), IEND (12)
+    for at in (len(data) // 2, len(data) - 20, len(data) - 16, None):
+        damaged = data[:len(data) // 2] if at is None else data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+        calls.clear()
+        answers = []
+        for fast in (True, False):
+            monkeypatch.setattr(image, "FAST_PNG", fast)
+            try:
+                answers.append(decode_image(damaged))
+            except CorruptMediaError as exc:
+                answers.append(str(exc))
+        assert not calls and type(answers[0]) is type(answers[1])
+        assert np.array_equal(*answers) if isinstance(answers[0], np.ndarray) else answers[0] == answers[1]
