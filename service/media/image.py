@@ -10,27 +10,17 @@ the token count is known (and checked) before a pixel is decoded.
 
 from __future__ import annotations
 
-import os
-import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:  # libspng: 8-bit RGB PNGs in about half Pillow's time (docs/media.md); optional
-    import pyspng
-except ImportError:  # pragma: no cover - platforms without its wheels
-    pyspng = None
-
 from .detect import IMAGE_FORMATS, sniff
 from .errors import CorruptMediaError, MediaOutOfRangeError, UnsupportedMediaError, check_limit
 from .limits import MediaLimits
 
 PATCH = 16
-# ATOKEN_FAST_PNG: auto (libspng where installed) or off (Pillow only). Same pixels either way;
-# Pillow is the oracle the fast path is tested against.
-FAST_PNG = os.environ.get("ATOKEN_FAST_PNG", "auto") != "off"
 # Our own limit (MediaLimits.max_pixels, read from the header before any pixel is decoded)
 # is the guard; Pillow's global one would refuse large but legitimate configured limits and
 # report bombs without the limit that applies.
@@ -110,9 +100,6 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
     """Bytes -> uint8 [H, W, 3]: EXIF orientation applied, any mode converted to RGB,
     alpha composited over `background`; GIFs give their first frame."""
     image = probe_image(data, limits)
-    fast = _fast_png(data, image)
-    if fast is not None:
-        return fast
     try:
         image.seek(0)
         image.load()
@@ -120,36 +107,6 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
         return to_rgb(image, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptMediaError(f"corrupt or truncated image: {exc}") from None
-
-
-def _fast_png(data: bytes, image: Image.Image) -> np.ndarray | None:
-    """An 8-bit RGB PNG with nothing Pillow would change (no transparency, EXIF orientation or
-    interlacing) decoded by libspng; None otherwise, or when libspng refuses it (Pillow then
-    decodes it, or names what is wrong)."""
-    if not (FAST_PNG and pyspng and image.format == "PNG" and image.mode == "RGB" and image.tile
-            and image.tile[0][3] == "RGB" and not {"transparency", "exif", "interlace"} & image.info.keys()
-            and _chunks_intact(data)):
-        return None
-    try:
-        pixels = pyspng.load(data, format="RGB")
-    except Exception:  # noqa: BLE001 - any refusal: the plain path decides
-        return None
-    return pixels if pixels.shape == (image.height, image.width, 3) and pixels.dtype == np.uint8 else None
-
-
-def _chunks_intact(data: bytes) -> bool:
-    """Every chunk's checksum right, through IEND. pyspng has libspng use data whatever its
-    checksums say (and then skips zlib's too), where Pillow refuses a damaged stream: a file
-    damaged anywhere is left to Pillow. 0.02 ms for a 256x256 photograph."""
-    view, pos = memoryview(data), 8
-    while pos + 12 <= len(data):
-        stop = pos + 8 + int.from_bytes(view[pos:pos + 4], "big")
-        if stop + 4 > len(data) or zlib.crc32(view[pos + 4:stop]) != int.from_bytes(view[stop:stop + 4], "big"):
-            return False
-        if view[pos + 4:pos + 8] == b"IEND":
-            return True
-        pos = stop + 4
-    return False
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
