@@ -114,7 +114,7 @@ class Gate:
                 message = dict(message, body=b"")
             await send(message)
 
-        admitted = False
+        admitted, held = False, 0
         try:
             path, method = scope["path"], scope["method"]
             headers = dict(scope.get("headers") or [])
@@ -122,10 +122,15 @@ class Gate:
                 if path in PROTECTED or path.startswith(JOBS_PREFIX):
                     check_api_key(headers, settings.keys)
                 if method == "POST":
-                    limit = self._body_limit(path, headers)
+                    limit, in_memory = self._body_limit(path, headers)
                     if path in INFERENCE:
                         self.runtime.admit()
                         admitted = True
+                    if in_memory:  # a body without a declared size is counted at its limit
+                        declared = headers.get(b"content-length", b"")
+                        size = int(declared) if declared.isdigit() else limit
+                        self.runtime.hold_body(size)
+                        held = size
                     receive = BodyReader(receive, limit, settings.body_timeout_s, settings.body_idle_timeout_s)
             except ServiceError:
                 await _discard_small_body(receive, headers, settings.body_idle_timeout_s)
@@ -144,14 +149,18 @@ class Gate:
         finally:
             if admitted:
                 self.runtime.release()
+            if held:
+                self.runtime.drop_body(held)
             self._count(scope, state, sent["status"] or 500, time.perf_counter() - start)
 
-    def _body_limit(self, path: str, headers: dict[bytes, bytes]) -> int:
-        """JSON bodies and token payloads (/decode) are small by nature; a raw body is one file
-        (the per-file limit); a multipart body holds several (the per-request limit)."""
+    def _body_limit(self, path: str, headers: dict[bytes, bytes]) -> tuple[int, bool]:
+        """(the byte limit, whether the body is held in memory). JSON bodies and token payloads
+        (/decode) are small by nature, and held; a raw body is one file (the per-file limit), a
+        multipart body holds several (the per-request limit): both go to disk past 1 MiB."""
         settings = self.runtime.settings
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
-        if ctype in JSON_TYPES or path == "/decode":
+        in_memory = ctype in JSON_TYPES or path == "/decode"
+        if in_memory:
             limit, what = settings.max_json_bytes, " for JSON and token payloads"
         elif ctype == "multipart/form-data":
             limit, what = settings.max_request_bytes, ""
@@ -162,7 +171,7 @@ class Gate:
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit}{what}",
                                   limit=limit)
-        return limit
+        return limit, in_memory
 
     async def _send_error(self, exc: Exception, scope, send) -> None:
         status, body, headers = error_body(exc)

@@ -29,6 +29,8 @@ class Metrics:
         self.ready = Gauge("atoken_ready", "1 when requests will be served", registry=r)
         self.running = Gauge("atoken_running_jobs", "Jobs in the batch the model worker runs now", registry=r)
         self.inflight = Gauge("atoken_inflight_requests", "Admitted requests not yet answered", registry=r)
+        self.held_body_bytes = Gauge("atoken_held_body_bytes",
+                                     "Declared bytes of the JSON and token bodies in flight", registry=r)
         self.dropped = Gauge("atoken_dropped_jobs", "Queued jobs skipped: client gone or deadline passed",
                              registry=r)
         # The job API (POST /jobs/{op}); "jobs" above are the model queue's units.

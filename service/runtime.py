@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from fastapi import Request
 
-from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, from_worker
+from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, PayloadTooLarge, from_worker
 from .media.detect import sniff
 from .media.errors import MediaError
 from .metrics import Metrics
@@ -60,6 +60,7 @@ class Runtime:
     backend_factory: Callable[[], Backend]
     metrics: Metrics = field(default_factory=Metrics)
     inflight: int = 0
+    held_body_bytes: int = 0  # declared sizes of the JSON and token bodies in flight (`hold_body`)
     jobs: object | None = None  # routes.jobs.Jobs, attached by the app
 
     def __post_init__(self) -> None:
@@ -109,6 +110,21 @@ class Runtime:
 
     def release(self) -> None:
         self.inflight -= 1
+
+    def hold_body(self, size: int) -> None:
+        """Counts a body held in memory (JSON, tokens) against max_json_inflight_bytes: 429 while
+        the others leave no room, 413 if it could never fit. Freed by `drop_body`."""
+        budget = self.settings.max_json_inflight_bytes
+        if size > budget:
+            raise PayloadTooLarge(f"a body of {size} bytes held in memory can never fit the limit of {budget} "
+                                  "bytes for JSON and token bodies in flight", limit=budget)
+        if self.held_body_bytes + size > budget:
+            raise Overloaded(f"JSON and token bodies in flight hold {self.held_body_bytes} bytes; {size} more would "
+                             f"pass the limit of {budget}", limit=budget, retry_after=1)
+        self.held_body_bytes += size  # no await between the check and the count: atomic on the event loop
+
+    def drop_body(self, size: int) -> None:
+        self.held_body_bytes -= size
 
     async def _in_pool(self, pool: ThreadPoolExecutor, fn, *args):
         timeout = self.settings.request_timeout_s

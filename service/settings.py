@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # and a /decode video's output canvas (docs/media.md)
     max_video_pixels: int = Field(10**10, ge=1)
     max_json_bytes: int = 32 * 2**20
+    # JSON and token (/decode) bodies are held in memory while they are answered, about 3x their
+    # size at the peak (the bytes, the parsed form, the arrays): their declared sizes together,
+    # over every request in flight, stay within this (429 beyond; docs/limits.md)
+    max_json_inflight_bytes: int = Field(128 * 2**20, ge=1)
     max_json_depth: int = 32
 
     # Deadlines (seconds): a request never lives past body + request timeouts.
@@ -171,4 +175,4 @@ class Settings(BaseSettings):
             "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
             "max_inflated_bytes", "max_json_bytes", "max_json_depth", "max_batch_tokens", "max_queue_jobs",
             "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s",
-            "max_video_pixels")}
+            "max_video_pixels", "max_json_inflight_bytes")}

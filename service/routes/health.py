@@ -38,6 +38,7 @@ def readyz(runtime: Runtime = Depends(get_runtime)):
 @router.get("/metrics", summary="Prometheus metrics")
 def metrics(runtime: Runtime = Depends(get_runtime)):
     runtime.metrics.inflight.set(runtime.inflight)
+    runtime.metrics.held_body_bytes.set(runtime.held_body_bytes)
     counts = runtime.jobs.store.counts() if runtime.jobs and runtime.jobs.store else None
     return Response(runtime.metrics.render(runtime.scheduler, counts), media_type="text/plain; version=0.0.4")
 

@@ -30,6 +30,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 JPG = assets.image("rocket.jpg").read_bytes()
 VIDEO = assets.video("bikes.mp4").read_bytes()  # 250 frames of 640x272
 VIDEO_WORK_LIMIT = 150 * 640 * 272  # the whole clip is 250 frames' work; at 5 fps, 75
+HELD_BODIES = 6 * 2**20  # JSON and token bodies in flight, together
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def files_server():
 def live(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("hostile"), api_keys=KEY, allow_url_fetch="true",
                        url_allowlist="127.0.0.1", fetch_timeout_s=2, body_idle_timeout_s=1, body_timeout_s=5,
-                       max_queue_tokens=8192, max_video_pixels=VIDEO_WORK_LIMIT) as server:
+                       max_queue_tokens=8192, max_video_pixels=VIDEO_WORK_LIMIT,
+                       max_json_inflight_bytes=HELD_BODIES) as server:
         yield server
 
 
@@ -253,6 +255,39 @@ def test_a_video_that_would_take_too_long_to_decode_is_refused_from_its_header(l
     r = expect(live, lambda: client.post("/tokenize?fps=5", files={"file": ("v.mp4", VIDEO)}), 200)
     assert r.json()["items"][0]["media"]["frames"] == 50
     assert client.get("/info").json()["limits"]["max_video_pixels"] == VIDEO_WORK_LIMIT
+
+
+def test_json_bodies_in_flight_share_one_memory_budget(live, client):
+    """JSON and token bodies are held in memory while answered: their declared sizes together
+    stay within ATOKEN_MAX_JSON_INFLIGHT_BYTES. One arriving slowly holds its share; another
+    that would pass the budget is 429 at once, before its body is read; one that could never
+    fit is 413; once the slow one ends, the room is back."""
+    two_mib = json.dumps({"items": [{"kind": "image", "pad": "x" * (2 * 2**20 - 40)}]}).encode()
+    with socket.create_connection(("127.0.0.1", live.port)) as slow:
+        slow.sendall(f"POST /decode HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {5 * 2**20}\r\n\r\n{{".encode())
+        deadline = time.monotonic() + 5
+        while _held(client) < 5 * 2**20:
+            assert time.monotonic() < deadline, "the slow body was never counted"
+            time.sleep(0.02)
+        r = expect(live, lambda: client.post("/decode", content=two_mib, headers={"content-type": "application/json"}),
+                   429, "overloaded", limit_key=True)
+        assert r.json()["error"]["limit"] == HELD_BODIES and "Retry-After" in r.headers
+    r = expect(live, lambda: client.post("/decode", content=b"{" + b" " * (HELD_BODIES + 1) + b"}",
+                                         headers={"content-type": "application/json"}), 413, "too_large")
+    assert "never fit" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while _held(client):
+        assert time.monotonic() < deadline, "the slow body's share was never given back"
+        time.sleep(0.05)
+    r = client.post("/decode", content=two_mib, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "coords" in r.text, r.text[:300]  # read and judged: not a token document
+
+
+def _held(client) -> float:
+    import re
+
+    return float(re.search(r"^atoken_held_body_bytes (\S+)$", client.get("/metrics").text, re.M).group(1))
 
 
 def test_a_request_that_can_never_fit_is_413_not_429(live, client):
