@@ -101,13 +101,11 @@ def decode(data: Upload, options: Options, limits: MediaLimits) -> Decoded:
 
 
 def _image(data: bytes, options: Options, limits: MediaLimits) -> Decoded:
-    width, height = img.probe_image(data, limits).size
-    img.plan_resize(height, width, limits)  # aspect and tokens refused from the header, before decoding
-    pixels = img.decode_image(data, limits, options.background)
-    plan = img.plan_resize(*pixels.shape[:2], limits)
+    # Aspect and tokens are refused from the header, before decoding.
+    pixels, plan = img.for_model(data, limits, options.background)
     media = {"height": plan.original[0], "width": plan.original[1], "model_height": plan.model[0],
              "model_width": plan.model[1], "frames": 1}
-    return Decoded("image", "image", media, Pixels(img.resize_rgb(pixels, plan.model)[None]))
+    return Decoded("image", "image", media, Pixels(pixels[None]))
 
 
 def _video(data: bytes | str, options: Options, limits: MediaLimits) -> Decoded:

@@ -96,12 +96,16 @@ def probe_image(data: bytes, limits: MediaLimits) -> Image.Image:
 
 
 def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
-                 background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+                 background: tuple[int, int, int] = (255, 255, 255), at_least: int | None = None) -> np.ndarray:
     """Bytes -> uint8 [H, W, 3]: EXIF orientation applied, any mode converted to RGB,
-    alpha composited over `background`; GIFs give their first frame."""
+    alpha composited over `background`; GIFs give their first frame. `at_least`: only a copy
+    to be resized down is wanted, with both sides at least this; a JPEG larger than that is
+    decoded at libjpeg's 1/2, 1/4 or 1/8 scale (its DCT scaling), whatever keeps it so."""
     image = probe_image(data, limits)
     try:
         image.seek(0)
+        if at_least:
+            image.draft("RGB", (at_least, at_least))  # JPEG only; other formats ignore it
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise a copy of every image
         return to_rgb(image, background)
@@ -152,9 +156,29 @@ def from_model_range(values: np.ndarray) -> np.ndarray:
     return np.clip((values + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+# A large JPEG is decoded at a reduced DCT scale that keeps at least this many times the model
+# size on each side, then Lanczos-resized: a 4000x3000 photograph to 384x512 in 47 ms instead
+# of 170, its pixels within 3 levels (0.17 on average) of decoding in full (docs/media.md).
+DRAFT_MARGIN = 2
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) once EXIF orientation is applied, read without decoding."""
+    width, height = image.size
+    return (width, height) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (height, width)
+
+
+def for_model(data: bytes, limits: MediaLimits = MediaLimits(),
+              background: tuple[int, int, int] = (255, 255, 255)) -> tuple[np.ndarray, Resize]:
+    """Bytes -> uint8 [h, w, 3] at the model size, and the resize record (the original size
+    from the header: a large JPEG is decoded smaller, see DRAFT_MARGIN)."""
+    plan = plan_resize(*oriented_size(probe_image(data, limits)), limits)
+    pixels = decode_image(data, limits, background, at_least=DRAFT_MARGIN * max(plan.model))
+    return resize_rgb(pixels, plan.model), plan
+
+
 def load_for_model(data: bytes, limits: MediaLimits = MediaLimits(),
                    background: tuple[int, int, int] = (255, 255, 255)) -> tuple[np.ndarray, Resize]:
     """Bytes -> float32 [h, w, 3] in [-1, 1] at the model size, and the resize record."""
-    pixels = decode_image(data, limits, background)
-    plan = plan_resize(*pixels.shape[:2], limits)
-    return to_model_range(resize_rgb(pixels, plan.model)), plan
+    pixels, plan = for_model(data, limits, background)
+    return to_model_range(pixels), plan

@@ -141,3 +141,38 @@ def test_disguised_format_is_refused():
 def test_sniff_detects_by_content():
     assert sniff(assets.image("rocket.jpg").read_bytes()) == ("image", "jpeg")
     assert sniff(assets.video("bikes.mp4").read_bytes()) == ("video", "mp4")
+
+
+def _large_jpeg(width: int, height: int, orientation: int = 1) -> bytes:
+    photo = Image.open(assets.image("astronaut.png")).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    exif = photo.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = BytesIO()
+    photo.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_model():
+    """A JPEG more than twice the model size is decoded at libjpeg's DCT scale that keeps at
+    least twice the model size per side: the model sees (nearly) the same pixels, and the
+    record keeps the full size that a reconstruction is returned at."""
+    from service.media.image import for_model
+
+    limits = MediaLimits(max_side=512)
+    data = _large_jpeg(4000, 3000)
+    assert decode_image(data, limits, at_least=1024).shape == (1500, 2000, 3)  # 1/2: 1/4 would be 750x1000
+    pixels, plan = for_model(data, limits)
+    full = resize_rgb(decode_image(data, limits), plan.model)
+    assert plan.original == (3000, 4000) and pixels.shape == full.shape == (384, 512, 3)
+    diff = np.abs(pixels.astype(int) - full.astype(int))
+    assert diff.max() <= 4 and diff.mean() < 0.5
+    # EXIF orientation: the record and the pixels are the upright picture's.
+    rotated = _large_jpeg(4000, 3000, orientation=6)
+    pixels, plan = for_model(rotated, limits)
+    assert plan.original == (4000, 3000) and pixels.shape == (512, 384, 3)
+    assert np.abs(pixels.astype(int) - resize_rgb(decode_image(rotated, limits), plan.model)).max() <= 4
+    # Small images are decoded whole: the same pixels as before.
+    small = _large_jpeg(800, 600)
+    pixels, plan = for_model(small, limits)
+    assert np.array_equal(pixels, resize_rgb(decode_image(small, limits), plan.model))
