@@ -29,6 +29,10 @@ TILE = 16  # frames per temporal tile (4 latent frames), as the official encoder
 # at 0.5-1.1 billion pixels a second and all three at 60-95 million: a dropped frame counts an
 # eighth of its pixels against the limit.
 DROPPED_SHARE = 8
+# Whatever its size, a frame costs the decoder's own per-frame work: 38 us for a 16x16 frame
+# here, about what this many source pixels of a kept frame cost. Without this floor a 64 MB
+# file of tiny frames (13 bytes each) would buy minutes of decoding within the pixel budget.
+FRAME_FLOOR = 4096
 # Decoding starts at the keyframe before `start` (`_frames_from`); its plan allows for this
 # much before `start` (x264's default keyframe interval is 250 frames: 10 s at 25 fps).
 KEYFRAME_LEAD_S = 10.0
@@ -157,7 +161,8 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     if work > limits.max_video_pixels:
         raise MediaTooLargeError(
             f"decoding this video converts {expected} frames of {info.width}x{info.height} and decodes "
-            f"{decoded - expected} more to drop them: {work} pixels of work (a dropped frame counts 1/{DROPPED_SHARE}), "
+            f"{decoded - expected} more to drop them: {work} pixels of work (a dropped frame counts 1/{DROPPED_SHARE}, "
+            f"any frame at least {FRAME_FLOOR}), "
             f"over the limit of {limits.max_video_pixels} (max_video_pixels); ask for fewer frames (fps, max_frames, "
             f"end) or raise the limit", limit=limits.max_video_pixels, actual=work)
     return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected, limits.max_video_pixels)
@@ -165,8 +170,9 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
 
 def decoding_work(frame_pixels: int, kept: int, dropped: int) -> int:
     """What decoding a video costs, in source pixels: every kept frame's, an eighth of every
-    dropped one's (decoded, not converted or resized)."""
-    return frame_pixels * kept + frame_pixels * dropped // DROPPED_SHARE
+    dropped one's (decoded, not converted or resized), each at least FRAME_FLOOR."""
+    return (max(frame_pixels, FRAME_FLOOR) * kept
+            + max(frame_pixels // DROPPED_SHARE, FRAME_FLOOR) * dropped)
 
 
 def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:

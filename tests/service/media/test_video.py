@@ -69,6 +69,28 @@ def test_decoding_work_is_bounded_from_the_header():
     assert plan_video(data, MediaLimits(max_side=64, max_video_pixels=76 * BIKES_FRAME), Sampling(start_s=8.0))
 
 
+def test_tiny_frames_cost_at_least_the_decoders_own_work_each():
+    """Thousands of 16x16 frames (13 bytes each in H.264) are cheap in pixels but not in time
+    (38 us each here): every frame counts at least FRAME_FLOOR pixels."""
+    buf = BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=1000)
+        s.width = s.height = 16
+        s.options = {"preset": "ultrafast"}
+        frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+        for _ in range(3000):
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    data = buf.getvalue()
+    # At 10 fps: 30 kept and 2,970 dropped (3 s at 1000 fps) -> 3,000 x 4,096 = 12.3 million;
+    # by pixels alone (30 x 256 + 2,970 x 32) it would be 0.1 million.
+    with pytest.raises(MediaTooLargeError, match="at least 4096") as err:
+        plan_video(data, MediaLimits(max_side=64, max_video_pixels=10**6), Sampling(fps=10))
+    assert err.value.actual >= 3000 * video.FRAME_FLOOR
+    plan = plan_video(data, MediaLimits(max_side=64, max_video_pixels=13 * 10**6), Sampling(fps=10))
+    assert sum(1 for _ in iter_frames(data, plan)) == 30
+
+
 def test_decoding_stops_at_the_limit_whatever_the_stream_holds():
     """The plan's limit holds while decoding, not only against the header: a stream holding more
     than it declares (here: a plan allowing 40 frames' work) stops there, with 413's error."""
