@@ -11,7 +11,6 @@ In containers (docker/Dockerfile.triton, deploy/helm) the official Triton image'
 from __future__ import annotations
 
 import argparse
-import fcntl
 import glob
 import logging
 import os
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from . import claims
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "deploy" / "triton" / "model_repository"
@@ -48,15 +49,9 @@ def _pytriton_dir() -> Path:
 
 
 def claim_regions(folder: str = SHM) -> tuple[int, str]:
-    """(a descriptor holding the lock, the region prefix) for a new server's shared memory.
-    The lock file is made and locked under a private name first, so that `reclaim_stale`
-    never finds it unlocked."""
+    """(a descriptor holding the lock, the region prefix) for a new server's shared memory."""
     token = secrets.token_hex(6)
-    path = os.path.join(folder, f"{REGION_PREFIX}{token}.lock")
-    fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(path + ".new", path)
-    return fd, f"{REGION_PREFIX}{token}_"
+    return claims.create_claimed(os.path.join(folder, f"{REGION_PREFIX}{token}.lock")), f"{REGION_PREFIX}{token}_"
 
 
 def reclaim_stale(folder: str = SHM) -> list[str]:
@@ -64,21 +59,14 @@ def reclaim_stale(folder: str = SHM) -> list[str]:
     lock), and their lock files; -> the names freed. A living server's are left alone."""
     freed = []
     for lock in glob.glob(os.path.join(glob.escape(folder), f"{REGION_PREFIX}*.lock")):
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except OSError:  # gone meanwhile, or not ours to open
+        fd = claims.abandoned(lock)
+        if fd is None:  # alive, gone meanwhile, or not ours to open
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # alive
-        else:
-            for region in glob.glob(glob.escape(lock[:-len(".lock")]) + "_*"):
-                os.unlink(region)
-                freed.append(os.path.basename(region))
-            os.unlink(lock)
-        finally:
-            os.close(fd)
+        for region in glob.glob(glob.escape(lock[:-len(".lock")]) + "_*"):
+            claims.unlink(region)
+            freed.append(os.path.basename(region))
+        claims.unlink(lock)
+        os.close(fd)
     return freed
 
 

@@ -24,7 +24,6 @@ living ones and free them.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from . import claims
 
 log = logging.getLogger("atoken.triton")
 ALIGN = 64  # each tensor starts on a cache line
@@ -137,7 +138,7 @@ class RegionPool:
         freed = []
         for owner, names in owners.items():
             path = _lock_path(owner)
-            dead = _try_hold(path)
+            dead = claims.abandoned(path)
             if dead is None:
                 continue
             for name in names:
@@ -146,8 +147,8 @@ class RegionPool:
                 except Exception as exc:  # noqa: BLE001 - still ours to remove from /dev/shm
                     log.warning("could not unregister stale region %s: %s", name, exc)
             for name in files.get(owner, []):
-                _unlink(os.path.join(SHM_DIR, name))
-            _unlink(path)
+                claims.unlink(os.path.join(SHM_DIR, name))
+            claims.unlink(path)
             os.close(dead)
             freed += names
         return freed
@@ -190,7 +191,7 @@ class RegionPool:
             if not self._closed or self._live or self._owner is None:
                 return
             owner, self._owner = self._owner, None
-        _unlink(_lock_path(self._prefix))
+        claims.unlink(_lock_path(self._prefix))
         os.close(owner)
 
 
@@ -208,43 +209,8 @@ def _shm_names() -> list[str]:
 def _hold(path: str) -> int | None:
     """This pool's claim: `path` created and locked. None where that fails (no /dev/shm, no
     permission): the pool then works unclaimed, and nobody reclaims a pool without a lock file."""
-    # Locked under a private name, then linked into place: a starting front end scanning
-    # /dev/shm must never find the lock file before it is locked, and take it for a dead pool's.
-    staging = f"{path}.{os.getpid()}.{threading.get_ident()}"
     try:
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        return claims.create_claimed(path)
     except OSError as exc:
         log.info("no lock file for this front end's shared-memory regions (%s)", exc)
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just created: nobody else holds it
-        os.link(staging, path)
-    except OSError as exc:
-        os.close(fd)
-        log.info("no lock file for this front end's shared-memory regions (%s)", exc)
-        return None
-    finally:
-        _unlink(staging)
-    return fd
-
-
-def _try_hold(path: str) -> int | None:
-    """A locked descriptor of `path` if its pool has died (nobody holds the lock), else None
-    (alive, or no such file: a pool without its lock file is not judged)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

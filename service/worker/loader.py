@@ -45,20 +45,20 @@ class ModelSpec:
 
 def cpu_has_bf16() -> bool:
     """Native bfloat16 matrix units on this CPU (AVX512-BF16 or AMX-BF16; read on Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return _cpu_flag(r"avx512_bf16|amx_bf16")
 
 
 def cpu_has_fp16() -> bool:
     """Native float16 arithmetic on this CPU (AVX512-FP16 or AMX-FP16; read on Linux)."""
+    return _cpu_flag(r"avx512_fp16|amx_fp16")
+
+
+def _cpu_flag(names: str) -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return re.search(r"\b(avx512_fp16|amx_fp16)\b", flags) is not None
+    return re.search(rf"\b({names})\b", flags) is not None
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -12,7 +12,6 @@ instead, so nothing is ever refused for size here (the request limits bound it u
 
 from __future__ import annotations
 
-import fcntl
 import io
 import mmap
 import os
@@ -22,6 +21,8 @@ import tempfile
 import uuid
 
 import torch
+
+from .. import claims
 
 ALIGN = 64  # array starts on cache-line boundaries
 # Per direction, shared out among the batches in flight. A CPU batch of 2048 tokens crosses in
@@ -122,20 +123,8 @@ def _folder() -> str:
 
 
 def _create_claimed(path: str, size: int) -> int:
-    """The file at `path`, its memory reserved and locked by the returned descriptor. Made and
-    locked under a private name first: `reclaim_stale` must never find it unlocked."""
-    staging = path + ".new"
-    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # just created: nobody else holds it
-        _reserve(fd, staging, size)
-        os.rename(staging, path)
-    except BaseException:
-        os.close(fd)
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise
-    return fd
+    """The file at `path`, its memory reserved and locked by the returned descriptor."""
+    return claims.create_claimed(path, lambda fd, staging: _reserve(fd, staging, size))
 
 
 def reclaim_stale(folder: str | None = None) -> list[str]:
@@ -147,19 +136,12 @@ def reclaim_stale(folder: str | None = None) -> list[str]:
         if not _NAME.fullmatch(name):
             continue
         path = os.path.join(folder, name)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:  # gone meanwhile, or not ours to open
+        fd = claims.abandoned(path)
+        if fd is None:  # alive, gone meanwhile, or not ours to open
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # alive
-        else:
-            os.unlink(path)
-            freed.append(name)
-        finally:
-            os.close(fd)
+        claims.unlink(path)
+        os.close(fd)
+        freed.append(name)
     return freed
 
 
