@@ -169,6 +169,14 @@ class Settings(BaseSettings):
         return ModelSpec(self.checkpoint, self.config, self.variant, self.gs_checkpoint, self.gs_config, self.dtype,
                          self.device, self.threads, self.discrete_checkpoint, self.discrete_config, self.lanes)
 
+    def without_deadlines(self) -> "Settings":
+        """These settings for work no request deadline bounds (tokenize-dataset, atoken decode):
+        the video budget, sized to a request's time limit, becomes max_frames x max_pixels unless
+        it was set, so it only stops a stream holding more than its header declares."""
+        if "max_video_pixels" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"max_video_pixels": self.max_frames * self.max_pixels})
+
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (
             "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",

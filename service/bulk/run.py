@@ -141,7 +141,7 @@ def _checked(cfg: RunConfig, settings: Settings) -> RunConfig:
 
 
 def tokenize_dataset(cfg: RunConfig, settings: Settings | None = None) -> dict:
-    settings = settings or Settings()
+    settings = (settings or Settings()).without_deadlines()
     options = options_from_raw(cfg.options)
     cfg = _checked(cfg, settings)
     entries = list_inputs(cfg.src)
