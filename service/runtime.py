@@ -16,6 +16,7 @@ from fastapi import Request
 from .errors import ClientClosedRequest, DeadlineExceeded, Overloaded, PayloadTooLarge, from_worker
 from .media.detect import sniff
 from .media.errors import MediaError
+from .media.limits import MediaLimits
 from .metrics import Metrics
 from .inputs import Options
 from .pipeline import Item, preprocess
@@ -141,11 +142,13 @@ class Runtime:
         """Video decoding and other long CPU work, off the light pool (see __post_init__)."""
         return await self._in_pool(self.heavy_pool, fn, *args)
 
-    async def preprocess_all(self, uploads: list[bytes], options: Options) -> list[Item]:
+    async def preprocess_all(self, uploads: list[bytes], options: Options,
+                             limits: MediaLimits | None = None) -> list[Item]:
+        """Every upload decoded (a video planned) in the pools, under `limits` (the settings')."""
+        limits = limits or self.settings.limits
         self.scheduler.preparing += 1
         try:
-            tasks = [self._in_pool(self._pool_for(data), preprocess, data, options, self.settings.limits)
-                     for data in uploads]
+            tasks = [self._in_pool(self._pool_for(data), preprocess, data, options, limits) for data in uploads]
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self.scheduler.preparing -= 1

@@ -65,6 +65,17 @@ def test_a_job_answers_exactly_what_the_route_answers(tmp_path):
         assert "atoken_async_job_steps_total 4.0" in metrics
 
 
+def test_a_video_over_the_request_budget_is_served_as_a_job(tmp_path):
+    """The video budget is sized to a request's deadline; a job is how longer work is served, so
+    it allows what the other limits allow (max_frames x max_pixels)."""
+    clip = assets.video("carphone_pristine.mp4").read_bytes()
+    with LiveServer(jobs_dir=str(tmp_path), max_video_pixels=10**6, **SETTINGS) as live, live.client() as c:
+        sync = c.post("/tokenize", files={"file": ("v.mp4", clip)})
+        assert sync.status_code == 413 and "max_video_pixels" in sync.json()["error"]["message"]
+        job, _ = _wait(c, _submit(c, "tokenize", clip, "v.mp4").json())
+        assert job["status"] == "succeeded", job
+
+
 def test_progress_moves_per_tile_and_cancel_stops_a_long_video(tmp_path, long_clip):
     with LiveServer(jobs_dir=str(tmp_path), **SETTINGS) as live, live.client() as c:
         job = _submit(c, "reconstruct", long_clip, "long.mp4").json()
