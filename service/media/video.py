@@ -164,7 +164,8 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
             f"{decoded - expected} more to drop them: {work} pixels of work (a dropped frame counts 1/{DROPPED_SHARE}, "
             f"any frame at least {FRAME_FLOOR}), "
             f"over the limit of {limits.max_video_pixels} (max_video_pixels); ask for fewer frames (fps, max_frames, "
-            f"end) or raise the limit", limit=limits.max_video_pixels, actual=work)
+            f"end), send it as a job (POST /jobs/{{op}}: no request deadline), or raise the limit",
+            limit=limits.max_video_pixels, actual=work)
     return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected, limits.max_video_pixels)
 
 
