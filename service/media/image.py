@@ -107,14 +107,21 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
     alpha composited over `background`; GIFs give their first frame. `at_least`: only a copy
     to be resized down is wanted, with both sides at least this; a JPEG larger than that is
     decoded at libjpeg's 1/2, 1/4 or 1/8 scale (its DCT scaling), whatever keeps it so."""
+    return _decoded(data, limits, background, at_least)[0]
+
+
+def _decoded(data: bytes, limits: MediaLimits, background: tuple[int, int, int],
+             at_least: int | None) -> tuple[np.ndarray, bool]:
+    """(decode_image's pixels, whether EXIF orientation swapped height and width)."""
     image = probe_image(data, limits)
     try:
         image.seek(0)
         if at_least:
             image.draft("RGB", (at_least, at_least))  # JPEG only; other formats ignore it
         image.load()
+        stored = image.size
         ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise a copy of every image
-        return to_rgb(image, background)
+        return to_rgb(image, background), image.size != stored
     except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptMediaError(f"corrupt or truncated image: {exc}") from None
 
@@ -168,18 +175,15 @@ def from_model_range(values: np.ndarray) -> np.ndarray:
 DRAFT_MARGIN = 2
 
 
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(height, width) once EXIF orientation is applied, read without decoding."""
-    width, height = image.size
-    return (width, height) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (height, width)
-
-
 def for_model(data: bytes, limits: MediaLimits = MediaLimits(),
               background: tuple[int, int, int] = (255, 255, 255)) -> tuple[np.ndarray, Resize]:
     """Bytes -> uint8 [h, w, 3] at the model size, and the resize record (the original size
-    from the header: a large JPEG is decoded smaller, see DRAFT_MARGIN)."""
-    plan = plan_resize(*oriented_size(probe_image(data, limits)), limits)
-    pixels = decode_image(data, limits, background, at_least=DRAFT_MARGIN * max(plan.model))
+    from the header: a large JPEG is decoded smaller, see DRAFT_MARGIN). Aspect and tokens
+    are refused from the header, before decoding."""
+    width, height = probe_image(data, limits).size  # as stored; EXIF orientation may swap them
+    longest = max(plan_resize(height, width, limits).model)  # the same either way round
+    pixels, swapped = _decoded(data, limits, background, DRAFT_MARGIN * longest)
+    plan = plan_resize(*((width, height) if swapped else (height, width)), limits)
     return resize_rgb(pixels, plan.model), plan
 
 
