@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -171,19 +170,12 @@ class Settings(BaseSettings):
                          self.device, self.threads, self.discrete_checkpoint, self.discrete_config, self.lanes)
 
     def without_deadlines(self) -> "Settings":
-        """These settings for work no request deadline bounds (tokenize-dataset, atoken decode):
-        the video budget, sized to a request's time limit, becomes max_frames x max_pixels unless
-        it was set, so it only stops a stream holding more than its header declares."""
-        if "max_video_pixels" in self.model_fields_set:
-            return self
-        return self.model_copy(update={"max_video_pixels": self.max_frames * self.max_pixels})
-
-    @property
-    def job_limits(self) -> MediaLimits:
-        """The limits of POST /jobs/{op}: a job is how an input too long for a request's deadline
-        is served, so the video budget sized to that deadline is at least max_frames x
-        max_pixels there (a job's tiles each keep their deadline, and jobs run one at a time)."""
-        return replace(self.limits, max_video_pixels=max(self.max_video_pixels, self.max_frames * self.max_pixels))
+        """These settings for work no request deadline bounds (POST /jobs/{op}, tokenize-dataset,
+        atoken decode): the video budget, sized to a request's time limit, is at least
+        max_frames x max_pixels, so there it only stops a stream holding more than its header
+        declares (a job's tiles each keep their deadline, and jobs run one at a time)."""
+        return self.model_copy(update={"max_video_pixels": max(self.max_video_pixels,
+                                                               self.max_frames * self.max_pixels)})
 
     def public_limits(self) -> dict:
         return {k: getattr(self, k) for k in (

@@ -35,8 +35,8 @@ from .runtime import Runtime, Timing
 from .worker.jobs import Job, JobResult, pixel_patches
 
 LOOKAHEAD = 2  # tiles decoded and queued ahead of the one being written
-T = TypeVar("T")
 MAX_BACKOFF_S = 1.0  # a full queue delays the next tile; it does not fail a long video
+T = TypeVar("T")  # what `in_order`'s caller pairs with each job
 
 
 @dataclass

@@ -70,6 +70,19 @@ def reclaim_stale(folder: str = SHM) -> list[str]:
     return freed
 
 
+def claim_after_reclaiming() -> tuple[int, str] | None:
+    """What dead servers left freed, then a claim for a new one (None without a /dev/shm to
+    use: the backend's default names, unowned)."""
+    try:
+        freed = reclaim_stale()
+        if freed:
+            log.warning("freed %d shared memory regions of Triton servers that had died: %s", len(freed), freed)
+        return claim_regions()
+    except OSError as exc:
+        log.warning("Triton's shared memory is not claimed (%s)", exc)
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,7 +128,7 @@ class TritonServer:
                f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--http-address=127.0.0.1",
                "--grpc-address=127.0.0.1", "--log-verbose=0", "--exit-on-error=true",
                "--disable-auto-complete-config"]
-        self.regions = self._claim_regions()
+        self.regions = claim_after_reclaiming()
         if self.regions:
             cmd.append(f"--backend-config=python,shm-region-prefix-name={self.regions[1]}")
         self.log = open(self.workdir / "tritonserver.log", "wb")
@@ -135,17 +148,6 @@ class TritonServer:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    @staticmethod
-    def _claim_regions() -> tuple[int, str] | None:
-        try:
-            freed = reclaim_stale()
-            if freed:
-                log.warning("freed %d shared memory regions of Triton servers that had died: %s", len(freed), freed)
-            return claim_regions()
-        except OSError as exc:  # no /dev/shm to use: the backend's default names, unowned
-            log.warning("Triton's shared memory is not claimed (%s)", exc)
-            return None
 
     def tail(self, chars: int = 4000) -> str:
         path = self.workdir / "tritonserver.log"
@@ -177,7 +179,7 @@ def exec_tritonserver(args: list[str]) -> None:
     """Replaces this process by `tritonserver args...` with its shared memory claimed: what a
     server killed before (its container restarted in the same pod) left in /dev/shm is freed
     first. The server is the container's main process, as with a plain entry point."""
-    regions = TritonServer._claim_regions()
+    regions = claim_after_reclaiming()
     if regions:
         os.set_inheritable(regions[0], True)  # held by the server, and by the stubs it starts
         args = [*args, f"--backend-config=python,shm-region-prefix-name={regions[1]}"]

@@ -107,13 +107,11 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
     alpha composited over `background`; GIFs give their first frame. `at_least`: only a copy
     to be resized down is wanted, with both sides at least this; a JPEG larger than that is
     decoded at libjpeg's 1/2, 1/4 or 1/8 scale (its DCT scaling), whatever keeps it so."""
-    return _decoded(data, limits, background, at_least)[0]
+    return _decoded(probe_image(data, limits), background, at_least)[0]
 
 
-def _decoded(data: bytes, limits: MediaLimits, background: tuple[int, int, int],
-             at_least: int | None) -> tuple[np.ndarray, bool]:
-    """(decode_image's pixels, whether EXIF orientation swapped height and width)."""
-    image = probe_image(data, limits)
+def _decoded(image: Image.Image, background: tuple[int, int, int], at_least: int | None) -> tuple[np.ndarray, bool]:
+    """(decode_image's pixels from a probed image, whether EXIF orientation swapped its sides)."""
     try:
         image.seek(0)
         if at_least:
@@ -180,9 +178,10 @@ def for_model(data: bytes, limits: MediaLimits = MediaLimits(),
     """Bytes -> uint8 [h, w, 3] at the model size, and the resize record (the original size
     from the header: a large JPEG is decoded smaller, see DRAFT_MARGIN). Aspect and tokens
     are refused from the header, before decoding."""
-    width, height = probe_image(data, limits).size  # as stored; EXIF orientation may swap them
+    image = probe_image(data, limits)
+    width, height = image.size  # as stored; EXIF orientation may swap them
     longest = max(plan_resize(height, width, limits).model)  # the same either way round
-    pixels, swapped = _decoded(data, limits, background, DRAFT_MARGIN * longest)
+    pixels, swapped = _decoded(image, background, DRAFT_MARGIN * longest)
     plan = plan_resize(*((width, height) if swapped else (height, width)), limits)
     return resize_rgb(pixels, plan.model), plan
 

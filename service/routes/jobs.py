@@ -42,7 +42,7 @@ async def submit(ref: str, request: Request, runtime: Runtime = Depends(get_runt
         options, raw = parse_options(request, fields)
         # Refuse bad input now, not minutes later: headers are read and limits checked (a video's
         # frames are not decoded here; that happens tile by tile when the job runs).
-        items = await runtime.preprocess_all(uploads, options, runtime.settings.job_limits)
+        items = await runtime.preprocess_all(uploads, options, runtime.settings.without_deadlines().limits)
         if op != "encode":
             ops.check_mode(runtime, options.tokens)
         progress = ops.progress_for(items)
@@ -124,7 +124,7 @@ class Jobs:
         request = json.loads(job["request"])
         raw = request["raw"]
         options = options_from_raw(raw)
-        items = await runtime.preprocess_all(uploads, options, runtime.settings.job_limits)
+        items = await runtime.preprocess_all(uploads, options, runtime.settings.without_deadlines().limits)
         progress = ops.progress_for(items)
         progress.on_change = lambda p: report(p.done, p.total, p.eta_s)
         self.store.set_running(job["id"], progress.total, progress.unit)
