@@ -287,15 +287,18 @@ class Engine:
                 continue
             if job.partial:  # a tile of a longer video: its part of the embedding, to merge
                 r.pool_state = enc.pool_state.select(b).to("cpu")
-            if discrete[b]:
-                tokens = Tokens(coords, job.batch.kinds, indices=indices[mask].cpu())
-            else:
-                tokens = Tokens(coords, job.batch.kinds, latents=mean[mask].float().cpu(),
-                                logvar=enc.logvar[mask].float().cpu())
-            r.tokens = tokens
             if job.embedding:
                 r.embedding = enc.embedding[b].float().cpu()
-            decode_inputs[job.id] = tokens
+            if job.op == "reconstruct":
+                # An intermediate: decoded here, never sent back (at 256x256, latents and log-
+                # variances are half the bytes of the pixels that are). Kept on the device.
+                decode_inputs[job.id] = (Tokens(coords, job.batch.kinds, indices=indices[mask]) if discrete[b]
+                                         else Tokens(coords, job.batch.kinds, latents=mean[mask].float()))
+            elif discrete[b]:
+                r.tokens = Tokens(coords, job.batch.kinds, indices=indices[mask].cpu())
+            else:
+                r.tokens = Tokens(coords, job.batch.kinds, latents=mean[mask].float().cpu(),
+                                  logvar=enc.logvar[mask].float().cpu())
 
     def _pool(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult]) -> None:
         states = [j.pool_state for j in jobs]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.patchify import frames_to_sparse
+from service.settings import Settings
 from service.worker.engine import Engine, LaneQueue, Lanes, chunks_by_cost, split_by_cost
 from service.worker.jobs import Job, pixel_patches
 from service.worker.loader import ModelSpec, load_tokenizers
@@ -62,6 +63,19 @@ def test_lanes_give_the_numbers_of_one_pass(tokenizers):
         torch.set_num_threads(threads)
     assert [r.id for r in three] == [j.id for j in jobs]
     assert_results_close(one, three, rtol=1e-4)
+
+
+def test_a_reconstruction_sends_back_pixels_not_its_tokens():
+    """A reconstruct job's tokens are an intermediate: they stay in the worker (at 256x256 they
+    are half the bytes of the pixels), and its pixels are those of decoding a tokenize job's."""
+    engine = Engine(load_tokenizers(Settings(variant=None).model_spec))  # the default: both modes
+    for mode in ("continuous", "discrete"):
+        job = _job(0, 2, "reconstruct")
+        rec, tok = engine.run([Job(0, "reconstruct", mode=mode, batch=job.batch, pixels=True),
+                               Job(1, "tokenize", mode=mode, batch=job.batch)])
+        assert rec.error is None and rec.tokens is None and rec.tubelets.dtype == torch.uint8
+        decoded = engine.run([Job(2, "decode", tokens=tok.tokens, pixels=True)])[0]
+        torch.testing.assert_close(rec.tubelets, decoded.tubelets, rtol=0, atol=0)
 
 
 def test_a_bad_job_fails_alone_in_its_lane(tokenizers):
