@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from model.api import Tokens
+from model.config import PATCH_VALUES
 from model.layers.attention import PoolState
 from model.sparse import SparseBatch
 
 from .worker.engine import GAUSSIAN_FIELDS
-from .worker.jobs import Job, JobResult, model_feats
+from .worker.jobs import DECODER_OPS, FRAME_VALUES, Job, JobResult, model_feats
 
 INPUTS = ("META", "FEATS", "PIXELS", "COORDS", "INDICES")
 OUTPUTS = ("EMBEDDING", "FEATURES", "LATENTS", "LOGVAR", "INDICES_OUT", "TUBELETS", "PIXELS_OUT", "GAUSSIANS",
@@ -87,11 +88,14 @@ def _job_arrays(job: Job) -> tuple[dict, dict[str, np.ndarray]]:
 
 def pack_requests(jobs: list[Job]) -> list[tuple[list[int], dict[str, np.ndarray]]]:
     """As few requests as hold `jobs`: (positions of its jobs, named arrays) each. Jobs share a
-    request when their input rows have the same widths (a job without rows joins the first)."""
+    request when their input rows, and the pixels they get back, have the same widths (a job
+    without rows joins the first): an image's and a video's tokens to decode are alike, their
+    pixels are not."""
     described = [_job_arrays(job) for job in jobs]
     groups: dict[tuple, list[int]] = {}
-    for i, (meta, arrays) in enumerate(described):
-        key = tuple(a.shape[1] for a in arrays.values()) if meta["rows"] else next(iter(groups), ())
+    for i, (job, (meta, arrays)) in enumerate(zip(jobs, described)):
+        key = ((*(a.shape[1] for a in arrays.values()), _pixels_width(job)) if meta["rows"]
+               else next(iter(groups), ()))
         groups.setdefault(key, []).append(i)
     requests = []
     for positions in groups.values():
@@ -101,6 +105,14 @@ def pack_requests(jobs: list[Job]) -> list[tuple[list[int], dict[str, np.ndarray
             "FEATS": _stack(parts["FEATS"], np.float32), "PIXELS": _stack(parts["PIXELS"], np.uint8),
             "COORDS": _stack(parts["COORDS"], np.int32, width=5), "INDICES": _stack(parts["INDICES"], np.int64)}))
     return requests
+
+
+def _pixels_width(job: Job) -> int:
+    """The width of the pixel rows a job gets back (`reconstruction_pixels`), 0 for none."""
+    source = job.batch if job.batch is not None else job.tokens
+    if source is None or job.op not in DECODER_OPS or not job.pixels or source.kinds[0] == "3D":
+        return 0
+    return FRAME_VALUES if source.kinds[0] == "image" else PATCH_VALUES
 
 
 def info_inputs() -> dict[str, np.ndarray]:

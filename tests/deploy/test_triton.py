@@ -120,27 +120,37 @@ def test_http_api_through_triton_equals_process_worker(triton):
 
 
 def test_inputs_through_shared_memory_equal_the_wire_and_are_released(triton):
-    """On loopback the inputs go through shared memory (auto): the same numbers as on the
-    wire (up to float rounding: the requests of different input widths may join Triton's
-    passes differently), and stop() leaves no region registered at the server."""
+    """On loopback the inputs, and the pixels and latents that come back, go through shared
+    memory (auto): the same numbers as on the wire (up to float rounding: the requests of
+    different input widths may join Triton's passes differently), and stop() leaves no region
+    registered at the server. An image's and a video's tokens decode side by side."""
     import tritonclient.http as http
 
     from service.triton_backend import TritonBackend
 
     items = _items()
-    jobs = [Job(i, op, batch=item.batch) for i, item in enumerate(items) for op in ("embed", "reconstruct")]
-    jobs = [Job(k, j.op, batch=j.batch) for k, j in enumerate(jobs)]
+    ops = (("embed", False), ("reconstruct", False), ("reconstruct", True), ("tokenize", False))
+    jobs = [Job(0, op, batch=item.batch, pixels=pixels) for item in items for op, pixels in ops]
     shared, wire = TritonBackend(triton.url), TritonBackend(triton.url, shared_memory="off")
     assert "shared memory" in shared.start()["backend"] and "the wire" in wire.start()["backend"]
+    tokens = [r.tokens for r in wire.run([Job(k, "tokenize", batch=items[k].batch) for k in (0, 2)])]
+    jobs += [Job(0, "decode", tokens=t, pixels=True) for t in tokens]
+    jobs = [dataclasses.replace(j, id=k) for k, j in enumerate(jobs)]
     server = http.InferenceServerClient(triton.url)
     assert len(server.get_system_shared_memory_status()) >= 1
     for a, b in zip(shared.run(jobs), wire.run(jobs)):
-        assert a.error is None and b.error is None
+        assert a.error is None and b.error is None, (a.error, b.error)
         assert (a.embedding is None) == (b.embedding is None) and (a.tubelets is None) == (b.tubelets is None)
+        assert (a.tokens is None) == (b.tokens is None)
         if a.embedding is not None:
             torch.testing.assert_close(a.embedding, b.embedding, rtol=1e-4, atol=1e-5)
-        if a.tubelets is not None:
+        if a.tubelets is not None and a.tubelets.dtype == torch.uint8:
+            assert a.tubelets.shape == b.tubelets.shape and (a.tubelets.int() - b.tubelets.int()).abs().max() <= 1
+        elif a.tubelets is not None:
             torch.testing.assert_close(a.tubelets, b.tubelets, rtol=1e-4, atol=2e-4)
+        if a.tokens is not None:
+            torch.testing.assert_close(a.tokens.latents, b.tokens.latents, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a.tokens.logvar, b.tokens.logvar, rtol=1e-4, atol=1e-4)
     shared.stop()
     wire.stop()
     assert server.get_system_shared_memory_status() == []

@@ -62,6 +62,27 @@ def test_results_travel_back_unchanged():
     assert results[1].tubelets.dtype == torch.uint8 and results[3].tubelets.dtype == torch.float32
 
 
+def test_pixels_of_images_and_videos_travel_in_requests_of_their_own():
+    """An image's and a video's tokens to decode have inputs of one width, but their pixels come
+    back 768 and 3072 wide: one request could not stack its answer (the model failed it)."""
+    backend = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
+    backend.start()
+    jobs = _jobs()
+    image, video = (r.tokens for r in backend.run([Job(k, "tokenize", batch=jobs[k].batch) for k in (2, 1)]))
+    jobs += [Job(14, "decode", tokens=image, pixels=True), Job(15, "decode", tokens=video, pixels=True),
+             Job(16, "decode", tokens=image)]
+    results = backend.run(jobs)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    requests = pack_requests(jobs)
+    assert [positions for positions, _ in requests] == [[0, 2, 3], [1], [4], [5], [6]]
+    for positions, _ in requests:
+        own = [jobs[i] for i in positions]
+        for a, b in zip(outputs_to_results(own, results_to_outputs([results[i] for i in positions])),
+                        (results[i] for i in positions)):
+            assert (a.tubelets is None) == (b.tubelets is None)
+            assert a.tubelets is None or torch.equal(a.tubelets, b.tubelets)
+
+
 def test_only_outputs_some_job_has_travel():
     backend = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
     backend.start()
