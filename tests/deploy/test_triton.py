@@ -279,3 +279,62 @@ def test_the_servers_own_shared_memory_is_named_for_it_and_kept_while_it_lives(t
     assert not set(map(os.path.basename, regions)) & set(reclaim_stale())
     assert all(os.path.exists(r) for r in regions)
     assert triton.proc.poll() is None
+
+
+def _random_jobs(rng: np.random.Generator, items: list, tokens: list, state, count: int) -> list[Job]:
+    """Jobs of every op, kind and flag the routes send, mixed at random."""
+    jobs = []
+    for i in range(count):
+        op = str(rng.choice(["embed", "tokenize", "reconstruct", "decode", "pool"]))
+        flag = lambda: bool(rng.random() < 0.5)  # noqa: E731
+        k = int(rng.integers(len(items)))
+        if op == "pool":
+            jobs.append(Job(i, "pool", pool_state=state))
+        elif op == "decode":
+            jobs.append(Job(i, "decode", tokens=tokens[k], pixels=flag(), gaussians=flag()))
+        elif op == "embed":
+            jobs.append(Job(i, "embed", batch=items[k].batch, dense=flag(), partial=flag()))
+        else:
+            jobs.append(Job(i, op, batch=items[k].batch, embedding=flag(), pixels=flag(), gaussians=flag()))
+    return jobs
+
+
+def _assert_same_answers(expected, got) -> None:
+    """Up to float rounding across batchings; pixels within one level."""
+    for a, b in zip(expected, got):
+        assert a.id == b.id and a.error is None and b.error is None, (a.error, b.error)
+        for field in ("embedding", "features", "tubelets"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), field
+            if x is not None and x.dtype == torch.uint8:
+                assert y.dtype == torch.uint8 and y.shape == x.shape and (x.int() - y.int()).abs().max() <= 1
+            elif x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-4)
+        assert (a.tokens is None) == (b.tokens is None) and (a.gaussians is None) == (b.gaussians is None)
+        assert (a.pool_state is None) == (b.pool_state is None)
+        if a.tokens is not None:
+            torch.testing.assert_close(b.tokens.latents, a.tokens.latents, rtol=1e-4, atol=2e-4)
+        if a.gaussians is not None:
+            torch.testing.assert_close(b.gaussians["xyz_raw"], a.gaussians["xyz_raw"], rtol=1e-4, atol=2e-4)
+
+
+def test_random_mixes_of_jobs_get_the_in_process_answers(triton):
+    """Batches of any mix the scheduler can form (images, videos and 3D; every op and flag)
+    answer as the in-process worker does. An image's and a video's tokens decoded to pixels in
+    one batch once failed the whole batch in Triton mode."""
+    from service.triton_backend import TritonBackend
+
+    local = LocalBackend(Settings(variant="tiny", dtype="float32").model_spec)
+    local.start()
+    remote = TritonBackend(triton.url)
+    remote.start()
+    items = _items()  # an image, a JPEG, a video tile, a 3D asset
+    tokens = [r.tokens for r in local.run([Job(k, "tokenize", batch=item.batch) for k, item in enumerate(items)])]
+    state = local.run([Job(0, "embed", batch=items[2].batch, partial=True)])[0].pool_state
+    rng = np.random.default_rng(0)
+    try:
+        for _ in range(30):
+            jobs = _random_jobs(rng, items, tokens, state, int(rng.integers(2, 9)))
+            _assert_same_answers(local.run(jobs), remote.run(jobs))
+    finally:
+        remote.stop()
