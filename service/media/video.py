@@ -33,9 +33,6 @@ DROPPED_SHARE = 8
 # here, about what this many source pixels of a kept frame cost. Without this floor a 64 MB
 # file of tiny frames (13 bytes each) would buy minutes of decoding within the pixel budget.
 FRAME_FLOOR = 4096
-# Decoding starts at the keyframe before `start` (`_frames_from`); its plan allows for this
-# much before `start` (x264's default keyframe interval is 250 frames: 10 s at 25 fps).
-KEYFRAME_LEAD_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +124,7 @@ class VideoPlan:
     cap: int  # most frames kept
     expected: int  # frames the declaration promises after sampling (the progress total)
     max_work: int  # decoding work allowed (`decoding_work`), held to while decoding too
+    work: int = 0  # decoding work planned: at least what decoding the plan's frames counts
 
     @property
     def tile_tokens(self) -> int:
@@ -155,7 +153,7 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
                 error=MediaOutOfRangeError)
     # Decoding reads from the keyframe before `start` to the last frame kept, and one more that
     # shows the range or the cap has been reached.
-    lead = min(sampling.start_s, KEYFRAME_LEAD_S)
+    lead = decoding_lead(data, sampling.start_s)
     decoded = 1 + max(expected, math.ceil(round((lead + min(span, expected * step / info.fps)) * info.fps, 3)))
     work = decoding_work(info.width * info.height, expected, decoded - expected)
     if work > limits.max_video_pixels:
@@ -166,7 +164,7 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
             f"over the limit of {limits.max_video_pixels} (max_video_pixels); ask for fewer frames (fps, max_frames, "
             f"end), send it as a job (POST /jobs/{{op}}: no request deadline), or raise the limit",
             limit=limits.max_video_pixels, actual=work)
-    return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected, limits.max_video_pixels)
+    return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected, limits.max_video_pixels, work)
 
 
 def decoding_work(frame_pixels: int, kept: int, dropped: int) -> int:
@@ -233,21 +231,42 @@ def _frames_from(data: Source, start_s: float) -> Iterator[av.VideoFrame]:
     exactly (the first frame comes after `start_s`, or has no time stamp), from the file's start."""
     if start_s > 0:
         with _open(data) as container:
-            stream = _stream(container)
-            first = None
-            if stream.time_base:
-                try:
-                    container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
-                    frames = container.decode(stream)
-                    first = next(frames, None)
-                except av.error.FFmpegError:  # decoded again from the start: a real error shows there
-                    first = None
-            if first is not None and first.pts is not None and first.pts * first.time_base <= start_s + 1e-6:
-                yield first
-                yield from frames
+            found = _seek(container, start_s)
+            if found is not None:
+                yield found[0]
+                yield from found[1]
                 return
     with _open(data) as container:
         yield from container.decode(_stream(container))
+
+
+def decoding_lead(data: Source, start_s: float) -> float:
+    """Seconds of video decoded only to reach `start_s`: from the keyframe decoding begins at
+    (`_frames_from`, which makes the same choice), or from the file's start. Keyframes can be
+    far apart (screen recordings: 10 s and more), and a container that cannot seek exactly
+    decodes everything before `start_s`; a plan must count those frames before decoding."""
+    if start_s <= 0:
+        return 0.0
+    with _open(data) as container:
+        found = _seek(container, start_s)
+    return start_s if found is None else max(0.0, start_s - float(found[0].pts * found[0].time_base))
+
+
+def _seek(container: av.container.InputContainer, start_s: float) -> tuple[av.VideoFrame, Iterator] | None:
+    """The first frame from the keyframe at or before `start_s`, and the frames after it; None
+    where the container cannot seek exactly there."""
+    stream = _stream(container)
+    if not stream.time_base:
+        return None
+    try:
+        container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+        frames = container.decode(stream)
+        first = next(frames, None)
+    except av.error.FFmpegError:  # decoded again from the start: a real error shows there
+        return None
+    if first is None or first.pts is None or first.pts * first.time_base > start_s + 1e-6:
+        return None
+    return first, frames
 
 
 def _stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:

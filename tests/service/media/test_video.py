@@ -63,10 +63,11 @@ def test_decoding_work_is_bounded_from_the_header():
     plan = plan_video(data, MediaLimits(max_side=64, max_video_pixels=limit), Sampling(fps=5))
     assert plan.expected == 50 and plan.max_work == limit
     assert sum(1 for _ in iter_frames(data, plan)) == 50
-    # Frames before `start` are decoded and dropped too (no seek): 8 s in, 2 s kept (50 frames).
+    # Frames between the keyframe before `start` and `start` are decoded and dropped too: 8 s in,
+    # 2 s kept (50 frames) and the 13 from the keyframe at 7.48 s (+1 read past the end).
     with pytest.raises(MediaTooLargeError, match="1/8"):
-        plan_video(data, MediaLimits(max_side=64, max_video_pixels=70 * BIKES_FRAME), Sampling(start_s=8.0))
-    assert plan_video(data, MediaLimits(max_side=64, max_video_pixels=76 * BIKES_FRAME), Sampling(start_s=8.0))
+        plan_video(data, MediaLimits(max_side=64, max_video_pixels=51 * BIKES_FRAME), Sampling(start_s=8.0))
+    assert plan_video(data, MediaLimits(max_side=64, max_video_pixels=52 * BIKES_FRAME), Sampling(start_s=8.0))
 
 
 def test_tiny_frames_cost_at_least_the_decoders_own_work_each():
@@ -138,9 +139,35 @@ def test_frames_before_the_keyframe_before_start_are_not_decoded():
     assert len(list(iter_frames(data, replace(plan, max_work=6 * BIKES_FRAME)))) == 4
 
 
+def _sparse_keyframes(seconds: int = 16, fps: int = 25) -> bytes:
+    """64x64 H.264 with one keyframe every 12 s, as screen recordings have."""
+    buf = BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width = s.height = 64
+        s.options = {"preset": "ultrafast", "g": str(12 * fps), "keyint_min": str(12 * fps), "sc_threshold": "0"}
+        for i in range(seconds * fps):
+            frame = np.full((64, 64, 3), (i * 7) % 256, np.uint8)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(s.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("start", [0.0, 3.0, 11.0, 12.0, 13.5])
+def test_a_plan_counts_every_frame_decoding_will_read(start):
+    """Keyframes 12 s apart: 11 s in, decoding reads from 0 s. The plan counts those frames
+    from where the seek lands, so decoding within the plan's own work never stops mid-way."""
+    data = _sparse_keyframes()
+    plan = plan_video(data, MediaLimits(max_side=64), Sampling(start_s=start, max_frames=20))
+    assert video.decoding_lead(data, start) == pytest.approx(start % 12, abs=0.05)
+    frames = list(iter_frames(data, replace(plan, max_work=plan.work)))
+    assert len(frames) == 20 == plan.expected
+
+
 def test_a_seek_that_lands_late_decodes_from_the_start(monkeypatch):
     """Containers that cannot seek exactly: the first frame after the seek comes after `start`,
-    so the frames are decoded from the file's start instead, never with a gap."""
+    so the frames are decoded from the file's start instead, never with a gap; the plan counts
+    every frame before `start`."""
     class LateSeek:
         def __init__(self, container):
             self.container = container
@@ -162,6 +189,10 @@ def test_a_seek_that_lands_late_decodes_from_the_start(monkeypatch):
     data = assets.video("bikes.mp4").read_bytes()
     clip = decode_video(data, MediaLimits(max_side=128), Sampling(start_s=2.0, max_frames=12))
     assert np.array_equal(clip.frames, _from_the_start(data, 2.0, 12, clip.resize.model))
+    # 8 s in, 2 s kept (50 frames) and the 200 before them dropped (+1): 75 frames' work.
+    with pytest.raises(MediaTooLargeError, match="1/8"):
+        plan_video(data, MediaLimits(max_side=64, max_video_pixels=70 * BIKES_FRAME), Sampling(start_s=8.0))
+    assert plan_video(data, MediaLimits(max_side=64, max_video_pixels=76 * BIKES_FRAME), Sampling(start_s=8.0))
 
 
 def test_truncated_and_corrupt_videos():
