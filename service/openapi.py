@@ -54,7 +54,7 @@ PARAMETERS = {
     "fps": ({"type": "number", "exclusiveMinimum": 0, "maximum": 1000}, "video: sample at this rate"),
     "max_frames": ({"type": "integer", "minimum": 1}, "video: at most this many frames"),
     "start": ({"type": "number", "minimum": 0}, "video: first second"),
-    "end": ({"type": "number", "minimum": 0}, "video: last second (after start)"),
+    "end": ({"type": "number", "minimum": 0}, "video: end second, not included (after start)"),
     "background": ({"type": "string", "pattern": "^#?([0-9A-Fa-f]{6}|\\d{1,3},\\d{1,3},\\d{1,3})$"},
                    "images: colour alpha is composited on, RRGGBB or r,g,b"),
     "array_format": ({"type": "string", "enum": ["base64", "list"]}, "token and feature arrays in JSON"),

@@ -140,21 +140,26 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     plan = plan_resize(info.height, info.width, limits)
     cap = min(limits.max_frames, sampling.max_frames or limits.max_frames)
     step = 1.0 if not sampling.fps or sampling.fps >= info.fps else info.fps / sampling.fps
+    if info.duration_s and sampling.start_s >= info.duration_s:
+        raise MediaOutOfRangeError(f"start ({sampling.start_s:g} s) is at or past the video's end "
+                                   f"({info.duration_s:.2f} s)", limit=info.duration_s, actual=sampling.start_s)
     end = min(info.duration_s, sampling.end_s) if sampling.end_s is not None else info.duration_s
     span = max(0.0, end - sampling.start_s) if info.duration_s else info.frames / info.fps
-    expected = max(1, min(cap, math.ceil(round(span * info.fps, 3) / step)))
-    if expected >= cap and sampling.max_frames is None and sampling.end_s is None and \
-            math.ceil(round(span * info.fps, 3) / step) > cap:
+    # Frames in [start, end): at most this many (as many as whole numbers in a span that long).
+    in_range = max(1, math.ceil(round(span * info.fps, 3)))
+    sampled = picks(in_range, step)
+    expected = min(cap, sampled)
+    if sampled > cap and sampling.max_frames is None and sampling.end_s is None:
         raise MediaTooLargeError(f"video has more than {cap} frames after sampling; ask for fewer (max_frames, "
-                                 f"fps, start/end) or raise the limit", limit=cap,
-                                 actual=math.ceil(span * info.fps / step))
+                                 f"fps, start/end) or raise the limit", limit=cap, actual=sampled)
     # The model sees one 16-frame tile at a time: that, not the clip, bounds its tokens.
     check_limit("video tokens per tile", TILE // TUBELET * plan.tokens, limits.max_tokens,
                 error=MediaOutOfRangeError)
-    # Decoding reads from the keyframe before `start` to the last frame kept, and one more that
-    # shows the range or the cap has been reached.
-    lead = decoding_lead(data, sampling.start_s)
-    decoded = 1 + max(expected, math.ceil(round((lead + min(span, expected * step / info.fps)) * info.fps, 3)))
+    # Decoding reads from the keyframe before `start` through the range (or, once the cap is
+    # reached, to the last frame kept), and one more that shows the range or the cap has ended.
+    lead = math.ceil(round(decoding_lead(data, sampling.start_s) * info.fps, 3))
+    through = in_range if expected < cap else min(in_range, math.ceil(round((expected - 1) * step, 3)) + 1)
+    decoded = lead + through + 1
     work = decoding_work(info.width * info.height, expected, decoded - expected)
     if work > limits.max_video_pixels:
         raise MediaTooLargeError(
@@ -165,6 +170,12 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
             f"end), send it as a job (POST /jobs/{{op}}: no request deadline), or raise the limit",
             limit=limits.max_video_pixels, actual=work)
     return VideoPlan(info, plan, sampling, step, info.fps / step, cap, expected, limits.max_video_pixels, work)
+
+
+def picks(frames: int, step: float) -> int:
+    """How many of `frames` consecutive frames sampling keeps: the first, then one at or after
+    every `step` frames from it (`iter_frames`)."""
+    return math.floor(round((frames - 1) / step, 6)) + 1
 
 
 def decoding_work(frame_pixels: int, kept: int, dropped: int) -> int:
@@ -196,7 +207,7 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
             t = float(frame.pts * frame.time_base) if frame.pts is not None else index / info.fps
             if t < sampling.start_s - 1e-6:
                 continue
-            if sampling.end_s is not None and t > sampling.end_s + 1e-6:
+            if sampling.end_s is not None and t >= sampling.end_s - 1e-6:  # [start, end), as ffmpeg's -to
                 return
             if t > info.duration_s + 1.0 or kept >= plan.cap:
                 if sampling.max_frames is None and sampling.end_s is None:
@@ -206,7 +217,9 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
                 return
             if index < next_pick - 1e-6:
                 continue
-            next_pick = index + plan.step
+            # Picks fall every `step` frames from the first (25 fps at 10: 2.5 frames apart, so 2
+            # frames in 5), not every ceil(step) from the last pick (3 apart: 8.3 fps labelled 10).
+            next_pick = (next_pick if kept else index) + plan.step
             kept += 1
             within_plan()  # and as kept
             yield resize_rgb(frame.to_ndarray(format="rgb24"), plan.resize.model)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from io import BytesIO
 
-from service.media.errors import CorruptMediaError, MediaTooLargeError, UnsupportedMediaError
+from service.media.errors import CorruptMediaError, MediaOutOfRangeError, MediaTooLargeError, UnsupportedMediaError
 from service.media.limits import MediaLimits
 from dataclasses import replace
 
@@ -139,18 +139,53 @@ def test_frames_before_the_keyframe_before_start_are_not_decoded():
     assert len(list(iter_frames(data, replace(plan, max_work=6 * BIKES_FRAME)))) == 4
 
 
-def _sparse_keyframes(seconds: int = 16, fps: int = 25) -> bytes:
-    """64x64 H.264 with one keyframe every 12 s, as screen recordings have."""
+def _sparse_keyframes(seconds: int = 16, fps: int = 25, side: int = 64) -> bytes:
+    """H.264 with one keyframe every 12 s, as screen recordings have."""
     buf = BytesIO()
     with av.open(buf, "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=fps)
-        s.width = s.height = 64
+        s.width = s.height = side
         s.options = {"preset": "ultrafast", "g": str(12 * fps), "keyint_min": str(12 * fps), "sc_threshold": "0"}
         for i in range(seconds * fps):
-            frame = np.full((64, 64, 3), (i * 7) % 256, np.uint8)
+            frame = np.full((side, side, 3), (i * 7) % 256, np.uint8)
             c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         c.mux(s.encode())
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("fps, frames", [(10, 400), (7, 280), (12.5, 500), (25, 1000), (None, 1000)])
+def test_sampling_keeps_the_asked_rate(fps, frames):
+    """Picks fall every `step` source frames from the first: 25 fps at 10 keeps 2 frames in 5.
+    Picking ceil(step) after the last pick kept 1 in 3 (8.3 fps, labelled 10), and a clip of
+    40 s was then refused as truncated for falling short of its plan."""
+    data = _sparse_keyframes(seconds=40, side=16)
+    plan = plan_video(data, MediaLimits(max_side=64, max_frames=2000), Sampling(fps=fps))
+    assert plan.expected == frames and plan.fps == (fps or 25)
+    assert sum(1 for _ in iter_frames(data, plan)) == frames
+
+
+def test_end_is_not_included_as_with_ffmpegs_to():
+    data = assets.video("bikes.mp4").read_bytes()
+    assert decode_video(data, MediaLimits(max_side=64), Sampling(end_s=9.0)).frames.shape[0] == 225
+    assert decode_video(data, MediaLimits(max_side=64), Sampling(start_s=1.0, end_s=2.0)).frames.shape[0] == 25
+
+
+def test_a_start_past_the_end_is_refused_from_the_header():
+    data = assets.video("carphone_pristine.mp4").read_bytes()
+    with pytest.raises(MediaOutOfRangeError, match="past the video's end"):
+        plan_video(data, MediaLimits(max_side=64), Sampling(start_s=60.0))
+
+
+@pytest.mark.parametrize("start", [0.0, 0.013, 3.04, 8.0])
+@pytest.mark.parametrize("fps, max_frames, end", [(None, None, None), (7, 10, None), (10, None, 9.0), (23.976, 40, None),
+                                                  (12.5, None, 4.02)])
+def test_decoding_stays_within_the_work_its_plan_counted(start, fps, max_frames, end):
+    """The plan is an upper bound of what decoding reads (its frames and the one after), and of
+    the frames it keeps, for any sampling: a request within the limit is never refused mid-way."""
+    data = assets.video("bikes.mp4").read_bytes()
+    plan = plan_video(data, MediaLimits(max_side=64), Sampling(fps, max_frames, start, end))
+    kept = sum(1 for _ in iter_frames(data, replace(plan, max_work=plan.work)))
+    assert plan.expected - 1 <= kept <= plan.expected
 
 
 @pytest.mark.parametrize("start", [0.0, 3.0, 11.0, 12.0, 13.5])
