@@ -124,7 +124,7 @@ class VideoPlan:
     cap: int  # most frames kept
     expected: int  # frames the declaration promises after sampling (the progress total)
     max_work: int  # decoding work allowed (`decoding_work`), held to while decoding too
-    work: int = 0  # decoding work planned: at least what decoding the plan's frames counts
+    work: int  # decoding work planned: at least what decoding the plan's frames counts
 
     @property
     def tile_tokens(self) -> int:
@@ -155,10 +155,12 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     # The model sees one 16-frame tile at a time: that, not the clip, bounds its tokens.
     check_limit("video tokens per tile", TILE // TUBELET * plan.tokens, limits.max_tokens,
                 error=MediaOutOfRangeError)
-    # Decoding reads from the keyframe before `start` through the range (or, once the cap is
-    # reached, to the last frame kept), and one more that shows the range or the cap has ended.
+    # Decoding reads from the keyframe before `start` through the range (or, once as many frames
+    # as asked are kept, to the last of them), and one more that shows it is over.
     lead = math.ceil(round(decoding_lead(data, sampling.start_s) * info.fps, 3))
-    through = in_range if expected < cap else min(in_range, math.ceil(round((expected - 1) * step, 3)) + 1)
+    asked = sampling.max_frames is not None or sampling.end_s is not None
+    through = (min(in_range, math.ceil(round((expected - 1) * step, 3)) + 1) if expected == cap and asked
+               else in_range)
     decoded = lead + through + 1
     work = decoding_work(info.width * info.height, expected, decoded - expected)
     if work > limits.max_video_pixels:
@@ -190,6 +192,7 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
     or a stream that ends well before what its container declares, raises CorruptMediaError
     naming the frame and time where it happened: a damaged file is never half-returned."""
     sampling, info = plan.sampling, plan.info
+    bounded = sampling.max_frames is not None or sampling.end_s is not None  # else the limits bound it
     kept, index, t, next_pick = 0, -1, 0.0, 0.0
 
     def within_plan() -> None:
@@ -209,14 +212,14 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
                 continue
             if sampling.end_s is not None and t >= sampling.end_s - 1e-6:  # [start, end), as ffmpeg's -to
                 return
+            if (t > info.duration_s + 1.0 or kept >= plan.cap) and bounded:
+                return  # as many frames as asked, or the asked range is over
+            if t <= info.duration_s + 1.0 and index < next_pick - 1e-6:
+                continue  # between picks (after the last one the limit allows, the stream may just end)
             if t > info.duration_s + 1.0 or kept >= plan.cap:
-                if sampling.max_frames is None and sampling.end_s is None:
-                    raise MediaTooLargeError(f"video runs past what its header declares ({kept} frames, "
-                                             f"{t:.2f} s); ask for fewer (max_frames, start/end)",
-                                             limit=plan.cap, actual=kept + 1)
-                return
-            if index < next_pick - 1e-6:
-                continue
+                raise MediaTooLargeError(f"video runs past what its header declares ({kept} frames, "
+                                         f"{t:.2f} s); ask for fewer (max_frames, start/end)",
+                                         limit=plan.cap, actual=kept + 1)
             # Picks fall every `step` frames from the first (25 fps at 10: 2.5 frames apart, so 2
             # frames in 5), not every ceil(step) from the last pick (3 apart: 8.3 fps labelled 10).
             next_pick = (next_pick if kept else index) + plan.step

@@ -164,6 +164,16 @@ def test_sampling_keeps_the_asked_rate(fps, frames):
     assert sum(1 for _ in iter_frames(data, plan)) == frames
 
 
+def test_a_video_with_exactly_the_frame_limit_after_sampling_is_served():
+    """At 5 fps bikes keeps 50 frames; with a limit of 50 the frames dropped after the last
+    pick are not one too many (they were refused as running past the header)."""
+    data = assets.video("bikes.mp4").read_bytes()
+    plan = plan_video(data, MediaLimits(max_side=64, max_frames=50), Sampling(fps=5))
+    assert sum(1 for _ in iter_frames(data, replace(plan, max_work=plan.work))) == 50
+    with pytest.raises(MediaTooLargeError, match="more than 49 frames"):
+        plan_video(data, MediaLimits(max_side=64, max_frames=49), Sampling(fps=5))
+
+
 def test_end_is_not_included_as_with_ffmpegs_to():
     data = assets.video("bikes.mp4").read_bytes()
     assert decode_video(data, MediaLimits(max_side=64), Sampling(end_s=9.0)).frames.shape[0] == 225
