@@ -95,9 +95,15 @@ def load_mesh(data: bytes, fmt: str, limits: MediaLimits = MediaLimits()) -> Col
 
 def _colored(mesh: trimesh.Trimesh, max_pixels: int) -> ColoredMesh:
     v = np.asarray(mesh.vertices, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != 3:
+        raise CorruptMediaError(f"mesh vertices are not 3D points (shape {list(v.shape)})")
     if not np.isfinite(v).all():
         raise CorruptMediaError("mesh has NaN or infinite vertex coordinates")
-    out = ColoredMesh(v, np.asarray(mesh.faces, dtype=np.int64))
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    # Parsers pass indices through as the file states them (process=False keeps them as sent).
+    if faces.ndim != 2 or faces.shape[1] != 3 or (faces.size and (faces.min() < 0 or faces.max() >= len(v))):
+        raise CorruptMediaError(f"mesh faces index vertices that do not exist ({len(v)} vertices)")
+    out = ColoredMesh(v, faces)
     visual = mesh.visual
     kind = getattr(visual, "kind", None)
     if kind == "texture":
@@ -109,10 +115,18 @@ def _colored(mesh: trimesh.Trimesh, max_pixels: int) -> ColoredMesh:
         base = _material_colour(visual.material)
         out.face_colors = np.tile(base, (len(out.faces), 1))
     elif kind == "vertex":
-        out.vertex_colors = np.asarray(visual.vertex_colors)[:, :3].astype(np.uint8)
+        out.vertex_colors = _per_row(visual.vertex_colors, len(v), "vertex")
     elif kind == "face":
-        out.face_colors = np.asarray(visual.face_colors)[:, :3].astype(np.uint8)
+        out.face_colors = _per_row(visual.face_colors, len(faces), "face")
     return out
+
+
+def _per_row(colours, rows: int, what: str) -> np.ndarray | None:
+    """RGB of one colour per vertex or face; None (the default grey) where the file's count differs."""
+    colours = np.asarray(colours)
+    if colours.ndim != 2 or colours.shape[0] != rows or colours.shape[1] < 3:
+        return None
+    return colours[:, :3].astype(np.uint8)
 
 
 def _texture_image(material, max_pixels: int) -> np.ndarray | None:

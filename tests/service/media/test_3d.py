@@ -124,6 +124,25 @@ def test_bad_meshes_fail_fast_with_typed_errors():
     assert time.perf_counter() - start < 2.0
 
 
+def test_meshes_whose_faces_or_colours_do_not_fit_their_vertices_are_refused():
+    """Found by mutating real files: parsers pass indices and counts through as the file states
+    them, and the renderer failed on them with an IndexError (500)."""
+    box = "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n" \
+          "element face 1\nproperty list uchar int vertex_indices\nend_header\n0 0 0\n1 0 0\n0 1 0\n3 0 1 {}\n"
+    assert len(load_mesh(box.format(2).encode(), "ply").faces) == 1
+    for index in (3, -184549372):
+        with pytest.raises(CorruptMediaError, match="do not exist"):
+            load_mesh(box.format(index).encode(), "ply")
+    with pytest.raises(CorruptMediaError, match="not 3D points"):
+        load_mesh(b"v 0 0\nv 1 0\nv 0 1\nf 1 2 3\n", "obj")
+    coloured = box.replace("property float z\n", "property float z\nproperty uchar red\nproperty uchar green\n"
+                           "property uchar blue\n").replace("0 0 0\n1 0 0\n0 1 0\n", "0 0 0 255 0 0\n1 0 0 0 255 0\n"
+                                                            "0 1 0 0 0 255\n")
+    assert load_mesh(coloured.format(2).encode(), "ply").vertex_colors.shape == (3, 3)
+    coords, feats, media, _ = load_3d(box.format(2).encode(), "ply", MediaLimits())
+    assert media["faces"] == 1 and len(coords) == len(feats) > 0
+
+
 def test_gaussian_ply_round_trip():
     rng = np.random.default_rng(0)
     m = 100
