@@ -115,13 +115,13 @@ def _colored(mesh: trimesh.Trimesh, max_pixels: int) -> ColoredMesh:
         base = _material_colour(visual.material)
         out.face_colors = np.tile(base, (len(out.faces), 1))
     elif kind == "vertex":
-        out.vertex_colors = _per_row(visual.vertex_colors, len(v), "vertex")
+        out.vertex_colors = _per_row(visual.vertex_colors, len(v))
     elif kind == "face":
-        out.face_colors = _per_row(visual.face_colors, len(faces), "face")
+        out.face_colors = _per_row(visual.face_colors, len(faces))
     return out
 
 
-def _per_row(colours, rows: int, what: str) -> np.ndarray | None:
+def _per_row(colours, rows: int) -> np.ndarray | None:
     """RGB of one colour per vertex or face; None (the default grey) where the file's count differs."""
     colours = np.asarray(colours)
     if colours.ndim != 2 or colours.shape[0] != rows or colours.shape[1] < 3:
