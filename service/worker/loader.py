@@ -3,6 +3,7 @@ ships with the project, else an untrained `tiny` (said loudly in /info and the l
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -61,15 +62,21 @@ def _cpu_flag(names: str) -> bool:
     return re.search(rf"\b({names})\b", flags) is not None
 
 
+@functools.cache
+def _warn_emulated_float16() -> None:
+    """Once a process: each token mode's model resolves its dtype."""
+    # Served as asked, but emulated: on the reference CPU (bf16 units, no fp16) a 256x256
+    # image took 86 ms on one thread against 18 in float32 and 7 in bfloat16.
+    log.warning("ATOKEN_DTYPE=float16 on a CPU without float16 units is emulated and several times slower "
+                "than float32; use auto, bfloat16 or float32")
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """`auto`: bfloat16 where the hardware computes it natively (GPUs that support it, CPUs
     with bf16 units), float32 elsewhere. Accuracy against float32 is bounded in
     docs/performance.md and tests/service/worker/test_dtype.py."""
     if dtype == "float16" and device == "cpu" and not cpu_has_fp16():
-        # Served as asked, but emulated: on the reference CPU (bf16 units, no fp16) a 256x256
-        # image took 86 ms on one thread against 18 in float32 and 7 in bfloat16.
-        log.warning("ATOKEN_DTYPE=float16 on a CPU without float16 units is emulated and several times slower "
-                    "than float32; use auto, bfloat16 or float32")
+        _warn_emulated_float16()
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
