@@ -1,6 +1,10 @@
 """Encoder on fixed shape buckets: pad a packed batch to (items, tokens) and, on a GPU with
 flash-attn, replay a CUDA graph captured once per bucket.
 
+``ATOKEN_CUDA_GRAPHS`` (auto|on|off) or `set_cuda_graphs` picks whether a served model uses it
+(`graphed_encoder`): ``auto`` on a CUDA device with flash-attn, ``on`` requires those, ``off``
+runs every batch eagerly. A batch that fits no bucket, or asks for a pooling state, runs eagerly.
+
 Padding tokens form one extra segment of their own, so real tokens never attend to them and
 the pooled embeddings of real items are untouched. Position embeddings and RoPE rotations are
 computed outside the graph (they depend on each batch's grid sizes) and copied into static
@@ -19,12 +23,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autoencoder import AToken, EncoderOutput
-from .errors import TokenLimitError
+from .errors import ATokenError, ConfigError, TokenLimitError
 from .layers.attention import Segments, flash_available
+from .layers.switch import Switch
 from .layout import TokenLayout
 from .sparse import SparseBatch
 
 DEFAULT_BUCKETS = ((1, 256), (4, 1024), (8, 2048), (16, 4096), (32, 8192))
+_mode = Switch("ATOKEN_CUDA_GRAPHS", ("auto", "on", "off"), "CUDA graph mode")
+
+
+def set_cuda_graphs(mode: str) -> None:
+    _mode.set(mode)
+
+
+class GraphCaptureError(ATokenError):
+    """Capturing a bucket's graph failed (a kernel that cannot be captured): run eagerly instead."""
+
+
+def graphed_encoder(model: AToken) -> "BucketedEncoder | None":
+    """The bucketed, graph-captured encoder a served model runs its batches through, or None
+    (eager), as ATOKEN_CUDA_GRAPHS says."""
+    if _mode.value == "off":
+        return None
+    usable = next(model.parameters()).device.type == "cuda" and flash_available()
+    if _mode.value == "on" and not usable:
+        raise ConfigError("ATOKEN_CUDA_GRAPHS=on needs the model on a CUDA device and flash-attn installed")
+    return BucketedEncoder(model, capture=True) if usable else None
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,9 @@ class BucketedEncoder:
         device = next(model.parameters()).device
         self.capture = capture if capture is not None else (device.type == "cuda" and flash_available())
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
+
+    def fits(self, batch: SparseBatch) -> bool:
+        return batch.batch_size <= self.buckets[-1][0] and batch.num_tokens < self.buckets[-1][1]
 
     def bucket_for(self, items: int, tokens: int) -> tuple[int, int]:
         for b in self.buckets:
@@ -117,7 +145,10 @@ class BucketedEncoder:
 
     def _replay(self, bucket: tuple[int, int], p: Padded):  # pragma: no cover - CUDA only
         if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket, p)
+            try:
+                self.graphs[bucket] = self._capture(bucket, p)
+            except Exception as exc:  # noqa: BLE001 - whatever the kernel raised while capturing
+                raise GraphCaptureError(f"CUDA graph capture of bucket {bucket} failed: {exc}") from exc
         graph, static = self.graphs[bucket]
         for name in ("feats", "pos", "rope", "cu_seqlens", "sample"):
             static[name].copy_(getattr(p, name))

@@ -4,6 +4,7 @@ breaks the batch is retried alone so that it fails alone."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -13,12 +14,16 @@ from typing import Callable
 import torch
 
 from model.api import ATokenizer, Tokens
+from model.autoencoder import EncoderOutput
+from model.cuda_graphs import GraphCaptureError, graphed_encoder
 from model.errors import ATokenError, UnsupportedError
 from model.gaussians import Gaussians
 from model.layers.attention import PoolState
 from model.sparse import SparseBatch, cat
 
 from .jobs import DECODER_OPS, ENCODER_OPS, FRAME_VALUES, Job, JobResult, packed_input, reconstruction_pixels
+
+log = logging.getLogger("atoken.worker")
 
 GAUSSIAN_FIELDS = ("xyz_raw", "features_dc", "scaling_raw", "opacity_raw", "rotation_raw")
 
@@ -198,6 +203,8 @@ class Engine:
     def __init__(self, tokenizers: dict[str, ATokenizer], lanes: int = 1, threads: int = 0):
         """tokenizers: token mode -> model, as `loader.load_tokenizers` builds it."""
         self.tokenizers = tokenizers
+        # On a GPU with flash-attn, encoder passes replay CUDA graphs (ATOKEN_CUDA_GRAPHS).
+        self.graphed = {id(t): graphed_encoder(t.model) for t in tokenizers.values()}
         self.tok = tokenizers["continuous"]
         self.threads = threads or torch.get_num_threads()
         self.lanes = max(1, lanes)
@@ -266,9 +273,11 @@ class Engine:
                 decode_inputs: dict[int, Tokens]) -> None:
         packed = packed_input([j.batch for j in jobs])
         model = tok.model
+        batch = SparseBatch(packed.feats.to(tok.device), packed.coords.to(tok.device), packed.kinds)
         with torch.inference_mode():
-            enc = model.encode(SparseBatch(packed.feats.to(tok.device), packed.coords.to(tok.device), packed.kinds),
-                               pool=any(j.pools for j in jobs))  # tokens alone skip the pooling head
+            enc = self._graphed_encode(tok, batch, jobs)
+            if enc is None:
+                enc = model.encode(batch, pool=any(j.pools for j in jobs))  # tokens alone skip the pooling head
             mean = enc.mean
             discrete = [j.mode == "discrete" for j in jobs]
             indices = model.quantize(mean)[1] if any(discrete) else None
@@ -299,6 +308,20 @@ class Engine:
             else:
                 r.tokens = Tokens(coords, job.batch.kinds, latents=mean[mask].float().cpu(),
                                   logvar=enc.logvar[mask].float().cpu())
+
+    def _graphed_encode(self, tok: ATokenizer, batch: SparseBatch, jobs: list[Job]) -> EncoderOutput | None:
+        """The pass through the tokenizer's captured graphs, or None where it runs eagerly: no
+        graphs, a batch larger than every bucket, or pieces of long videos (their pooling
+        states are not in the graph). A capture that fails turns the graphs off for good."""
+        graphed = self.graphed.get(id(tok))
+        if graphed is None or not graphed.fits(batch) or any(j.partial for j in jobs):
+            return None
+        try:
+            return graphed.encode(batch)
+        except GraphCaptureError as exc:
+            log.warning("%s; encoder passes run eagerly from now on", exc)
+            self.graphed[id(tok)] = None
+            return None
 
     def _pool(self, tok: ATokenizer, jobs: list[Job], results: dict[int, JobResult]) -> None:
         states = [j.pool_state for j in jobs]

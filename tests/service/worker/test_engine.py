@@ -78,6 +78,54 @@ def test_a_reconstruction_sends_back_pixels_not_its_tokens():
         torch.testing.assert_close(rec.tubelets, decoded.tubelets, rtol=0, atol=0)
 
 
+def test_graphed_encoder_passes_give_the_eager_numbers_and_fall_back(tokenizers, caplog):
+    """The engine's encoder passes through the bucketed encoder (on a GPU: CUDA graphs; here its
+    padded eager twin) answer as eager passes do. Pieces of long videos, batches over every
+    bucket, and every pass after a failed capture run eagerly."""
+    from model.cuda_graphs import BucketedEncoder, GraphCaptureError
+
+    tok = tokenizers["continuous"]
+    jobs = [_job(0, 2, "reconstruct"), _job(1, 1, "tokenize"), _job(2, 3, "embed"), _job(4, 2, "embed")]
+    jobs[3].dense = True
+    eager = Engine(tokenizers)
+    graphed = Engine(tokenizers)
+    assert graphed.graphed == {id(tok): None}  # no CUDA here: auto stays eager
+    bucketed = BucketedEncoder(tok.model, capture=False)
+    calls = []
+    encode = bucketed.encode
+    bucketed.encode = lambda batch: calls.append(batch.num_tokens) or encode(batch)
+    graphed.graphed[id(tok)] = bucketed
+    assert_results_close(eager.run(jobs), graphed.run(jobs), rtol=1e-4, atol=1e-5)
+    assert calls == [sum(j.num_tokens for j in jobs)]
+    piece = [Job(5, "embed", batch=jobs[0].batch, partial=True)]
+    torch.testing.assert_close(graphed.run(piece)[0].pool_state.weighted, eager.run(piece)[0].pool_state.weighted)
+    bucketed.buckets = [(1, 1)]  # nothing fits
+    assert_results_close(eager.run(jobs[:1]), graphed.run(jobs[:1]))
+    assert len(calls) == 1
+
+    def broken(batch):
+        raise GraphCaptureError("CUDA graph capture of bucket (1, 256) failed: no")
+
+    bucketed.buckets, bucketed.encode = [(32, 8192)], broken
+    with caplog.at_level("WARNING", logger="atoken.worker"):
+        assert_results_close(eager.run(jobs), graphed.run(jobs), rtol=1e-4, atol=1e-5)
+    assert graphed.graphed[id(tok)] is None and "run eagerly" in caplog.text
+
+
+def test_cuda_graphs_on_without_cuda_is_a_config_error(tokenizers):
+    from model.cuda_graphs import graphed_encoder, set_cuda_graphs
+    from model.errors import ConfigError
+
+    try:
+        set_cuda_graphs("off")
+        assert graphed_encoder(tokenizers["continuous"].model) is None
+        set_cuda_graphs("on")
+        with pytest.raises(ConfigError, match="CUDA"):
+            graphed_encoder(tokenizers["continuous"].model)
+    finally:
+        set_cuda_graphs("auto")
+
+
 def test_a_bad_job_fails_alone_in_its_lane(tokenizers):
     bad = Job(1, "embed", batch=pixel_patches(np.zeros((1, 16, 16, 3), np.uint8)))
     bad.batch = bad.batch.with_feats(bad.batch.feats[:, :5])  # wrong patch width
@@ -204,3 +252,26 @@ def test_lane_queue_holds_the_caller_when_its_limit_is_queued():
     queue.close()
     lanes.close()
     assert sorted(x for r in run.runs for x in r) == list("abcde")  # each once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_engine_replays_captured_graphs():
+    from model.cuda_graphs import set_cuda_graphs
+    from model.layers.attention import flash_available
+
+    if not flash_available():
+        pytest.skip("flash-attn not installed")
+    tokenizers = load_tokenizers(ModelSpec(variant="tiny", device="cuda", dtype="bfloat16"))
+    jobs = [Job(i, "embed", batch=_job(i, n).batch) for i, n in enumerate([2, 1, 3])]
+    graphed = Engine(tokenizers)
+    assert graphed.graphed[id(tokenizers["continuous"])] is not None
+    try:
+        set_cuda_graphs("off")
+        eager = Engine(tokenizers)
+    finally:
+        set_cuda_graphs("auto")
+    for _ in range(2):  # capture, then replay
+        got = graphed.run(jobs)
+    for a, b in zip(eager.run(jobs), got):
+        assert b.error is None and torch.nn.functional.cosine_similarity(a.embedding, b.embedding, dim=0) > 0.999
