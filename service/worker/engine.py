@@ -205,6 +205,7 @@ class Engine:
         self.tokenizers = tokenizers
         # On a GPU with flash-attn, encoder passes replay CUDA graphs (ATOKEN_CUDA_GRAPHS).
         self.graphed = {id(t): graphed_encoder(t.model) for t in tokenizers.values()}
+        self._graph_lock = threading.Lock()  # a graph's buffers are shared: one replay at a time (lanes)
         self.tok = tokenizers["continuous"]
         self.threads = threads or torch.get_num_threads()
         self.lanes = max(1, lanes)
@@ -317,7 +318,8 @@ class Engine:
         if graphed is None or not graphed.fits(batch) or any(j.partial for j in jobs):
             return None
         try:
-            return graphed.encode(batch)
+            with self._graph_lock:
+                return graphed.encode(batch)
         except GraphCaptureError as exc:
             log.warning("%s; encoder passes run eagerly from now on", exc)
             self.graphed[id(tok)] = None
