@@ -55,6 +55,12 @@ class Progress:
         if self.on_change:
             self.on_change(self)
 
+    def expect_fewer(self, steps: int) -> None:
+        if steps > 0:
+            self.total = max(self.done, self.total - steps)
+            if self.on_change:
+                self.on_change(self)
+
     @property
     def eta_s(self) -> float | None:
         if not self.done:
@@ -102,6 +108,9 @@ class TileRun:
             await in_order(self.runtime, make, done)
         finally:
             await self.runtime.preprocess_heavy(tiles.close)  # closes the decoder's container
+        # The header's count is an upper bound (a start between frames can promise one more
+        # frame, so a tile): what this run did not need comes off the total it may share.
+        self.progress.expect_fewer(self.source.plan.tiles - self.tiles)
 
     def _account(self, frames: np.ndarray, result: JobResult) -> None:
         self.tiles += 1

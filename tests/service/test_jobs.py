@@ -76,6 +76,16 @@ def test_a_video_over_the_request_budget_is_served_as_a_job(tmp_path):
         assert job["status"] == "succeeded", job
 
 
+def test_a_finished_video_job_reads_as_done_when_its_header_promised_a_tile_more(tmp_path):
+    """16 frames of bikes.mp4 lie in [0.013 s, 0.663 s); the header's span of 16.25 frames is
+    counted as 17 (an upper bound), two tiles. The job ends at 1 of 1."""
+    clip = assets.video("bikes.mp4").read_bytes()
+    with LiveServer(jobs_dir=str(tmp_path), **SETTINGS) as live, live.client() as c:
+        job, _ = _wait(c, _submit(c, "tokenize", clip, "bikes.mp4", "?start=0.013&end=0.663").json())
+        assert job["status"] == "succeeded" and job["progress"] | {"done": 1, "total": 1} == job["progress"]
+        assert c.get(job["links"]["result"]).json()["items"][0]["media"]["frames"] == 16
+
+
 def test_progress_moves_per_tile_and_cancel_stops_a_long_video(tmp_path, long_clip):
     with LiveServer(jobs_dir=str(tmp_path), **SETTINGS) as live, live.client() as c:
         job = _submit(c, "reconstruct", long_clip, "long.mp4").json()
