@@ -56,6 +56,12 @@ class Sampling:
     start_s: float = 0.0
     end_s: float | None = None
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the caller bounded the frames (a count or an end): else only the limits do,
+        and a stream holding more than its header declares is an error, not an end."""
+        return self.max_frames is not None or self.end_s is not None
+
 
 @dataclass
 class DecodedVideo:
@@ -149,7 +155,7 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     in_range = max(1, math.ceil(round(span * info.fps, 3)))
     sampled = picks(in_range, step)
     expected = min(cap, sampled)
-    if sampled > cap and sampling.max_frames is None and sampling.end_s is None:
+    if sampled > cap and not sampling.bounded:
         raise MediaTooLargeError(f"video has more than {cap} frames after sampling; ask for fewer (max_frames, "
                                  f"fps, start/end) or raise the limit", limit=cap, actual=sampled)
     # The model sees one 16-frame tile at a time: that, not the clip, bounds its tokens.
@@ -158,9 +164,8 @@ def plan_video(data: Source, limits: MediaLimits = MediaLimits(), sampling: Samp
     # Decoding reads from the keyframe before `start` through the range (or, once as many frames
     # as asked are kept, to the last of them), and one more that shows it is over.
     lead = math.ceil(round(decoding_lead(data, sampling.start_s) * info.fps, 3))
-    asked = sampling.max_frames is not None or sampling.end_s is not None
-    through = (min(in_range, math.ceil(round((expected - 1) * step, 3)) + 1) if expected == cap and asked
-               else in_range)
+    stops_early = expected == cap and sampling.bounded
+    through = min(in_range, math.ceil(round((expected - 1) * step, 3)) + 1) if stops_early else in_range
     decoded = lead + through + 1
     work = decoding_work(info.width * info.height, expected, decoded - expected)
     if work > limits.max_video_pixels:
@@ -192,7 +197,6 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
     or a stream that ends well before what its container declares, raises CorruptMediaError
     naming the frame and time where it happened: a damaged file is never half-returned."""
     sampling, info = plan.sampling, plan.info
-    bounded = sampling.max_frames is not None or sampling.end_s is not None  # else the limits bound it
     kept, index, t, next_pick = 0, -1, 0.0, 0.0
 
     def within_plan() -> None:
@@ -212,11 +216,12 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
                 continue
             if sampling.end_s is not None and t >= sampling.end_s - 1e-6:  # [start, end), as ffmpeg's -to
                 return
-            if (t > info.duration_s + 1.0 or kept >= plan.cap) and bounded:
+            past = t > info.duration_s + 1.0
+            if (past or kept >= plan.cap) and sampling.bounded:
                 return  # as many frames as asked, or the asked range is over
-            if t <= info.duration_s + 1.0 and index < next_pick - 1e-6:
+            if not past and index < next_pick - 1e-6:
                 continue  # between picks (after the last one the limit allows, the stream may just end)
-            if t > info.duration_s + 1.0 or kept >= plan.cap:
+            if past or kept >= plan.cap:
                 raise MediaTooLargeError(f"video runs past what its header declares ({kept} frames, "
                                          f"{t:.2f} s); ask for fewer (max_frames, start/end)",
                                          limit=plan.cap, actual=kept + 1)
@@ -234,7 +239,7 @@ def iter_frames(data: Source, plan: VideoPlan) -> Iterator[np.ndarray]:
     if kept == 0:
         raise CorruptMediaError("no frames decoded in the requested range")
     # Declared durations are approximate; a stream a tenth short (and a second) is damaged.
-    if sampling.end_s is None and sampling.max_frames is None and kept < plan.expected * 0.9 - plan.fps:
+    if not sampling.bounded and kept < plan.expected * 0.9 - plan.fps:
         raise CorruptMediaError(f"video stream ends at frame {index + 1} (t = {t:.2f} s), but its container "
                                 f"declares {info.duration_s:.2f} s: the file is truncated or damaged")
 
