@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 from model.api import Tokens
-from model.config import PATCH_VALUES
 from model.layers.attention import PoolState
 from model.sparse import SparseBatch
 
 from .worker.engine import GAUSSIAN_FIELDS
-from .worker.jobs import DECODER_OPS, FRAME_VALUES, Job, JobResult, model_feats
+from .worker.jobs import Job, JobResult, model_feats
 
 INPUTS = ("META", "FEATS", "PIXELS", "COORDS", "INDICES")
 OUTPUTS = ("EMBEDDING", "FEATURES", "LATENTS", "LOGVAR", "INDICES_OUT", "TUBELETS", "PIXELS_OUT", "GAUSSIANS",
@@ -94,7 +93,7 @@ def pack_requests(jobs: list[Job]) -> list[tuple[list[int], dict[str, np.ndarray
     described = [_job_arrays(job) for job in jobs]
     groups: dict[tuple, list[int]] = {}
     for i, (job, (meta, arrays)) in enumerate(zip(jobs, described)):
-        key = ((*(a.shape[1] for a in arrays.values()), _pixels_width(job)) if meta["rows"]
+        key = ((*(a.shape[1] for a in arrays.values()), job.pixels_width) if meta["rows"]
                else next(iter(groups), ()))
         groups.setdefault(key, []).append(i)
     requests = []
@@ -105,14 +104,6 @@ def pack_requests(jobs: list[Job]) -> list[tuple[list[int], dict[str, np.ndarray
             "FEATS": _stack(parts["FEATS"], np.float32), "PIXELS": _stack(parts["PIXELS"], np.uint8),
             "COORDS": _stack(parts["COORDS"], np.int32, width=5), "INDICES": _stack(parts["INDICES"], np.int64)}))
     return requests
-
-
-def _pixels_width(job: Job) -> int:
-    """The width of the pixel rows a job gets back (`reconstruction_pixels`), 0 for none."""
-    source = job.batch if job.batch is not None else job.tokens
-    if source is None or job.op not in DECODER_OPS or not job.pixels or source.kinds[0] == "3D":
-        return 0
-    return FRAME_VALUES if source.kinds[0] == "image" else PATCH_VALUES
 
 
 def info_inputs() -> dict[str, np.ndarray]:

@@ -338,7 +338,7 @@ class Engine:
         latent_batches = [tok.latent_batch(decode_inputs[j.id]) for j in jobs]
         packed = cat(latent_batches)
         # Images shown as pixels keep only their first frame: the decoder makes no more.
-        first_frame = all(j.pixels and decode_inputs[j.id].kinds[0] == "image" for j in jobs)
+        first_frame = all(j.pixels_width == FRAME_VALUES for j in jobs)
         with torch.inference_mode():
             rec = tok.model.decode(packed, columns=FRAME_VALUES if first_frame else None).float().cpu()
         # cat keeps each job's rows together and in order: views, not masked copies.
@@ -350,5 +350,5 @@ class Engine:
                 item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))
                 g = tok.decode_gaussians(item)[0]
                 r.gaussians = gaussians_to_dict(g)
-            elif job.pixels and kind != "3D":
+            elif job.pixels_width:
                 r.tubelets = reconstruction_pixels(r.tubelets, kind)

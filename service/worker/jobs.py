@@ -111,6 +111,15 @@ class Job:
         return self.op == "embed" or self.partial or self.embedding
 
     @property
+    def pixels_width(self) -> int:
+        """The width of the uint8 rows a decoder op with `pixels` gets back (`reconstruction_pixels`):
+        an image's one frame, a video's tubelet; 0 where floats (3D) or no pixels come back."""
+        source = self.batch if self.batch is not None else self.tokens
+        if source is None or self.op not in DECODER_OPS or not self.pixels or source.kinds[0] == "3D":
+            return 0
+        return FRAME_VALUES if source.kinds[0] == "image" else PATCH_VALUES
+
+    @property
     def model_mode(self) -> str:
         """Which token mode's tokenizer runs this job (decoding indices needs the quantizer's)."""
         if self.op == "decode":
