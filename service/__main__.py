@@ -16,6 +16,8 @@ import asyncio
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from .errors import error_body
 
 
@@ -74,12 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configuration_error(exc: ValidationError) -> str:
+    """pydantic's report, one line a setting, named as it is set (ATOKEN_...), no traceback."""
+    lines = []
+    for e in exc.errors(include_url=False):
+        message = e["msg"].removeprefix("Value error, ")
+        if e["loc"]:  # one setting's value; otherwise a rule across settings, which names them
+            message = f"ATOKEN_{'_'.join(str(part) for part in e['loc']).upper()}: {message} (got {e['input']!r})"
+        lines.append("  " + message)
+    return "configuration error:\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .settings import Settings
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(configuration_error(exc), file=sys.stderr)
+        return 2
     if args.command == "serve":
         _serve(args, settings)
         return 0

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .jobs import JobsConfig
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     lane_batches: bool = True
     worker: str = Field("process", description="process | thread | triton")
     triton_url: str | None = None
-    triton_protocol: str = "http"
+    triton_protocol: Literal["http", "grpc"] = "http"
     # Batches one front end keeps at Triton at once. No one number is best on one 2-core machine
     # (docs/performance.md): at /encode concurrency 8, 8 gave 0.98x the process worker and 2 gave
     # 0.77x; at concurrency 32, 8 gave 0.75x (batches of 3 jobs instead of 5) and 2 gave 0.89x.
@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         if v not in ("process", "thread", "triton"):
             raise ValueError("worker must be process, thread or triton")
         return v
+
+    @model_validator(mode="after")
+    def _triton_needs_its_url(self) -> "Settings":
+        # Refused at start-up, not by a worker retrying forever every 2 s behind a failing /healthz.
+        if self.worker == "triton" and not self.triton_url:
+            raise ValueError("ATOKEN_WORKER=triton needs ATOKEN_TRITON_URL (host:port of a running tritonserver)")
+        return self
 
     @field_validator("max_batch_tokens")
     @classmethod

@@ -8,8 +8,9 @@ from tests import assets
 from tests.conftest import ROOT
 
 
-def _run(*args, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny"}
+def _run(*args, tmp_path, **settings):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ATOKEN_MAX_SIDE": "128", "ATOKEN_VARIANT": "tiny",
+           **{f"ATOKEN_{k.upper()}": v for k, v in settings.items()}}
     return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
 
@@ -29,6 +30,16 @@ def test_cli_reports_bad_input(tmp_path):
     bad.write_bytes(b"nope")
     proc = _run("encode", str(bad), tmp_path=tmp_path)
     assert proc.returncode == 2 and "error (415)" in proc.stderr
+
+
+def test_bad_settings_stop_serve_at_once_naming_the_variable(tmp_path):
+    proc = _run("serve", "--port", "1", tmp_path=tmp_path, worker="triton")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ATOKEN_WORKER=triton needs ATOKEN_TRITON_URL" in proc.stderr
+    proc = _run("serve", "--port", "1", tmp_path=tmp_path, max_upload_bytes="lots", triton_protocol="udp")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ATOKEN_MAX_UPLOAD_BYTES" in proc.stderr and "'lots'" in proc.stderr
+    assert "ATOKEN_TRITON_PROTOCOL: Input should be 'http' or 'grpc'" in proc.stderr
 
 
 def _frames(path) -> int:
