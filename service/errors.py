@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from model.errors import (ATokenError, CheckpointError, ConfigError, InvalidInputError, TokenLimitError,
                           UnsupportedError)
 
@@ -138,6 +140,9 @@ STATUS: list[tuple[type[Exception], int, str | None]] = [
     (WorkerUnavailable, 503, None),
     (DeadlineExceeded, 504, None),
     (ClientClosedRequest, 499, None),
+    # Starlette's, raised where a body is read (uploads, JSON, forms) and the client has gone:
+    # a client's doing, not a bug to log with its traceback and count as a 500.
+    (ClientDisconnect, 499, "client_closed_request"),
 ]
 
 MODEL_ERRORS = {cls.__name__: cls for cls in (InvalidInputError, TokenLimitError, UnsupportedError, ATokenError)}

@@ -381,6 +381,39 @@ def test_slow_bodies_time_out_and_do_not_block_others(live, client):
     assert live.ready()
 
 
+def _count(metrics: str, route: str, status: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("atoken_requests_total{") and f'route="{route}"' in line
+               and f'status="{status}"' in line)
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_bug(live, client):
+    """Starlette raises ClientDisconnect where a body is read; it used to be answered (to nobody)
+    as a 500, counted as one and logged with its traceback as an unhandled error."""
+    boundary = "b0undary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + JPG + f"\r\n--{boundary}--\r\n".encode()
+    cases = [("/encode", f"multipart/form-data; boundary={boundary}", form), ("/tokenize", "image/jpeg", JPG),
+             ("/decode", "application/json", b'{"items": [' + b" " * 200_000)]
+    before = client.get("/metrics").text
+    for route, ctype, body in cases:
+        with socket.create_connection(("127.0.0.1", live.port)) as s:
+            s.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                      f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+            time.sleep(0.2)  # the server is reading the body when the client leaves
+    deadline = time.monotonic() + FAST_S
+    while True:
+        after = client.get("/metrics").text
+        left = [r for r, _, _ in cases if _count(after, r, "499") - _count(before, r, "499") < 1]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"no 499 counted on {left}"
+    assert all(_count(after, r, "500") == _count(before, r, "500") for r, _, _ in cases)
+    assert "unhandled error" not in live.log()
+    assert live.ready()
+
+
 # ---------------------------------------------------------------- protocol
 def test_allow_www_authenticate_and_head(live, client):
     r = client.delete("/encode")
