@@ -140,8 +140,11 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> T
     g, h, length, d = q.shape
     n = g * h
     exact_scale = math.frexp(scale)[0] == 0.5  # a power of two scales q without rounding
-    q = (q * scale if exact_scale else q).reshape(n, length, d)
-    k, v = k.reshape(n, length, d), v.reshape(n, length, d)
+    # Contiguous once here: with one sequence (G = 1) the reshapes are strided views into the qkv
+    # projection's rows, and bmm copied a strided operand whole for every block (a 20,000-token
+    # 3D asset: all of K and V again per 26 query rows, 92 GB of copies in an encoder pass).
+    q = (q * scale if exact_scale else q).reshape(n, length, d).contiguous()
+    k, v = k.reshape(n, length, d).contiguous(), v.reshape(n, length, d).contiguous()
     kt = k.transpose(1, 2)
     q_shift = k_shift = None  # made when a block first needs the exact pass
     row_bytes = length * q.element_size()

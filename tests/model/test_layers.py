@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -64,6 +66,31 @@ def test_blocked_backend_in_bfloat16_is_as_close_to_exact_as_sdpa(head_dim, size
     error = {name: ((_with_backend(name, q, k, v, seg, scale).double() - exact).norm() / exact.norm()).item()
              for name in ("torch", "blocked")}
     assert error["blocked"] < 1.5 * error["torch"], error
+
+
+@pytest.mark.parametrize("size", [1.0, 0.05])
+def test_blocked_backend_copies_one_long_sequence_once_not_per_block(monkeypatch, size):
+    """One sequence (a 3D asset, a video tile): q, k and v arrive as strided views into the qkv
+    projection's rows. bmm copied a strided operand whole for every block of query rows, so an
+    asset of 20,000 tokens copied K and V 770 times a head (a 3D /encode took 25 s, 18 of them
+    copying). The copies made now do not depend on the number of blocks."""
+    from torch.profiler import profile
+
+    n, h, d = 512, 4, 64
+    qkv = torch.randn(n, 3, h, d).bfloat16() * size
+    q, k, v = qkv.unbind(1)  # [N, H, D] views, rows 3 x H x D apart, as SelfAttention passes them
+    seg = Segments((n,), q.device)
+    copies = {}
+    for rows in (64, 8):  # 8 and 64 blocks of query rows per head
+        monkeypatch.setattr(attn, "BLOCK_SCORES_BYTES", rows * n * 2)
+        with profile(record_shapes=True) as prof:
+            _with_backend("blocked", q, k, v, seg, 0.125)
+        # copies of a whole sequence's keys or values (the exact path also writes each block's
+        # peak column: a copy of `rows` values, per block by design)
+        copies[rows] = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                           if e.key == "aten::copy_" and e.input_shapes and e.input_shapes[0]
+                           and math.prod(e.input_shapes[0]) >= n * d)
+    assert copies[8] == copies[64] <= 3 * h + 4, copies
 
 
 def test_auto_backend_is_blocked_only_for_bfloat16_on_a_cpu():
