@@ -126,6 +126,12 @@ def frames_to_sparse(items: Sequence[Tensor]) -> tuple[SparseBatch, list[Crop]]:
     return SparseBatch(torch.cat(feats), torch.cat(coords), tuple(kinds)), crops
 
 
+def voxel_coords(xyz: Tensor, b: int = 0) -> Tensor:
+    """xyz [n, 3] on the 64^3 grid -> [n, 5] int32 token coords (batch b, t = 1, x, y, z)."""
+    n = xyz.shape[0]
+    return torch.cat([torch.full((n, 1), b), torch.ones(n, 1, dtype=torch.long), xyz.long().cpu()], 1).to(torch.int32)
+
+
 def voxels_to_sparse(items: Sequence[tuple[Tensor, Tensor]]) -> SparseBatch:
     """3D items, each (coords [n, 3] int (x, y, z) in [0, 64), feats [n, 768] in [0, 1])."""
     if not items:
@@ -141,11 +147,8 @@ def voxels_to_sparse(items: Sequence[tuple[Tensor, Tensor]]) -> SparseBatch:
             raise InvalidInputError(f"3D item {b}: {xyz.shape[0]} coords vs {values.shape[0]} feature rows")
         if xyz.min() < 0 or xyz.max() >= VOXEL_GRID:
             raise InvalidInputError(f"3D item {b}: voxel coords must lie in [0, {VOXEL_GRID})")
-        f = F.pad(values.float() * 2 - 1, (0, PATCH_VALUES - VOXEL_FEATURES))
-        c = torch.cat([torch.full((xyz.shape[0], 1), b), torch.ones(xyz.shape[0], 1, dtype=torch.long),
-                       xyz.long().cpu()], 1).to(torch.int32).to(values.device)
-        feats.append(f)
-        coords.append(c)
+        feats.append(F.pad(values.float() * 2 - 1, (0, PATCH_VALUES - VOXEL_FEATURES)))
+        coords.append(voxel_coords(xyz, b).to(values.device))
     return SparseBatch(torch.cat(feats), torch.cat(coords), ("3D",) * len(items))
 
 

@@ -12,7 +12,7 @@ import torch
 
 from model.api import Tokens
 from model.metrics import psnr
-from model.patchify import unpatchify_frames, voxels_to_sparse
+from model.patchify import unpatchify_frames
 from model.sparse import SparseBatch
 
 from . import budget
@@ -22,7 +22,7 @@ from .inputs import Options, Pixels, VideoSource, Voxels, decode
 from .media import image as img
 from .media.limits import MediaLimits
 from .uploads import Upload
-from .worker.jobs import PIXEL_FILL, JobResult, pixel_patches
+from .worker.jobs import PIXEL_FILL, JobResult, pixel_patches, voxel_patches
 
 @dataclass
 class Item:
@@ -51,7 +51,7 @@ def model_input(source: Pixels | Voxels) -> SparseBatch:
     """Decoded pixels or voxels -> the model's input, one item (batch index 0)."""
     if isinstance(source, Pixels):
         return pixel_patches(source.frames)
-    return voxels_to_sparse([(torch.from_numpy(source.coords), torch.from_numpy(source.feats))])
+    return voxel_patches(source.coords, source.feats)
 
 
 # ---------------------------------------------------------------- model outputs -> arrays

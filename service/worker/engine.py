@@ -337,14 +337,15 @@ class Engine:
                 decode_inputs: dict[int, Tokens]) -> None:
         latent_batches = [tok.latent_batch(decode_inputs[j.id]) for j in jobs]
         packed = cat(latent_batches)
-        # Images shown as pixels keep only their first frame: the decoder makes no more.
-        first_frame = all(j.pixels_width == FRAME_VALUES for j in jobs)
+        # Images shown as pixels keep only their first frame, 3D items their voxels' features:
+        # where every job does, the decoder makes no more.
+        first_frame = all(j.tubelet_width == FRAME_VALUES for j in jobs)
         with torch.inference_mode():
             rec = tok.model.decode(packed, columns=FRAME_VALUES if first_frame else None).float().cpu()
         # cat keeps each job's rows together and in order: views, not masked copies.
         for job, tubelets in zip(jobs, rec.split([b.num_tokens for b in latent_batches])):
             r = results[job.id]
-            r.tubelets = tubelets
+            r.tubelets = tubelets if tubelets.shape[1] == job.tubelet_width else tubelets[:, :job.tubelet_width]
             kind = decode_inputs[job.id].kinds[0]
             if job.gaussians and kind == "3D":
                 item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))

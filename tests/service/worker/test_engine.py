@@ -12,7 +12,7 @@ import torch
 from model.patchify import frames_to_sparse
 from service.settings import Settings
 from service.worker.engine import Engine, LaneQueue, Lanes, chunks_by_cost, split_by_cost
-from service.worker.jobs import Job, pixel_patches
+from service.worker.jobs import Job, pixel_patches, voxel_patches
 from service.worker.loader import ModelSpec, load_tokenizers
 from tests.service.worker.results import assert_results_close
 
@@ -76,6 +76,32 @@ def test_a_reconstruction_sends_back_pixels_not_its_tokens():
         assert rec.error is None and rec.tokens is None and rec.tubelets.dtype == torch.uint8
         decoded = engine.run([Job(2, "decode", tokens=tok.tokens, pixels=True)])[0]
         torch.testing.assert_close(rec.tubelets, decoded.tubelets, rtol=0, atol=0)
+
+
+def test_a_3d_item_decodes_to_its_voxels_features_alone_or_beside_a_video(tokenizers):
+    """A 3D item's decoded rows are read for their first 768 values only (its PLY, npz and
+    Gaussians): the decoder makes just those when every job in the pass is such, and a pass
+    with whole tubelets (a video) hands the 3D item only its 768."""
+    rng = np.random.default_rng(0)
+    coords = np.unique(rng.integers(10, 40, (300, 3)), axis=0)
+    voxels = voxel_patches(coords, rng.integers(0, 256, (len(coords), 768)).astype(np.float32) / 255)
+    engine = Engine(tokenizers)
+    voxel_tokens, video_tokens = (r.tokens for r in engine.run(
+        [Job(0, "tokenize", batch=voxels), Job(1, "tokenize", batch=_video_job(2).batch)]))
+    alone = engine.run([Job(2, "decode", tokens=voxel_tokens)])[0].tubelets
+    beside = engine.run([Job(3, "decode", tokens=voxel_tokens), Job(4, "decode", tokens=video_tokens)])
+    tok = tokenizers["continuous"]
+    with torch.inference_mode():
+        whole = tok.model.decode(tok.latent_batch(voxel_tokens)).float()  # the official decode: 3072 wide
+    assert alone.shape == beside[0].tubelets.shape == (len(coords), 768)
+    assert beside[1].tubelets.shape[1] == 3072
+    torch.testing.assert_close(alone, whole[:, :768], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(beside[0].tubelets, whole[:, :768], rtol=1e-4, atol=1e-5)
+
+
+def _video_job(i: int) -> Job:
+    rng = np.random.default_rng(i)
+    return Job(i, "embed", batch=pixel_patches(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)))
 
 
 def test_graphed_encoder_passes_give_the_eager_numbers_and_fall_back(tokenizers, caplog):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from model.api import Tokens
-from model.patchify import frames_to_sparse
+from model.patchify import frames_to_sparse, voxels_to_sparse
 from service.media.image import to_model_range
 from service.worker import transport
-from service.worker.jobs import Job, model_feats, packed_input, pixel_patches
+from service.worker.jobs import Job, model_feats, packed_input, pixel_patches, voxel_patches
 
 
 @pytest.mark.parametrize("frames, height, width", [(1, 48, 32), (4, 48, 32), (8, 48, 32), (1, 16, 16), (4, 16, 16)])
@@ -28,6 +28,26 @@ def test_pixel_patches_equal_the_float_path(frames, height, width):
     ours = model_feats(compact)
     assert torch.equal(ours.feats, reference.feats)
     assert torch.equal(ours.coords, reference.coords) and ours.kinds == reference.kinds
+
+
+def test_voxels_of_whole_255ths_travel_as_uint8_and_become_the_official_input():
+    rng = np.random.default_rng(0)
+    coords = rng.permutation(64**3)[:500]
+    coords = np.stack(np.unravel_index(coords, (64,) * 3), 1).astype(np.int64)
+    levels = rng.integers(0, 256, (500, 768), dtype=np.uint8)
+    feats = levels.astype(np.float32) / 255.0  # as packing renders makes them, and check_volume uint8 ones
+    reference = voxels_to_sparse([(torch.from_numpy(coords), torch.from_numpy(feats))])
+    compact = voxel_patches(coords, feats)
+    assert compact.feats.dtype == torch.uint8 and compact.feats.shape == (500, 768)
+    assert torch.equal(compact.feats, torch.from_numpy(levels))
+    assert torch.equal(compact.coords, reference.coords) and compact.kinds == reference.kinds == ("3D",)
+    assert torch.equal(model_feats(compact).feats, reference.feats)  # bit for bit, zeros included
+    assert torch.equal(packed_input([compact]).feats, reference.feats[:, :768])
+    # Any other float in [0, 1] goes as the official packing makes it.
+    feats[3, 5] = 0.5
+    other = voxel_patches(coords, feats)
+    assert other.feats.dtype == torch.float32 and torch.equal(other.feats, voxels_to_sparse(
+        [(torch.from_numpy(coords), torch.from_numpy(feats))]).feats)
 
 
 def test_float_batches_pass_through():
