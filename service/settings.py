@@ -89,7 +89,10 @@ class Settings(BaseSettings):
     max_duration_s: float = 600.0
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
-    max_item_tokens: int = 16384  # model tokens (voxels for 3D) per item, from declared sizes
+    # Model tokens (voxels for 3D) per item, from declared sizes. Images and video tiles stay far
+    # under it at the default max_side (1,024 and 4,096); 3D assets do not: a box, a sphere or a
+    # cylinder fills 19,500-20,700 voxels of the grid (docs/media.md).
+    max_item_tokens: int = 32768
     max_aspect: float = 32.0
     max_inflated_bytes: int = 64 * 2**20  # archives (zip meshes, npz volumes) after inflating
     # A video's decoding work in source pixels (a frame dropped by sampling counts an eighth),

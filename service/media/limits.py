@@ -16,7 +16,7 @@ class MediaLimits:
     max_vertices: int = 2_000_000
     max_faces: int = 4_000_000
     max_voxels: int = 64**3
-    max_tokens: int = 16384  # model tokens per item, computed from declared sizes before decoding
+    max_tokens: int = 32768  # model tokens per item, computed from declared sizes before decoding
     max_aspect: float = 32.0  # longer side / shorter side of an image or frame
     max_inflated_bytes: int = 64 * 2**20  # what an archive (zip mesh, npz volume) may inflate to
     # A video's decoding work in source pixels (`video.decoding_work`), and a /decode video's

@@ -24,7 +24,8 @@ from tests import assets
 from tests.conftest import ROOT
 
 # float32: rows are compared with the API's answers, which batch differently (bf16 rounds them apart)
-SETTINGS = dict(variant="tiny", max_side=128, worker="thread", dtype="float32")
+# A voxel limit under the sphere's 19,565 voxels: one input over the limits.
+SETTINGS = dict(variant="tiny", max_side=128, worker="thread", dtype="float32", max_item_tokens=16384)
 CORRUPT = {"broken/truncated.png", "broken/noise.jpg", "broken/notes.png"}
 
 

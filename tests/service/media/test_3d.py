@@ -136,6 +136,19 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     assert grown < 250, f"peak RSS grew {grown} MB"
 
 
+def test_plain_shapes_fit_the_default_limits():
+    """A box, a sphere and a cylinder each fill about 20,000 voxels of the grid: served by default
+    (the default voxel limit was 16,384, and refused them)."""
+    import trimesh
+
+    from service.settings import Settings
+
+    limits = Settings().limits
+    for mesh in (trimesh.creation.box(), trimesh.creation.icosphere(4), trimesh.creation.cylinder(0.5, 1.0)):
+        coords, feats, media, _ = load_3d(mesh.export(file_type="ply"), "ply", limits)
+        assert 19_000 < media["voxels"] == len(coords) < 21_000
+
+
 def test_renders_are_consistent_with_the_unprojection():
     """Depth maps unproject onto the mesh surface: voxels from depth overlap voxels from vertices."""
     mesh = load_mesh(assets.mesh("cow.obj").read_bytes(), "obj").normalized()
