@@ -40,6 +40,7 @@ def test_backend_matches_reference(backend, lengths, softcap):
 @pytest.mark.parametrize("size", [1.0, 0.05])  # logits of 4 and more (made exact), under 2 (kept rough)
 def test_blocked_backend_splits_long_work_into_blocks(monkeypatch, budget, size):
     monkeypatch.setattr(attn, "BLOCK_SCORES_BYTES", budget)
+    monkeypatch.setattr(attn, "ROW_BLOCK_SCORES_BYTES", budget)
     lengths = (3, 7, 3, 1, 7, 7)
     q, k, v = _qkv(sum(lengths), h=3)
     q = q * size
@@ -83,6 +84,7 @@ def test_blocked_backend_copies_one_long_sequence_once_not_per_block(monkeypatch
     copies = {}
     for rows in (64, 8):  # 8 and 64 blocks of query rows per head
         monkeypatch.setattr(attn, "BLOCK_SCORES_BYTES", rows * n * 2)
+        monkeypatch.setattr(attn, "ROW_BLOCK_SCORES_BYTES", rows * n * 2)
         with profile(record_shapes=True) as prof:
             _with_backend("blocked", q, k, v, seg, 0.125)
         # copies of a whole sequence's keys or values (the exact path also writes each block's
