@@ -136,17 +136,35 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
             traceback.print_exc()
             os._exit(70)  # the front end sees the worker die and fails the batches it held
 
-    while (msg := _receive(conn, slots)) is not None:
-        # A lone job that finds the worker idle, with nothing behind it, runs on every thread
-        # (batch-1 latency). Here, on the main thread, which loaded the model: OpenMP gives each
-        # thread that opens a multi-threaded region a team of its own, and with a second team
-        # on two cores every parallel op slowed, on both threads (a batch-1 pass 11 instead of
-        # 6 ms). Lanes run one thread each: no team. No batch is read while this one runs;
-        # none could start before it ends. The front end holds at most one batch per lane.
-        if lanes.idle() and len(msg[1]) == 1 and not conn.poll(0):
+    # A lone job that finds the worker idle, with nothing behind it, runs on every thread
+    # (batch-1 latency). Here, on the main thread, which loaded the model: OpenMP gives each
+    # thread that opens a multi-threaded region a team of its own, and with a second team on two
+    # cores every parallel op slowed, on both threads (a batch-1 pass 11 instead of 6 ms). Lanes
+    # run one thread each: no team. The pipe is read on a thread of its own, so what arrives
+    # while a lone job runs goes to a lane at once: read on the main thread, a 24 ms image
+    # waited 12.2 s behind a 3D asset's lone pass. The front end holds at most one batch per lane.
+    lone: queue.SimpleQueue = queue.SimpleQueue()
+    main_busy = threading.Event()
+
+    def read() -> None:
+        try:
+            while (msg := _receive(conn, slots)) is not None:
+                if not main_busy.is_set() and lanes.idle() and len(msg[1]) == 1 and not conn.poll(0):
+                    main_busy.set()
+                    lone.put(msg)
+                else:
+                    lanes.submit(on_lane, *msg)
+        except BaseException:  # noqa: BLE001 - a worker that reads nothing more must not look alive
+            traceback.print_exc()
+            os._exit(70)
+        lone.put(None)
+
+    threading.Thread(target=read, name="atoken-reader", daemon=True).start()
+    while (msg := lone.get()) is not None:
+        try:
             answer(msg[0], engine.run(msg[1]))
-        else:
-            lanes.submit(on_lane, *msg)
+        finally:
+            main_busy.clear()
     lanes.close()
 
 

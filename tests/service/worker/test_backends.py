@@ -61,6 +61,30 @@ def test_a_lone_job_on_an_idle_worker_runs_on_every_thread(backends):
         assert result[0].error is None and result[0].extra["threads"] == 2
 
 
+def test_a_batch_arriving_while_a_long_lone_job_runs_is_not_held_behind_it(backends):
+    """A lone job runs on every thread on the worker's main thread; the next batch goes to a lane
+    meanwhile. The pipe used to be read by that thread, so a 24 ms image waited for a 3D asset's
+    whole pass (12.2 s)."""
+    _, two = backends
+    long_job = _batch(200, 1, "reconstruct", side=1024)  # 4,160 tokens, both passes: 1.4 s here
+    finished = {}
+
+    def run(name, jobs):
+        result = two.run(jobs)[0]
+        assert result.error is None
+        finished[name] = (time.monotonic(), result.extra["threads"])
+
+    started = time.monotonic()
+    long_run = threading.Thread(target=run, args=("long", long_job))
+    long_run.start()
+    time.sleep(0.2)  # the long job is on the main thread by now
+    run("short", _batch(201, 1, "embed"))
+    long_run.join(60)
+    assert finished["long"][1] == 2 and finished["short"][1] == 1  # every thread; a lane's one
+    assert finished["short"][0] < finished["long"][0], (
+        f"short done at {finished['short'][0] - started:.2f} s, long at {finished['long'][0] - started:.2f} s")
+
+
 def test_a_worker_that_dies_fails_every_batch_it_held(backends):
     two = ProcessBackend(SPEC, slots=2)
     two.start()
