@@ -14,7 +14,7 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import asdict
 from multiprocessing.connection import wait as mp_wait
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -129,12 +129,17 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
         return
     lanes = Lanes(engine, len(slots))
 
-    def on_lane(slot: int, jobs: list[Job]) -> None:
+    def or_die(fn: Callable[[], None]) -> None:
         try:
-            answer(slot, lanes.run(jobs))
+            fn()
         except BaseException:  # noqa: BLE001 - a batch nobody answers would hang its requests
             traceback.print_exc()
             os._exit(70)  # the front end sees the worker die and fails the batches it held
+
+    def on_lane(slot: int, jobs: list[Job]) -> Callable[[], None]:
+        done: list[list[JobResult]] = []
+        or_die(lambda: done.append(lanes.run(jobs)))
+        return lambda: or_die(lambda: answer(slot, done[0]))  # sent once the lane counts as free
 
     # A lone job that finds the worker idle, with nothing behind it, runs on every thread
     # (batch-1 latency). Here, on the main thread, which loaded the model: OpenMP gives each
@@ -162,9 +167,10 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
     threading.Thread(target=read, name="atoken-reader", daemon=True).start()
     while (msg := lone.get()) is not None:
         try:
-            answer(msg[0], engine.run(msg[1]))
+            results = engine.run(msg[1])
         finally:
-            main_busy.clear()
+            main_busy.clear()  # before answering: the caller's next lone job runs here too
+        answer(msg[0], results)
     lanes.close()
 
 

@@ -103,9 +103,11 @@ class Lanes:
         """One pass on the calling lane."""
         return self.engine.run_lane(jobs, self.threads)
 
-    def submit(self, fn: Callable[..., None], *args) -> None:
+    def submit(self, fn: Callable[..., Callable[[], None] | None], *args) -> None:
         """fn(*args) on the next free lane, which it runs its passes on (`run`); fn answers
-        for its own errors: nothing it raises is seen."""
+        for its own errors: nothing it raises is seen. What fn returns, if anything, is called
+        once the lane counts as free again: its answer, so that a caller who sends the next batch
+        on reading it finds the lane free (a lone job then runs on every thread)."""
         self.reserve()
         self.start(fn, *args)
 
@@ -119,13 +121,16 @@ class Lanes:
         """fn(*args) on the lane `reserve` held (see `submit`)."""
         self._pool.submit(self._on_lane, fn, args)
 
-    def _on_lane(self, fn: Callable[..., None], args: tuple) -> None:
+    def _on_lane(self, fn: Callable[..., Callable[[], None] | None], args: tuple) -> None:
+        then = None
         try:
-            fn(*args)
+            then = fn(*args)
         finally:
             with self._lock:
                 self._running -= 1
             self._free.release()
+        if then is not None:
+            then()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
