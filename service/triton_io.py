@@ -21,7 +21,7 @@ from model.layers.attention import PoolState
 from model.sparse import SparseBatch
 
 from .worker.engine import GAUSSIAN_FIELDS
-from .worker.jobs import FRAME_VALUES, Job, JobResult, model_feats
+from .worker.jobs import Job, JobResult, model_feats
 
 INPUTS = ("META", "FEATS", "PIXELS", "COORDS", "INDICES")
 OUTPUTS = ("EMBEDDING", "FEATURES", "LATENTS", "LOGVAR", "INDICES_OUT", "TUBELETS", "PIXELS_OUT", "GAUSSIANS",
@@ -87,15 +87,14 @@ def _job_arrays(job: Job) -> tuple[dict, dict[str, np.ndarray]]:
 
 def pack_requests(jobs: list[Job]) -> list[tuple[list[int], dict[str, np.ndarray]]]:
     """As few requests as hold `jobs`: (positions of its jobs, named arrays) each. Jobs share a
-    request when their input rows, and the pixels or floats they get back, have the same widths (a job
-    without rows joins the first): an image's and a video's tokens to decode are alike, their
+    request when their input rows, and the pixels or floats they get back, have the same widths
+    (a job without rows joins the first): an image's and a video's tokens to decode are alike, their
     pixels are not."""
     described = [_job_arrays(job) for job in jobs]
     groups: dict[tuple, list[int]] = {}
     for i, (job, (meta, arrays)) in enumerate(zip(jobs, described)):
         # Decoded floats come back whole (3072) but for 3D items (768): those two cannot stack.
-        narrow_floats = job.tubelet_width == FRAME_VALUES and not job.pixels_width
-        key = ((*(a.shape[1] for a in arrays.values()), job.pixels_width, narrow_floats) if meta["rows"]
+        key = ((*(a.shape[1] for a in arrays.values()), job.pixels_width, job.tubelet_kind == "3D") if meta["rows"]
                else next(iter(groups), ()))
         groups.setdefault(key, []).append(i)
     requests = []

@@ -137,9 +137,9 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
             os._exit(70)  # the front end sees the worker die and fails the batches it held
 
     def on_lane(slot: int, jobs: list[Job]) -> Callable[[], None]:
-        done: list[list[JobResult]] = []
-        or_die(lambda: done.append(lanes.run(jobs)))
-        return lambda: or_die(lambda: answer(slot, done[0]))  # sent once the lane counts as free
+        results: list[JobResult] = []
+        or_die(lambda: results.extend(lanes.run(jobs)))
+        return lambda: or_die(lambda: answer(slot, results))  # sent once the lane counts as free
 
     # A lone job that finds the worker idle, with nothing behind it, runs on every thread
     # (batch-1 latency). Here, on the main thread, which loaded the model: OpenMP gives each
@@ -152,19 +152,16 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
     main_busy = threading.Event()
 
     def read() -> None:
-        try:
-            while (msg := _receive(conn, slots)) is not None:
-                if not main_busy.is_set() and lanes.idle() and len(msg[1]) == 1 and not conn.poll(0):
-                    main_busy.set()
-                    lone.put(msg)
-                else:
-                    lanes.submit(on_lane, *msg)
-        except BaseException:  # noqa: BLE001 - a worker that reads nothing more must not look alive
-            traceback.print_exc()
-            os._exit(70)
+        while (msg := _receive(conn, slots)) is not None:
+            if not main_busy.is_set() and lanes.idle() and len(msg[1]) == 1 and not conn.poll(0):
+                main_busy.set()
+                lone.put(msg)
+            else:
+                lanes.submit(on_lane, *msg)
         lone.put(None)
 
-    threading.Thread(target=read, name="atoken-reader", daemon=True).start()
+    # A reader that dies must take the worker with it: one that reads nothing more looks alive.
+    threading.Thread(target=or_die, args=(read,), name="atoken-reader", daemon=True).start()
     while (msg := lone.get()) is not None:
         try:
             results = engine.run(msg[1])

@@ -350,7 +350,7 @@ class Engine:
         # cat keeps each job's rows together and in order: views, not masked copies.
         for job, tubelets in zip(jobs, rec.split([b.num_tokens for b in latent_batches])):
             r = results[job.id]
-            r.tubelets = tubelets if tubelets.shape[1] == job.tubelet_width else tubelets[:, :job.tubelet_width]
+            r.tubelets = tubelets[:, :job.tubelet_width]
             kind = decode_inputs[job.id].kinds[0]
             if job.gaussians and kind == "3D":
                 item = SparseBatch(r.tubelets, decode_inputs[job.id].coords, ("3D",))

@@ -27,7 +27,8 @@ from .. import claims
 ALIGN = 64  # array starts on cache-line boundaries
 # Per direction, shared out among the batches in flight. A CPU batch of 2048 tokens crosses in
 # 1.5 MB (images as uint8 patches or pixels) to 6 MB (video); larger messages (a large 3D
-# asset's reconstructed voxel features, 3 KB a voxel) travel through the pipe. 32 MiB in all fits a container's default /dev/shm.
+# asset's reconstructed voxel features, 3 KB a voxel) travel through the pipe. 32 MiB in all
+# fits a container's default /dev/shm.
 ARENA_BYTES = 16 * 2**20
 _IN_ARENA, _INLINE = b"A", b"I"
 _NAME = re.compile(r"atoken-[0-9]+-[0-9a-f]{12}")
