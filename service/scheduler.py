@@ -23,7 +23,7 @@ from typing import Callable
 
 from .errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, WorkerUnavailable
 from .worker.backends import Backend, WorkerDied
-from .worker.jobs import Job, JobResult
+from .worker.jobs import Job, JobResult, WorkPrice
 
 log = logging.getLogger("atoken.scheduler")
 IDLE_POLL_S = 0.1  # how often an idle dispatcher checks that the worker is still alive
@@ -36,6 +36,7 @@ class Pending:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     deadline: float  # monotonic seconds
+    work: float = 0.0  # WorkPrice: the time it will take, in units of the worker's rate
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     started: float | None = None
@@ -58,7 +59,7 @@ class BatchingConfig:
     max_wait_ms: float = 5.0
     max_queue_jobs: int = 256
     max_queue_tokens: int = 262144
-    default_rate: float = 2000.0  # token passes per second, until measured
+    default_rate: float = 2000.0  # work (WorkPrice units) per second, until the worker's own is known
 
 
 class Scheduler:
@@ -80,14 +81,16 @@ class Scheduler:
         self.dropped = 0  # queued jobs skipped because their caller left or their deadline passed
         self._queue: deque[Pending] = deque()
         self._queued_cost = 0
+        self._queued_work = 0.0
+        self._price = WorkPrice()  # of the worker's model
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
-        self._rate = config.default_rate  # token passes per second, over recent batches
-        # Decayed sums of finished cost and of the time it took, the batches in flight counted
-        # together (`_run_batch`); their ratio is the rate, until measured the default.
-        self._done_cost, self._done_s = config.default_rate * 0.1, 0.1
+        self._rate = config.default_rate  # work per second, over recent batches
+        # Decayed sums of finished work and of the time it took, the batches in flight counted
+        # together (`_run_batch`); their ratio is the rate, until measured the worker's own.
+        self._done_work, self._done_s = config.default_rate * 0.1, 0.1
         self._last_done = 0.0
         self._inflight: _Slots | None = None  # batch slots, for backends that take several
         self._batch_pool: ThreadPoolExecutor | None = None
@@ -103,7 +106,7 @@ class Scheduler:
             self._running = False
             pending = list(self._queue)
             self._queue.clear()
-            self._queued_cost = 0
+            self._queued_cost, self._queued_work = 0, 0.0
             self._cond.notify_all()
         for p in pending:
             p.resolve(error=WorkerUnavailable("the service is shutting down"))
@@ -143,14 +146,27 @@ class Scheduler:
     def queued_cost(self) -> int:
         return self._queued_cost
 
-    def drain_seconds(self, extra_cost: int = 0) -> float:
-        """Estimated time to finish everything queued (and `extra_cost` more), for 429s and autoscaling."""
-        return (self._queued_cost + extra_cost) / max(self._rate, 1.0)
+    def drain_seconds(self, extra_work: float = 0.0) -> float:
+        """Estimated time to finish everything queued (and `extra_work` more), for 429s and autoscaling."""
+        return (self._queued_work + extra_work) / max(self._rate, 1e-9)
 
-    def retry_after(self, extra_cost: int = 0) -> int:
-        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.drain_seconds(extra_cost))))
+    def retry_after(self, extra_work: float = 0.0) -> int:
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.drain_seconds(extra_work))))
 
-    def check_capacity(self, jobs: int = 1, cost: int = 0) -> None:
+    def work(self, jobs: list[Job]) -> float:
+        return sum(map(self._price, jobs))
+
+    def check_time(self, work: float, timeout_s: float) -> None:
+        """Raise PayloadTooLarge when work this long would outrun the deadline even on an idle
+        worker: refused before it runs, not answered 504 after it has run to no one."""
+        seconds = work / max(self._rate, 1e-9)
+        if seconds > timeout_s:
+            raise PayloadTooLarge(f"this request would take about {seconds:.0f} s of model time on this worker, "
+                                  f"more than the request deadline of {timeout_s:g} s (request_timeout_s); "
+                                  "send fewer tokens: a smaller asset, a lower resolution, fewer frames",
+                                  limit=timeout_s)
+
+    def check_capacity(self, jobs: int = 1, cost: int = 0, work: float = 0.0) -> None:
         """Raise Overloaded when these jobs would not fit in the queue now (cheap; call early),
         and PayloadTooLarge when they could never fit, however long the client waited."""
         cfg = self.config
@@ -163,7 +179,7 @@ class Scheduler:
         if len(self._queue) + jobs > cfg.max_queue_jobs or self._queued_cost + cost > cfg.max_queue_tokens:
             raise Overloaded(
                 f"queue full ({len(self._queue)} jobs, {self._queued_cost} token passes queued)",
-                retry_after=self.retry_after(cost), limit=cfg.max_queue_jobs,
+                retry_after=self.retry_after(work), limit=cfg.max_queue_jobs,
             )
 
     def notify(self) -> None:
@@ -172,14 +188,17 @@ class Scheduler:
 
     async def submit(self, jobs: list[Job], timeout_s: float) -> list[JobResult]:
         """Queue the jobs and wait for all results; cancelled callers drop their queued work."""
-        self.check_capacity(len(jobs), sum(j.cost for j in jobs))
+        work = self.work(jobs)
+        self.check_capacity(len(jobs), sum(j.cost for j in jobs), work)
+        self.check_time(work, timeout_s)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        pending = [Pending(j, loop.create_future(), loop, deadline) for j in jobs]
+        pending = [Pending(j, loop.create_future(), loop, deadline, self._price(j)) for j in jobs]
         with self._cond:
             for p in pending:
                 self._queue.append(p)
                 self._queued_cost += p.job.cost
+                self._queued_work += p.work
             self._cond.notify_all()
         gathered = asyncio.gather(*(p.future for p in pending))
         try:
@@ -236,6 +255,11 @@ class Scheduler:
         try:
             backend = self.backend_factory()
             self.info = backend.start()
+            self._price = WorkPrice.of(self.info)
+            if rate := (self.info.get("work") or {}).get("per_s"):  # the worker's own, timed
+                with self._cond:
+                    self._rate = rate
+                    self._done_work, self._done_s = rate * 0.1, 0.1
             slots = getattr(backend, "max_inflight_batches", 1)
             self._inflight = _Slots(slots, getattr(backend, "share_slots", False)) if slots > 1 else None
             if slots > 1 and self._batch_pool is None:
@@ -255,10 +279,14 @@ class Scheduler:
     def _take_expired(self, now: float) -> list[Pending]:
         dropped = []
         while self._queue and (self._queue[0].cancelled or self._queue[0].deadline <= now):
-            p = self._queue.popleft()
-            self._queued_cost -= p.job.cost
-            dropped.append(p)
+            dropped.append(self._pop())
         return dropped
+
+    def _pop(self) -> Pending:
+        p = self._queue.popleft()
+        self._queued_cost -= p.job.cost
+        self._queued_work -= p.work
+        return p
 
     def _form_batch(self, ways: int = 1) -> list[Pending]:
         """The next batch; with `ways` free slots that share out work, about 1/ways of what is
@@ -287,14 +315,12 @@ class Scheduler:
             while self._queue:
                 p = self._queue[0]
                 if p.cancelled or p.deadline <= time.monotonic():
-                    self._fail_dropped([self._queue.popleft()])
-                    self._queued_cost -= p.job.cost
+                    self._fail_dropped([self._pop()])
                     continue
                 if batch and cost + p.job.cost > cap:
                     break
-                batch.append(self._queue.popleft())
+                batch.append(self._pop())
                 cost += p.job.cost
-                self._queued_cost -= p.job.cost
             return batch
 
     def _fail_dropped(self, dropped: list[Pending]) -> None:
@@ -327,17 +353,18 @@ class Scheduler:
         now = time.monotonic()
         elapsed = now - start
         cost = sum(p.job.cost for p in batch)
+        work = sum(p.work for p in batch)
         with self._cond:
             self.running_batch -= len(batch)
             # With batches side by side (lanes, Triton) a batch's own cost over its own time is
             # a fraction of what the worker does: it is charged the time since the last batch
             # finished instead, so the rate (and the queue's drain time, the autoscaling
             # metric) counts them together. One batch at a time, that is its own time.
-            self._done_cost = 0.8 * self._done_cost + cost
+            self._done_work = 0.8 * self._done_work + work
             self._done_s = 0.8 * self._done_s + (now - max(start, self._last_done))
             self._last_done = now
             if self._done_s > 0:
-                self._rate = self._done_cost / self._done_s
+                self._rate = self._done_work / self._done_s
         self.batches += 1
         if self.on_batch:
             self.on_batch(len(batch), cost, elapsed)

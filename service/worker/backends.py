@@ -23,7 +23,7 @@ from model.patchify import frames_to_sparse
 
 from . import transport
 from .engine import Engine, Lanes
-from .jobs import Job, JobResult
+from .jobs import Job, JobResult, WorkPrice, attention_crossover
 from .loader import ModelSpec, load_tokenizers
 
 log = logging.getLogger("atoken.worker")
@@ -65,6 +65,50 @@ def describe(tokenizers: dict[str, ATokenizer]) -> dict:
     return info
 
 
+def ready_info(engine: Engine, tokenizers: dict[str, ATokenizer]) -> dict:
+    """A started worker's last checks: the canary round trip, then timed passes. What /info
+    shows, with the speed measured (`work`, see `calibrate`)."""
+    canary(engine)
+    info = describe(tokenizers)
+    crossover = attention_crossover(info["encoder"])
+    info["work"] = calibrate(engine, crossover) | {"attention_crossover": crossover}
+    return info
+
+
+CALIBRATION_SIDE = 512  # a 1,024-token image: long enough that a GPU's pass is not all launches
+CALIBRATION_PAIRS = 3  # each server start pays for them: 0.3 s here with the shipped model
+CALIBRATION_S = 1.0  # at most this long for the timed passes, once past the first of each op
+
+
+def calibrate(engine: Engine, crossover: float) -> dict:
+    """The worker's speed: `per_s`, `WorkPrice` units a second, from an image tokenized alone on
+    every thread, and `decoder_pass`, what a decoder pass costs in encoder passes, from the same
+    image reconstructed. The fastest of up to three passes of each op, taken in turns, after a
+    first that makes the kernels for its shapes: the worker starts beside a front end that is
+    starting too, and a difference of two times is easily thrown. The scheduler's estimates
+    start from it (a request that could not finish in time is refused before it runs) and
+    follow every batch after."""
+    image = torch.rand(CALIBRATION_SIDE, CALIBRATION_SIDE, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch, _ = frames_to_sparse([image])
+    jobs = [Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)]
+    for job in jobs:
+        engine.run([job])  # makes the kernels for its shapes
+    best = [float("inf")] * len(jobs)
+    deadline = time.perf_counter() + CALIBRATION_S
+    for _ in range(CALIBRATION_PAIRS):
+        best = [min(b, _timed(engine, job)) for b, job in zip(best, jobs)]
+        if time.perf_counter() > deadline:
+            break
+    encode, both = best
+    return {"per_s": WorkPrice(crossover)(jobs[0]) / encode, "decoder_pass": max(both - encode, 0.0) / encode}
+
+
+def _timed(engine: Engine, job: Job) -> float:
+    start = time.perf_counter()
+    engine.run([job])
+    return time.perf_counter() - start
+
+
 def canary(engine: Engine) -> None:
     """Warm up and prove a round trip works: a 32x32 gradient through encode and decode."""
     ramp = torch.linspace(-1, 1, 32)
@@ -89,8 +133,7 @@ class LocalBackend:
     def start(self) -> dict:
         tokenizers = load_tokenizers(self.spec)
         self.engine = Engine(tokenizers, self.spec.engine_lanes, self.spec.threads)
-        canary(self.engine)
-        self.info = describe(tokenizers)
+        self.info = ready_info(self.engine, tokenizers)
         return self.info
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
@@ -112,8 +155,7 @@ def _child_main(conn, spec: ModelSpec, arenas: list[tuple[str, str]]) -> None:
     try:
         tokenizers = load_tokenizers(spec)
         engine = Engine(tokenizers, spec.engine_lanes, spec.threads)
-        canary(engine)
-        conn.send_bytes(transport.dumps(("ready", describe(tokenizers))))
+        conn.send_bytes(transport.dumps(("ready", ready_info(engine, tokenizers))))
     except Exception as exc:  # noqa: BLE001
         conn.send_bytes(transport.dumps(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
         return

@@ -172,6 +172,43 @@ class Job:
         return max(1, self.num_tokens * passes)
 
 
+
+@dataclass(frozen=True)
+class WorkPrice:
+    """What a job's token passes cost in time on one worker, in units of a short sequence's
+    encoder token pass (the worker's rate is measured in them, `calibrate`):
+
+    * attention: each token of an n-token sequence costs 1 + n / `crossover`, so a long 3D
+      asset's time, unlike its memory, grows with the square of its tokens;
+    * `decoder`: a decoder pass, in encoder passes (measured: the shipped model's decoder, with
+      qk-norm and exact softmax, takes 1.5 of them)."""
+
+    crossover: float = float("inf")
+    decoder: float = 1.0
+
+    @classmethod
+    def of(cls, info: dict) -> "WorkPrice":
+        """From a worker's info (`ready_info`); a stand-in without a model counts token passes."""
+        work = info.get("work") or {}
+        return cls(attention_crossover(info.get("encoder")), work.get("decoder_pass", 1.0))
+
+    def __call__(self, job: Job) -> float:
+        passes = (job.op in ENCODER_OPS) + self.decoder * (job.op in DECODER_OPS)
+        return max(1, job.num_tokens) * max(passes, 1) * (1 + job.num_tokens / self.crossover)
+
+
+def attention_crossover(encoder: dict | None) -> float:
+    """The sequence length at which a token's attention costs what its linear layers cost. Per
+    block, a token's linears take 2 (4 d^2 + 2 d m) FLOPs (qkv, output, the MLP's two), its
+    attention over n tokens 4 n d (scores, then values): equal at n = 2 d + m. On the shipped
+    model's encoder the rate this gives stayed within 0.83-1 of its rate at 1,024 tokens from 256
+    to 16,384 tokens, and fell to 0.74-0.78 at 25,600 (docs/limits.md): low, so towards running.
+    Without a model described (a stand-in backend), attention is not counted."""
+    if not encoder:
+        return float("inf")
+    return 2 * encoder["model_channels"] + encoder["mlp_channels"]
+
+
 @dataclass
 class JobResult:
     id: int

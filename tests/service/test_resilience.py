@@ -35,10 +35,37 @@ def test_overload_answers_429_with_retry_after():
 
 
 def test_deadline_answers_504():
-    with LiveServer(worker="process", request_timeout_s=0.05, max_side=512) as live, live.client() as c:
-        r = c.post("/reconstruct?max_frames=32", files=_files(VIDEO))
+    """A request admitted in time whose answer is late (here the worker is stopped) gets 504."""
+    with LiveServer(worker="process", request_timeout_s=1.0, max_side=512) as live, live.client() as c:
+        pid = live.runtime.scheduler.backend.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = c.post("/encode", files=_files(JPG))
+        finally:
+            os.kill(pid, signal.SIGCONT)
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        assert r.json()["error"]["limit"] == 0.05
+        assert r.json()["error"]["limit"] == 1.0
+        assert c.post("/encode", files=_files(JPG)).status_code == 200
+
+
+def test_work_that_could_not_finish_in_time_is_refused_before_it_runs():
+    """The worker's measured rate prices the request: more model time than the deadline is a
+    413 naming it, before any batch runs (here the rate is made slow, as on a much slower CPU)."""
+    with LiveServer(worker="process", max_side=512) as live, live.client() as c:
+        scheduler = live.runtime.scheduler
+        work = c.get("/info").json()["model"]["work"]  # measured when the worker started
+        assert work["per_s"] > 0 and work["decoder_pass"] > 0 and work["attention_crossover"] == 2 * 256 + 1024
+        batches, rate = scheduler.batches, scheduler._rate
+        scheduler._rate = 1.0
+        try:
+            r = c.post("/reconstruct", files=_files(JPG))
+        finally:
+            scheduler._rate = rate
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+        assert r.json()["error"]["limit"] == live.runtime.settings.request_timeout_s
+        assert "request deadline" in r.json()["error"]["message"]
+        assert scheduler.batches == batches
+        assert c.post("/reconstruct", files=_files(JPG)).status_code == 200
 
 
 def test_killed_worker_gives_503_then_recovers():

@@ -5,10 +5,13 @@ import asyncio
 import threading
 import time
 
-from service.errors import WorkerUnavailable
+import numpy as np
+import pytest
+
+from service.errors import PayloadTooLarge, WorkerUnavailable
 from service.scheduler import BatchingConfig, Scheduler
 from service.worker.backends import WorkerDied
-from service.worker.jobs import Job, JobResult
+from service.worker.jobs import Job, JobResult, pixel_patches
 
 
 class _Engine:
@@ -159,5 +162,39 @@ def test_a_cancelled_caller_leaves_nothing_unretrieved(caplog):
             asyncio.run(cancel_one())
             gc.collect()
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    finally:
+        scheduler.stop()
+
+
+class Timed(Lanes):
+    """Reports a model (the encoder's widths) and its measured speed, as a worker does."""
+
+    max_inflight_batches = 1
+    sizes: list[int] = []
+
+    def start(self) -> dict:
+        return {"encoder": {"model_channels": 256, "mlp_channels": 1024}, "work": {"per_s": 1000.0}}
+
+
+def _image_job(scheduler: Scheduler, side: int) -> Job:
+    return Job(scheduler.next_id(), "tokenize", batch=pixel_patches(np.zeros((1, side, side, 3), np.uint8)))
+
+
+def test_work_that_could_not_finish_in_time_is_refused_before_it_runs():
+    """Attention makes an n-token sequence's time grow with n squared: 4,096 tokens are 4.1 s of
+    token passes at this rate, but 15 s with attention (crossover 2 x 256 + 1024), over the
+    10 s deadline; 1,024 tokens are 1.7 s."""
+    scheduler = Scheduler(Timed, BatchingConfig(max_wait_ms=0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+    try:
+        long, short = _image_job(scheduler, 1024), _image_job(scheduler, 512)
+        assert long.cost == 4096 and scheduler.work([long]) == pytest.approx(4096 * (1 + 4096 / 1536))
+        assert scheduler.drain_seconds(scheduler.work([long])) == pytest.approx(15.02, abs=0.01)
+        with pytest.raises(PayloadTooLarge, match="request deadline of 10 s") as refused:
+            asyncio.run(scheduler.submit([long], 10))
+        assert refused.value.limit == 10
+        assert asyncio.run(scheduler.submit([short], 10))[0].error is None
+        assert Timed.sizes == [1]  # only the short job ran
     finally:
         scheduler.stop()

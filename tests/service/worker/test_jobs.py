@@ -77,3 +77,21 @@ def test_packed_images_stay_one_frame_wide_and_mixed_batches_go_whole():
     mixed = packed_input(images + [video])
     assert mixed.feats.shape == (10, 3072)
     assert torch.equal(mixed.feats, torch.cat([w.feats for w in whole]))
+
+
+def test_work_counts_attention_by_the_models_widths_and_decoder_passes_as_measured():
+    from dataclasses import asdict
+
+    from model.config import get_variant
+    from service.worker.jobs import WorkPrice, attention_crossover
+
+    assert attention_crossover(asdict(get_variant("so400m-c").encoder)) == 2 * 1152 + 4304
+    assert attention_crossover(asdict(get_variant("tiny").encoder)) == 2 * 256 + 1024
+    batch = pixel_patches(np.zeros((1, 64, 64, 3), np.uint8))  # 16 tokens
+    tokenize, reconstruct = Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)
+    price = WorkPrice(crossover=16, decoder=1.5)
+    assert price(tokenize) == 16 * 2
+    assert price(reconstruct) == 16 * 2.5 * 2  # an encoder pass and a decoder pass of 1.5
+    info = {"encoder": asdict(get_variant("tiny").encoder), "work": {"per_s": 1e4, "decoder_pass": 1.5}}
+    assert WorkPrice.of(info) == WorkPrice(1536, 1.5)
+    assert WorkPrice.of({})(reconstruct) == reconstruct.cost  # no model described: token passes only

@@ -29,7 +29,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from service.settings import Settings  # noqa: E402
 from service.triton_io import INPUTS, info_outputs, inputs_to_jobs, results_to_outputs, unpack_json  # noqa: E402
-from service.worker.backends import canary, describe  # noqa: E402
+from service.worker.backends import ready_info  # noqa: E402
 from service.worker.engine import Engine, LaneQueue, Lanes, chunks_by_cost  # noqa: E402
 from service.worker.loader import load_tokenizers  # noqa: E402
 
@@ -46,8 +46,7 @@ class TritonPythonModel:
         tokenizers = load_tokenizers(spec)
         self.engine = Engine(tokenizers, spec.engine_lanes, spec.threads)
         self.max_batch_tokens = settings.max_batch_tokens
-        canary(self.engine)
-        self.info = describe(tokenizers)
+        self.info = ready_info(self.engine, tokenizers)
         # Answers are packed and handed to the server on their own thread, so the next pass
         # starts at once instead of after them (a response sender waits for the server's
         # reply, 0.6 ms an answer, while the lane would sit idle). The last pass run inside
