@@ -38,7 +38,7 @@ class Call:
     accept: str = ""
     watch: Watch | None = None
     progress: Progress | None = None
-    patient: bool = False  # a job: wait out a full queue instead of answering 429
+    patient: bool = False  # a job: wait out a full queue instead of answering 429; job_timeout_s
 
     def wants(self, media_type: str) -> bool:
         return media_type in self.accept
@@ -97,7 +97,7 @@ async def _infer_plain(runtime: Runtime, call: Call, jobs: list[Job]) -> tuple[l
     deadline = asyncio.get_running_loop().time() + runtime.settings.request_timeout_s
     while True:
         try:
-            results, timing = await runtime.infer(call.watch, jobs)
+            results, timing = await runtime.infer(call.watch, jobs, call.patient)
             break
         except Overloaded as exc:
             if not call.patient or asyncio.get_running_loop().time() > deadline:

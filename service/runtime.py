@@ -172,10 +172,12 @@ class Runtime:
     async def postprocess(self, fn, *args):
         return await self._in_pool(self.post_pool, fn, *args)
 
-    async def infer(self, watch, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
+    async def infer(self, watch, jobs: list[Job], for_job: bool = False) -> tuple[list[JobResult], Timing]:
         """Queue jobs, drop them if the caller gives up (`watch()` returns: the client left, the
-        job was cancelled), raise the first item error. `watch` may be None."""
-        submit = asyncio.ensure_future(self.scheduler.submit(jobs, self.settings.request_timeout_s))
+        job was cancelled), raise the first item error. `watch` may be None. `for_job`: no
+        request waits on them (POST /jobs, the CLI), so job_timeout_s bounds them."""
+        timeout = "job_timeout_s" if for_job else "request_timeout_s"
+        submit = asyncio.ensure_future(self.scheduler.submit(jobs, getattr(self.settings, timeout), timeout))
         watch = asyncio.ensure_future(watch() if watch else asyncio.Event().wait())
         done, _ = await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
         if submit not in done:

@@ -156,13 +156,13 @@ class Scheduler:
     def work(self, jobs: list[Job]) -> float:
         return sum(map(self._price, jobs))
 
-    def check_time(self, work: float, timeout_s: float) -> None:
+    def check_time(self, work: float, timeout_s: float, timeout_name: str = "request_timeout_s") -> None:
         """Raise PayloadTooLarge when work this long would outrun the deadline even on an idle
         worker: refused before it runs, not answered 504 after it has run to no one."""
         seconds = work / max(self._rate, 1e-9)
         if seconds > timeout_s:
             raise PayloadTooLarge(f"this request would take about {seconds:.0f} s of model time on this worker, "
-                                  f"more than the request deadline of {timeout_s:g} s (request_timeout_s); "
+                                  f"more than the deadline of {timeout_s:g} s ({timeout_name}); "
                                   "send fewer tokens: a smaller asset, a lower resolution, fewer frames",
                                   limit=timeout_s)
 
@@ -186,11 +186,12 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
 
-    async def submit(self, jobs: list[Job], timeout_s: float) -> list[JobResult]:
-        """Queue the jobs and wait for all results; cancelled callers drop their queued work."""
+    async def submit(self, jobs: list[Job], timeout_s: float, timeout_name: str = "request_timeout_s") -> list[JobResult]:
+        """Queue the jobs and wait for all results; cancelled callers drop their queued work.
+        `timeout_name`: the setting `timeout_s` comes from, named when it refuses them."""
         work = self.work(jobs)
         self.check_capacity(len(jobs), sum(j.cost for j in jobs), work)
-        self.check_time(work, timeout_s)
+        self.check_time(work, timeout_s, timeout_name)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         pending = [Pending(j, loop.create_future(), loop, deadline, self._price(j)) for j in jobs]
@@ -204,7 +205,7 @@ class Scheduler:
         try:
             return list(await asyncio.wait_for(gathered, timeout_s))
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"request did not finish within its deadline of {timeout_s:g} s",
+            raise DeadlineExceeded(f"request did not finish within its deadline of {timeout_s:g} s ({timeout_name})",
                                    limit=timeout_s) from None
         finally:
             for p in pending:

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     max_queue_jobs: int = 256
     max_queue_tokens: int = 262144
     request_timeout_s: float = 120.0
+    # A job's (POST /jobs/{op}, the CLI) model passes have no request to answer in time: this
+    # bounds each one instead (a 3D asset's can pass the request timeout on a CPU).
+    job_timeout_s: float = Field(3600.0, gt=0)
     max_inflight_requests: int = 64
     # The front end's threads run this much nicer than the model worker. 0, the same priority:
     # the model's batches are the front end's output, and at nice 10 it delivered them late
@@ -192,5 +195,5 @@ class Settings(BaseSettings):
             "max_upload_bytes", "max_request_bytes", "max_files", "max_pixels", "max_side", "min_side",
             "max_frames", "max_duration_s", "max_vertices", "max_faces", "max_item_tokens", "max_aspect",
             "max_inflated_bytes", "max_json_bytes", "max_json_depth", "max_batch_tokens", "max_queue_jobs",
-            "max_queue_tokens", "request_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s",
+            "max_queue_tokens", "request_timeout_s", "job_timeout_s", "body_timeout_s", "body_idle_timeout_s", "fetch_timeout_s",
             "max_video_pixels", "max_json_inflight_bytes")}
