@@ -35,11 +35,13 @@ def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
     if settings.worker == "thread":
         return lambda: LocalBackend(settings.model_spec)
     if settings.worker == "triton":
-        from .triton_backend import TritonBackend
+        from .triton_backend import ANSWER_MARGIN_S, TritonBackend
 
         return lambda: TritonBackend(settings.triton_url, settings.triton_protocol,
                                       max_inflight_batches=settings.triton_inflight_batches,
-                                      shared_memory=settings.triton_shared_memory)
+                                      shared_memory=settings.triton_shared_memory,
+                                      answer_timeout_s=max(settings.request_timeout_s, settings.job_timeout_s)
+                                      + ANSWER_MARGIN_S)
     slots = settings.model_spec.engine_lanes if settings.lane_batches else 1
     return lambda: ProcessBackend(settings.model_spec, slots=slots)
 

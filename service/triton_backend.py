@@ -29,13 +29,16 @@ MODEL = "atoken"
 # more. The dispatcher asks before every batch; a ping each time took the model's cores from
 # it at concurrency 1 (the ping ran beside the pass) and added a round trip per batch.
 ANSWER_PROVES_LIVE_S = 1.0
+# How long past the longest deadline a batch's answer may take before the server counts as
+# gone: a pass can run as long as a job's deadline allows, and its answer still has to travel.
+ANSWER_MARGIN_S = 60.0
 DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
           np.dtype(np.uint8): "UINT8"}
 
 
 class TritonBackend:
     def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 8,
-                 max_inflight_batches: int = 8, shared_memory: str = "auto"):
+                 max_inflight_batches: int = 8, shared_memory: str = "auto", answer_timeout_s: float = 3660.0):
         if not url:
             raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
         self.url, self.protocol, self.model = url, protocol, model
@@ -44,6 +47,10 @@ class TritonBackend:
         if shared_memory not in ("auto", "on", "off"):
             raise ValueError(f"shared_memory must be auto, on or off, not {shared_memory!r}")
         self.shared_memory = shared_memory
+        # tritonclient's HTTP client gives up on an answer after 60 s by default, and a failed
+        # request counts as a dead server (restarted, 503), so a legitimate pass of over a
+        # minute (a 3D asset on a CPU, a job) failed; gRPC waits for ever by default.
+        self.answer_timeout_s = answer_timeout_s
         self.regions: RegionPool | None = None
         self.info: dict = {}
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="atoken-triton")
@@ -58,7 +65,8 @@ class TritonBackend:
     @property
     def client(self):
         if not hasattr(self._local, "client"):
-            self._local.client = self._client_mod.InferenceServerClient(url=self.url)
+            timeouts = {} if self.protocol == "grpc" else {"network_timeout": self.answer_timeout_s}
+            self._local.client = self._client_mod.InferenceServerClient(url=self.url, **timeouts)
         return self._local.client
 
     def start(self) -> dict:
@@ -115,7 +123,8 @@ class TritonBackend:
                 inputs.append(tensor)
             # No outputs named: the server returns those the model made (only the ones with
             # rows, see results_to_outputs), all as binary.
-            result = self.client.infer(self.model, inputs)
+            timeout = {"client_timeout": self.answer_timeout_s} if self.protocol == "grpc" else {}
+            result = self.client.infer(self.model, inputs, **timeout)
         except Exception as exc:  # noqa: BLE001 - connection or server failure
             raise WorkerDied(f"Triton request failed: {exc}") from None
         finally:

@@ -105,3 +105,36 @@ def test_the_in_flight_batches_setting_reaches_the_triton_backend(monkeypatch):
         assert backend.max_inflight_batches == 3  # what the scheduler reads for its batch slots
     finally:
         backend.stop()
+
+
+def test_a_slow_answer_waits_for_the_deadlines_not_the_clients_default(monkeypatch):
+    """tritonclient's HTTP client gives up after 60 s by default and a failed request counts as a
+    dead server, so the backend sets its own wait from the longest deadline (here 2 s + the
+    margin). A server that accepts and never answers, against a wait of 0.5 s: WorkerDied."""
+    import socket
+    import time
+
+    import pytest
+
+    from service import triton_backend
+    from service.runtime import default_backend_factory
+    from service.triton_io import info_inputs
+    from service.worker.backends import WorkerDied
+
+    settings = Settings(worker="triton", triton_url="127.0.0.1:1", request_timeout_s=1.0, job_timeout_s=2.0)
+    backend = default_backend_factory(settings)()
+    assert backend.answer_timeout_s == 2.0 + triton_backend.ANSWER_MARGIN_S
+    backend.stop()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        for protocol in ("http", "grpc"):
+            backend = triton_backend.TritonBackend(f"127.0.0.1:{silent.getsockname()[1]}", protocol,
+                                                   shared_memory="off", answer_timeout_s=0.5)
+            start = time.monotonic()
+            try:
+                with pytest.raises(WorkerDied):
+                    backend._infer(info_inputs())
+            finally:
+                backend.stop()
+            assert time.monotonic() - start < 30, protocol
