@@ -28,6 +28,11 @@ from .worker.jobs import Job, JobResult, WorkPrice
 log = logging.getLogger("atoken.scheduler")
 IDLE_POLL_S = 0.1  # how often an idle dispatcher checks that the worker is still alive
 MAX_RETRY_AFTER_S = 60
+# A batch still running this long after the last of its jobs' deadlines has no one left to
+# answer, and a worker that has not answered by then has hung (a deadlock, a stuck GPU): the
+# watchdog aborts it, which fails the batches it holds with 503 and restarts it.
+HUNG_AFTER_S = 60.0
+WATCHDOG_POLL_S = 0.5
 
 
 @dataclass
@@ -92,6 +97,9 @@ class Scheduler:
         # together (`_run_batch`); their ratio is the rate, until measured the worker's own.
         self._done_work, self._done_s = config.default_rate * 0.1, 0.1
         self._last_done = 0.0
+        self._watched: dict[int, tuple[float, Backend]] = {}  # running batches: (answer by, backend)
+        self._batch_keys = itertools.count()
+        self._watchdog: threading.Thread | None = None
         self._inflight: _Slots | None = None  # batch slots, for backends that take several
         self._batch_pool: ThreadPoolExecutor | None = None
 
@@ -100,6 +108,8 @@ class Scheduler:
         self._running = True
         self._thread = threading.Thread(target=self._dispatch_loop, name="atoken-dispatcher", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch_loop, name="atoken-watchdog", daemon=True)
+        self._watchdog.start()
 
     def stop(self) -> None:
         with self._cond:
@@ -330,13 +340,34 @@ class Scheduler:
             if not p.cancelled:
                 p.resolve(error=DeadlineExceeded("the request's deadline passed while it was queued"))
 
+    def _watch_loop(self) -> None:
+        """Aborts a worker whose batch outlives every deadline in it by HUNG_AFTER_S. Backends
+        that cannot be aborted (a thread in this process) are left; Triton's client gives up on
+        its own (`TritonBackend.answer_timeout_s`)."""
+        while self._running:
+            time.sleep(WATCHDOG_POLL_S)
+            now = time.monotonic()
+            with self._cond:
+                hung = [key for key, (answer_by, _) in self._watched.items() if now > answer_by]
+                backends = {id(b): b for _, b in (self._watched.pop(key) for key in hung)}
+            for backend in backends.values():
+                if hasattr(backend, "abort"):
+                    log.error("a batch outlived its deadlines by %g s: the model worker has hung; killing it", HUNG_AFTER_S)
+                    backend.abort(f"no answer {HUNG_AFTER_S:g} s past the batch's deadlines: the worker hung and was killed")
+
+    def _unwatch(self, key: int) -> None:
+        with self._cond:
+            self._watched.pop(key, None)
+
     def _run_batch(self, batch: list[Pending], backend: Backend | None = None) -> None:
         backend = backend or self.backend
         start = time.monotonic()
         for p in batch:
             p.started = start
+        key = next(self._batch_keys)
         with self._cond:
             self.running_batch += len(batch)
+            self._watched[key] = (max(p.deadline for p in batch) + HUNG_AFTER_S, backend)
         try:
             results = backend.run([p.job for p in batch])
         except WorkerDied as exc:
@@ -351,6 +382,8 @@ class Scheduler:
                 p.resolve(error=WorkerUnavailable(f"the model worker died while running this request ({exc}); "
                                                   "it is being restarted, retry shortly", retry_after=5))
             return
+        finally:
+            self._unwatch(key)
         now = time.monotonic()
         elapsed = now - start
         cost = sum(p.job.cost for p in batch)

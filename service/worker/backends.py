@@ -255,6 +255,7 @@ class ProcessBackend:
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._waiting: dict[int, Future] = {}
         self._reader: threading.Thread | None = None
+        self._abort_reason: str | None = None  # why `abort` killed it
 
     def start(self) -> dict:
         ctx = mp.get_context("spawn")
@@ -339,6 +340,17 @@ class ProcessBackend:
     def alive(self) -> bool:
         return self.proc is not None and _running(self.proc)
 
+    def abort(self, reason: str) -> None:
+        """Kill a worker that has hung (the scheduler's watchdog): the batches waiting on it fail
+        with `reason`, and the scheduler starts another."""
+        proc = self.proc
+        if proc is not None and _running(proc):
+            self._abort_reason = reason
+            proc.kill()
+
+    def _died(self, proc: mp.process.BaseProcess) -> WorkerDied:
+        return WorkerDied(self._abort_reason or f"worker exited mid-batch (exit code {proc.exitcode})")
+
     def run(self, jobs: list[Job]) -> list[JobResult]:
         if not self.alive():
             raise WorkerDied("worker is not running")
@@ -360,7 +372,7 @@ class ProcessBackend:
             self._send(slot, jobs)
             while not self.conn.poll(0.05):
                 if not _running(self.proc):
-                    raise WorkerDied(f"worker exited mid-batch (exit code {self.proc.exitcode})")
+                    raise self._died(self.proc)
             data = self.conn.recv_bytes()
             status, payload = transport.loads(memoryview(data)[1:], self._arenas[slot][1])
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as exc:
@@ -389,7 +401,7 @@ class ProcessBackend:
             while True:
                 if not conn.poll(0.05):
                     if not _running(proc):
-                        raise WorkerDied(f"worker exited mid-batch (exit code {proc.exitcode})")
+                        raise self._died(proc)
                     continue
                 data = conn.recv_bytes()
                 slot = data[0]

@@ -194,3 +194,39 @@ def test_work_of_a_disconnected_client_is_dropped():
         assert scheduler.batches > batches_before  # the video's tiles ran on; the image's job never did
         with live.client() as c:
             assert "atoken_dropped_jobs 1.0" in c.get("/metrics").text
+
+
+def test_a_hung_worker_is_killed_after_its_batchs_deadline_and_restarted(monkeypatch):
+    """Nothing answers for a stopped worker, which looks alive: the watchdog kills it once its
+    batch outlives its deadline by HUNG_AFTER_S (60 s; 1 s here), and the scheduler restarts it."""
+    from service import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "HUNG_AFTER_S", 1.0)
+    with LiveServer(worker="process", request_timeout_s=1.0, max_side=512) as live, live.client() as c:
+        scheduler = live.runtime.scheduler
+        pid = scheduler.backend.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = c.post("/encode", files=_files(JPG))
+            assert r.status_code == 504, r.text
+            deadline = time.monotonic() + 60
+            while scheduler.restarts == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert scheduler.restarts == 1
+            assert _gone(pid)  # killed, not left stopped
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        live.wait_ready(60)
+        assert scheduler.backend.pid != pid
+        assert c.post("/encode", files=_files(JPG)).status_code == 200
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not yet reaped
+    except FileNotFoundError:
+        return True
