@@ -168,13 +168,18 @@ class Scheduler:
 
     def check_time(self, work: float, timeout_s: float, timeout_name: str = "request_timeout_s") -> None:
         """Raise PayloadTooLarge when work this long would outrun the deadline even on an idle
-        worker: refused before it runs, not answered 504 after it has run to no one."""
+        worker: refused before it runs, not answered 504 after it has run to no one; and
+        Overloaded when it would behind what is queued now (429 at once, not 504 at the deadline)."""
         seconds = work / max(self._rate, 1e-9)
         if seconds > timeout_s:
             raise PayloadTooLarge(f"this request would take about {seconds:.0f} s of model time on this worker, "
                                   f"more than the deadline of {timeout_s:g} s ({timeout_name}); "
                                   "send fewer tokens: a smaller asset, a lower resolution, fewer frames",
                                   limit=timeout_s)
+        if self.drain_seconds(work) > timeout_s:
+            raise Overloaded(f"the queue holds about {self.drain_seconds():.0f} s of model work: this request "
+                             f"would finish after its deadline of {timeout_s:g} s ({timeout_name})",
+                             retry_after=self.retry_after(), limit=timeout_s)
 
     def check_capacity(self, jobs: int = 1, cost: int = 0, work: float = 0.0) -> None:
         """Raise Overloaded when these jobs would not fit in the queue now (cheap; call early),

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from service.errors import PayloadTooLarge, WorkerUnavailable
+from service.errors import Overloaded, PayloadTooLarge, WorkerUnavailable
 from service.scheduler import BatchingConfig, Scheduler
 from service.worker.backends import WorkerDied
 from service.worker.jobs import Job, JobResult, pixel_patches
@@ -124,8 +124,8 @@ def _rate_after(backend, batches: int) -> float:
     assert scheduler.wait_ready(5)
     try:
         async def ask() -> list:  # one job a batch, each 0.05 s: 20 batches/s per slot
-            return await asyncio.gather(*(scheduler.submit([Job(scheduler.next_id(), "pool")], 10)
-                                          for _ in range(batches)))
+            return await asyncio.gather(*(scheduler.submit([Job(scheduler.next_id(), "pool")], 1000)
+                                          for _ in range(batches)))  # the rate starts at 1 a second
 
         asyncio.run(ask())
         return scheduler._rate
@@ -196,5 +196,46 @@ def test_work_that_could_not_finish_in_time_is_refused_before_it_runs():
         assert refused.value.limit == 10
         assert asyncio.run(scheduler.submit([short], 10))[0].error is None
         assert Timed.sizes == [1]  # only the short job ran
+    finally:
+        scheduler.stop()
+
+
+class Held(Timed):
+    """Runs a batch only once released, so that what comes after it queues."""
+
+    release = threading.Event()
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        Held.release.wait(10)
+        return super().run(jobs)
+
+
+def test_work_that_would_finish_after_its_deadline_behind_the_queue_is_429_at_once():
+    """At 1000 units a second: one job runs (held), one of 9.2 s waits; a 1.7 s job would end at
+    10.9 s, after its 10 s deadline: 429 now, with Retry-After, not 504 in 10 s. 0.7 s fits."""
+    scheduler = Scheduler(Held, BatchingConfig(max_wait_ms=0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+
+    def job(tokens: int) -> Job:  # crossover 1536: work = tokens * (1 + tokens / 1536)
+        return Job(scheduler.next_id(), "tokenize", batch=pixel_patches(np.zeros((1, 16, 16 * tokens, 3), np.uint8)))
+
+    async def scenario():
+        running = asyncio.ensure_future(scheduler.submit([job(16)], 10))
+        while scheduler.running_batch == 0:
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(scheduler.submit([job(3072)], 10))  # 9,216 units
+        await asyncio.sleep(0.05)
+        assert scheduler.drain_seconds() == pytest.approx(9.216)
+        with pytest.raises(Overloaded, match="deadline of 10 s") as busy:
+            await scheduler.submit([job(1024)], 10)  # 1,707 units
+        assert busy.value.retry_after == 10 and busy.value.limit == 10
+        fits = asyncio.ensure_future(scheduler.submit([job(512)], 10))  # 683 units
+        await asyncio.sleep(0.05)
+        Held.release.set()
+        return await asyncio.gather(running, queued, fits)
+
+    try:
+        assert all(r[0].error is None for r in asyncio.run(scenario()))
     finally:
         scheduler.stop()
