@@ -87,6 +87,7 @@ class Scheduler:
         self._queue: deque[Pending] = deque()
         self._queued_cost = 0
         self._queued_work = 0.0
+        self._running_work = 0.0  # of the batches the worker holds, counted whole until they end
         self._price = WorkPrice()  # of the worker's model
         self._cond = threading.Condition()
         self._running = False
@@ -157,8 +158,10 @@ class Scheduler:
         return self._queued_cost
 
     def drain_seconds(self, extra_work: float = 0.0) -> float:
-        """Estimated time to finish everything queued (and `extra_work` more), for 429s and autoscaling."""
-        return (self._queued_work + extra_work) / max(self._rate, 1e-9)
+        """Estimated time to finish everything queued and running (and `extra_work` more), for
+        429s and autoscaling. A running batch counts whole: it errs long by what it has done, where
+        leaving it out let requests in behind a minute of 3D work that then answered 504."""
+        return (self._queued_work + self._running_work + extra_work) / max(self._rate, 1e-9)
 
     def retry_after(self, extra_work: float = 0.0) -> int:
         return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.drain_seconds(extra_work))))
@@ -177,7 +180,7 @@ class Scheduler:
                                   "send fewer tokens: a smaller asset, a lower resolution, fewer frames",
                                   limit=timeout_s)
         if self.drain_seconds(work) > timeout_s:
-            raise Overloaded(f"the queue holds about {self.drain_seconds():.0f} s of model work: this request "
+            raise Overloaded(f"the worker holds about {self.drain_seconds():.0f} s of model work: this request "
                              f"would finish after its deadline of {timeout_s:g} s ({timeout_name})",
                              retry_after=self.retry_after(), limit=timeout_s)
 
@@ -370,14 +373,17 @@ class Scheduler:
         for p in batch:
             p.started = start
         key = next(self._batch_keys)
+        work = sum(p.work for p in batch)
         with self._cond:
             self.running_batch += len(batch)
+            self._running_work += work
             self._watched[key] = (max(p.deadline for p in batch) + HUNG_AFTER_S, backend)
         try:
             results = backend.run([p.job for p in batch])
         except WorkerDied as exc:
             with self._cond:
                 self.running_batch -= len(batch)
+                self._running_work -= work
                 if self.backend is backend:  # the first batch to notice restarts it
                     self.ready = False
                     self.restarts += 1
@@ -392,9 +398,9 @@ class Scheduler:
         now = time.monotonic()
         elapsed = now - start
         cost = sum(p.job.cost for p in batch)
-        work = sum(p.work for p in batch)
         with self._cond:
             self.running_batch -= len(batch)
+            self._running_work -= work
             # With batches side by side (lanes, Triton) a batch's own cost over its own time is
             # a fraction of what the worker does: it is charged the time since the last batch
             # finished instead, so the rate (and the queue's drain time, the autoscaling

@@ -76,31 +76,33 @@ def ready_info(engine: Engine, tokenizers: dict[str, ATokenizer]) -> dict:
 
 
 CALIBRATION_SIDE = 512  # a 1,024-token image: long enough that a GPU's pass is not all launches
-CALIBRATION_PAIRS = 3  # each server start pays for them: 0.3 s here with the shipped model
+CALIBRATION_PAIRS = 5  # each server start pays for them: 0.45 s here with the shipped model
 CALIBRATION_S = 1.0  # at most this long for the timed passes, once past the first of each op
 
 
 def calibrate(engine: Engine, crossover: float) -> dict:
     """The worker's speed: `per_s`, `WorkPrice` units a second, from an image tokenized alone on
     every thread, and `decoder_pass`, what a decoder pass costs in encoder passes, from the same
-    image reconstructed. The fastest of up to three passes of each op, taken in turns, after a
-    first that makes the kernels for its shapes: the worker starts beside a front end that is
-    starting too, and a difference of two times is easily thrown. The scheduler's estimates
-    start from it (a request that could not finish in time is refused before it runs) and
-    follow every batch after."""
+    image reconstructed. Passes of the two ops alternate, after a first of each that makes the
+    kernels for its shapes. The worker may start beside other work (a front end starting, a
+    probe polling): every thread of a pass waits for the slowest, so the rate is the fastest
+    tokenize seen (the scheduler follows every batch after it), and the decoder's share the median
+    of each pair's ratio, which a steady load slows alike (the ratio of the fastest of each
+    was off by 2x under a readiness probe polling every 50 ms)."""
     image = torch.rand(CALIBRATION_SIDE, CALIBRATION_SIDE, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batch, _ = frames_to_sparse([image])
-    jobs = [Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)]
-    for job in jobs:
+    encode, both = Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)
+    for job in (encode, both):
         engine.run([job])  # makes the kernels for its shapes
-    best = [float("inf")] * len(jobs)
+    pairs = []
     deadline = time.perf_counter() + CALIBRATION_S
     for _ in range(CALIBRATION_PAIRS):
-        best = [min(b, _timed(engine, job)) for b, job in zip(best, jobs)]
+        pairs.append((_timed(engine, encode), _timed(engine, both)))
         if time.perf_counter() > deadline:
             break
-    encode, both = best
-    return {"per_s": WorkPrice(crossover)(jobs[0]) / encode, "decoder_pass": max(both - encode, 0.0) / encode}
+    ratios = sorted(b / e - 1 for e, b in pairs)
+    return {"per_s": WorkPrice(crossover)(encode) / min(e for e, _ in pairs),
+            "decoder_pass": max(ratios[len(ratios) // 2], 0.0)}
 
 
 def _timed(engine: Engine, job: Job) -> float:
