@@ -18,7 +18,10 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("atoken_queue_depth", "Jobs waiting for the model", registry=r)
         self.queue_drain = Gauge("atoken_queue_drain_seconds",
-                                 "Estimated seconds to finish the queued work (autoscaling signal)", registry=r)
+                                 "Estimated seconds to finish the queued and running work (autoscaling signal)",
+                                 registry=r)
+        self.work_rate = Gauge("atoken_work_rate", "Model work the worker finishes a second, in short-sequence "
+                               "token passes (measured at start, then over recent batches)", registry=r)
         self.batch_size = Histogram("atoken_batch_size", "Jobs per model batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.batch_tokens = Histogram("atoken_batch_tokens", "Token passes per model batch",
@@ -50,6 +53,7 @@ class Metrics:
             self.jobs_by_status.labels(status).set(count)
         self.queue_depth.set(scheduler.queue_depth)
         self.queue_drain.set(scheduler.drain_seconds())
+        self.work_rate.set(scheduler.rate)
         self.worker_restarts.set(scheduler.restarts)
         self.ready.set(1 if scheduler.ready else 0)
         self.dropped.set(scheduler.dropped)

@@ -157,6 +157,11 @@ class Scheduler:
     def queued_cost(self) -> int:
         return self._queued_cost
 
+    @property
+    def rate(self) -> float:
+        """Work (WorkPrice units) the worker finishes a second, over recent batches."""
+        return self._rate
+
     def drain_seconds(self, extra_work: float = 0.0) -> float:
         """Estimated time to finish everything queued and running (and `extra_work` more), for
         429s and autoscaling. A running batch counts whole: it errs long by what it has done, where

@@ -177,7 +177,8 @@ def test_metrics_exported(client):
     client.post("/encode", files=_files(PNG))
     text = client.get("/metrics").text
     for name in ("atoken_requests_total", "atoken_request_latency_seconds_bucket", "atoken_queue_depth",
-                 "atoken_batch_size_bucket", "atoken_batch_tokens_bucket", "atoken_queue_drain_seconds"):
+                 "atoken_batch_size_bucket", "atoken_batch_tokens_bucket", "atoken_queue_drain_seconds",
+                 "atoken_work_rate"):
         assert name in text
     assert 'route="/encode"' in text and 'modality="image"' in text
 
