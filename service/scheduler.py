@@ -177,7 +177,8 @@ class Scheduler:
     def check_time(self, work: float, timeout_s: float, timeout_name: str = "request_timeout_s") -> None:
         """Raise PayloadTooLarge when work this long would outrun the deadline even on an idle
         worker: refused before it runs, not answered 504 after it has run to no one; and
-        Overloaded when it would behind what is queued now (429 at once, not 504 at the deadline)."""
+        Overloaded when, behind the work queued and running now, it would finish after the
+        deadline (429 at once, not 504 when the deadline comes)."""
         seconds = work / max(self._rate, 1e-9)
         if seconds > timeout_s:
             raise PayloadTooLarge(f"this request would take about {seconds:.0f} s of model time on this worker, "
@@ -368,8 +369,22 @@ class Scheduler:
                     log.error("a batch outlived its deadlines by %g s: the model worker has hung; killing it", HUNG_AFTER_S)
                     backend.abort(f"no answer {HUNG_AFTER_S:g} s past the batch's deadlines: the worker hung and was killed")
 
-    def _unwatch(self, key: int) -> None:
+    def _worker_died(self, backend: Backend, batch: list[Pending], exc: WorkerDied) -> None:
         with self._cond:
+            if self.backend is backend:  # the first batch to notice restarts it
+                self.ready = False
+                self.restarts += 1
+                self.backend = None
+        log.error("model worker died: %s; restarting", exc)
+        for p in batch:
+            p.resolve(error=WorkerUnavailable(f"the model worker died while running this request ({exc}); "
+                                              "it is being restarted, retry shortly", retry_after=5))
+
+    def _ended(self, key: int, batch: list[Pending], work: float) -> None:
+        """A batch the worker held is over, whatever its end: no longer running nor watched."""
+        with self._cond:
+            self.running_batch -= len(batch)
+            self._running_work -= work
             self._watched.pop(key, None)
 
     def _run_batch(self, batch: list[Pending], backend: Backend | None = None) -> None:
@@ -386,26 +401,16 @@ class Scheduler:
         try:
             results = backend.run([p.job for p in batch])
         except WorkerDied as exc:
-            with self._cond:
-                self.running_batch -= len(batch)
-                self._running_work -= work
-                if self.backend is backend:  # the first batch to notice restarts it
-                    self.ready = False
-                    self.restarts += 1
-                    self.backend = None
-            log.error("model worker died: %s; restarting", exc)
-            for p in batch:
-                p.resolve(error=WorkerUnavailable(f"the model worker died while running this request ({exc}); "
-                                                  "it is being restarted, retry shortly", retry_after=5))
-            return
+            results = exc
         finally:
-            self._unwatch(key)
+            self._ended(key, batch, work)  # before any answer: a caller may look at once
+        if isinstance(results, WorkerDied):
+            self._worker_died(backend, batch, results)
+            return
         now = time.monotonic()
         elapsed = now - start
         cost = sum(p.job.cost for p in batch)
         with self._cond:
-            self.running_batch -= len(batch)
-            self._running_work -= work
             # With batches side by side (lanes, Triton) a batch's own cost over its own time is
             # a fraction of what the worker does: it is charged the time since the last batch
             # finished instead, so the rate (and the queue's drain time, the autoscaling
