@@ -94,7 +94,8 @@ async def _guarded(call: Call, work: Awaitable):
 async def _infer_plain(runtime: Runtime, call: Call, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
     if not jobs:
         return [], Timing()
-    deadline = asyncio.get_running_loop().time() + runtime.settings.request_timeout_s
+    # Only a job waits out a full queue, for as long as its own deadline.
+    deadline = asyncio.get_running_loop().time() + runtime.settings.job_timeout_s
     while True:
         try:
             results, timing = await runtime.infer(call.watch, jobs, call.patient)

@@ -230,3 +230,24 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not yet reaped
     except FileNotFoundError:
         return True
+
+
+def test_a_job_waits_out_a_full_queue_past_the_request_timeout():
+    """A job retries a full queue for as long as its own deadline (job_timeout_s), not the
+    request's: here the queue reads full for 3 s against a 1 s request timeout."""
+    with LiveServer(worker="process", request_timeout_s=1.0, max_side=512) as live, live.client() as c:
+        scheduler = live.runtime.scheduler
+        full = scheduler.config.max_queue_tokens
+        scheduler._queued_cost += full
+        try:
+            assert c.post("/encode", files=_files(JPG)).status_code == 429
+            job = c.post("/jobs/encode", files=_files(JPG)).json()
+            time.sleep(3)
+            assert c.get(job["links"]["self"]).json()["status"] == "running"
+        finally:
+            scheduler._queued_cost -= full
+        deadline = time.monotonic() + 60
+        while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = c.get(job["links"]["self"]).json()
+        assert job["status"] == "succeeded", job
