@@ -86,8 +86,9 @@ class Output:
 async def run_local(args, settings) -> int:
     from . import ops
     from .deps import options_from_raw
-    from .runtime import Runtime, default_backend_factory
+    from .runtime import AS_JOB, Runtime, default_backend_factory
 
+    AS_JOB.set(True)  # no request waits on this run's model passes: job_timeout_s bounds them
     settings = settings.model_copy(update={"worker": "thread"})
     runtime = Runtime(settings, default_backend_factory(settings))
     runtime.start()

@@ -38,7 +38,7 @@ class Call:
     accept: str = ""
     watch: Watch | None = None
     progress: Progress | None = None
-    patient: bool = False  # a job: wait out a full queue instead of answering 429; job_timeout_s
+    patient: bool = False  # a job: wait out a full queue instead of answering 429
 
     def wants(self, media_type: str) -> bool:
         return media_type in self.accept
@@ -94,11 +94,10 @@ async def _guarded(call: Call, work: Awaitable):
 async def _infer_plain(runtime: Runtime, call: Call, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
     if not jobs:
         return [], Timing()
-    # Only a job waits out a full queue, for as long as its own deadline.
-    deadline = asyncio.get_running_loop().time() + runtime.settings.job_timeout_s
+    deadline = asyncio.get_running_loop().time() + runtime.model_deadline()[0]
     while True:
         try:
-            results, timing = await runtime.infer(call.watch, jobs, call.patient)
+            results, timing = await runtime.infer(call.watch, jobs)
             break
         except Overloaded as exc:
             if not call.patient or asyncio.get_running_loop().time() > deadline:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,12 @@ from .worker.jobs import Job, JobResult
 
 
 log = logging.getLogger("atoken.runtime")
+
+
+# True while a job runs (POST /jobs, the CLI): no request waits on its model submissions, a
+# video's tiles included, so job_timeout_s bounds them instead of request_timeout_s. Tasks
+# started meanwhile (the tiles') inherit it.
+AS_JOB: ContextVar[bool] = ContextVar("atoken_as_job", default=False)
 
 
 def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
@@ -174,12 +181,15 @@ class Runtime:
     async def postprocess(self, fn, *args):
         return await self._in_pool(self.post_pool, fn, *args)
 
-    async def infer(self, watch, jobs: list[Job], for_job: bool = False) -> tuple[list[JobResult], Timing]:
+    def model_deadline(self) -> tuple[float, str]:
+        """How long a model submission may take here, and the setting that says so (`AS_JOB`)."""
+        name = "job_timeout_s" if AS_JOB.get() else "request_timeout_s"
+        return getattr(self.settings, name), name
+
+    async def infer(self, watch, jobs: list[Job]) -> tuple[list[JobResult], Timing]:
         """Queue jobs, drop them if the caller gives up (`watch()` returns: the client left, the
-        job was cancelled), raise the first item error. `watch` may be None. `for_job`: no
-        request waits on them (POST /jobs, the CLI), so job_timeout_s bounds them."""
-        timeout = "job_timeout_s" if for_job else "request_timeout_s"
-        submit = asyncio.ensure_future(self.scheduler.submit(jobs, getattr(self.settings, timeout), timeout))
+        job was cancelled), raise the first item error. `watch` may be None."""
+        submit = asyncio.ensure_future(self.scheduler.submit(jobs, *self.model_deadline()))
         watch = asyncio.ensure_future(watch() if watch else asyncio.Event().wait())
         done, _ = await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
         if submit not in done:

@@ -158,12 +158,13 @@ async def in_order(runtime: Runtime, make: Callable[[], Awaitable[tuple[T, Job] 
 
 
 async def submit_tile(runtime: Runtime, job: Job) -> JobResult:
-    """One tile's job through the scheduler; a full queue delays it (up to the request timeout)
-    instead of failing a long video half-way."""
-    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    """One tile's job through the scheduler; a full queue delays it (up to the model deadline:
+    a request's, or a job's) instead of failing a long video half-way."""
+    timeout = runtime.model_deadline()
+    deadline = time.monotonic() + timeout[0]
     while True:
         try:
-            return (await runtime.scheduler.submit([job], runtime.settings.request_timeout_s))[0]
+            return (await runtime.scheduler.submit([job], *timeout))[0]
         except Overloaded as exc:
             if time.monotonic() > deadline:
                 raise
@@ -232,7 +233,7 @@ async def embed(runtime: Runtime, source: VideoSource, progress: Progress | None
                                                       partial=True, dense=dense), progress)
     await run.run(consume)
     job = Job(runtime.scheduler.next_id(), "pool", pool_state=states[0])
-    result = (await runtime.scheduler.submit([job], runtime.settings.request_timeout_s))[0]
+    result = (await runtime.scheduler.submit([job], *runtime.model_deadline()))[0]
     if result.error:
         raise from_worker(*result.error)
     return result.embedding, run

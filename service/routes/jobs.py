@@ -13,7 +13,7 @@ from ..deps import get_runtime, options_from_raw, parse_options, read_uploads
 from ..errors import InvalidParameter, JobGone, JobNotFinished
 from ..gate import supplied_key
 from ..jobs import OPS, JobRunner, JobStore, describe, owner_of
-from ..runtime import Runtime
+from ..runtime import AS_JOB, Runtime
 from ..uploads import release
 
 router = APIRouter(tags=["jobs"])
@@ -129,9 +129,13 @@ class Jobs:
         progress.on_change = lambda p: report(p.done, p.total, p.eta_s)
         self.store.set_running(job["id"], progress.total, progress.unit)
         call = ops.Call(request["accept"], cancel.wait, progress, patient=True)
-        # A JSON answer is stored as the bytes the synchronous route sends (jobs._body_of).
-        if job["op"] == "encode":
-            return await ops.encode(runtime, items, options, raw, call)
-        if job["op"] == "tokenize":
-            return await ops.tokenize(runtime, items, options, call)
-        return await ops.reconstruct(runtime, items, options, call)
+        as_job = AS_JOB.set(True)  # its model passes, tiles included: job_timeout_s
+        try:
+            # A JSON answer is stored as the bytes the synchronous route sends (jobs._body_of).
+            if job["op"] == "encode":
+                return await ops.encode(runtime, items, options, raw, call)
+            if job["op"] == "tokenize":
+                return await ops.tokenize(runtime, items, options, call)
+            return await ops.reconstruct(runtime, items, options, call)
+        finally:
+            AS_JOB.reset(as_job)

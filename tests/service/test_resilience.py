@@ -234,20 +234,22 @@ def _gone(pid: int) -> bool:
 
 def test_a_job_waits_out_a_full_queue_past_the_request_timeout():
     """A job retries a full queue for as long as its own deadline (job_timeout_s), not the
-    request's: here the queue reads full for 3 s against a 1 s request timeout."""
-    with LiveServer(worker="process", request_timeout_s=1.0, max_side=512) as live, live.client() as c:
+    request's, a video's tiles too: here the queue reads full for 3 s against a 1 s request
+    timeout."""
+    with LiveServer(worker="process", request_timeout_s=1.0, max_side=512, jobs_concurrency=2) as live, live.client() as c:
         scheduler = live.runtime.scheduler
         full = scheduler.config.max_queue_tokens
         scheduler._queued_cost += full
         try:
             assert c.post("/encode", files=_files(JPG)).status_code == 429
-            job = c.post("/jobs/encode", files=_files(JPG)).json()
+            jobs = [c.post("/jobs/encode?max_frames=8", files=_files(path)).json() for path in (JPG, VIDEO)]
             time.sleep(3)
-            assert c.get(job["links"]["self"]).json()["status"] == "running"
+            assert [c.get(job["links"]["self"]).json()["status"] for job in jobs] == ["running", "running"]
         finally:
             scheduler._queued_cost -= full
-        deadline = time.monotonic() + 60
-        while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-            time.sleep(0.05)
-            job = c.get(job["links"]["self"]).json()
-        assert job["status"] == "succeeded", job
+        for job in jobs:
+            deadline = time.monotonic() + 60
+            while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+                time.sleep(0.05)
+                job = c.get(job["links"]["self"]).json()
+            assert job["status"] == "succeeded", job
