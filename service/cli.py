@@ -103,7 +103,7 @@ async def run_local(args, settings) -> int:
             bar = Bar(Path(source).name, args.progress)
             progress = ops.progress_for(items)
             progress.on_change = lambda p, bar=bar: bar.update(p.done, p.total, p.unit)
-            call = ops.Call(accept="", progress=progress, patient=True)
+            call = ops.Call(accept="", progress=progress)
             try:
                 if args.command == "encode":
                     answer = await ops.encode(runtime, items, options, raw, call)

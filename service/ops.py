@@ -24,7 +24,7 @@ from .errors import ClientClosedRequest, InvalidParameter, NotAcceptable, Overlo
 from .outputs import MEDIA_TYPES, choose_format, preview_file, render, render_image, score_3d, zip_files
 from .inputs import Options
 from .pipeline import Item, compact_indices, round_trip_psnr, token_grid, tokens_to_json
-from .runtime import Runtime, Timing, abandon
+from .runtime import AS_JOB, Runtime, Timing, abandon
 from .streaming import Progress, Tile
 from .worker.jobs import Job, JobResult
 
@@ -38,7 +38,6 @@ class Call:
     accept: str = ""
     watch: Watch | None = None
     progress: Progress | None = None
-    patient: bool = False  # a job: wait out a full queue instead of answering 429
 
     def wants(self, media_type: str) -> bool:
         return media_type in self.accept
@@ -100,7 +99,8 @@ async def _infer_plain(runtime: Runtime, call: Call, jobs: list[Job]) -> tuple[l
             results, timing = await runtime.infer(call.watch, jobs)
             break
         except Overloaded as exc:
-            if not call.patient or asyncio.get_running_loop().time() > deadline:
+            # A job waits out a full queue (for its deadline); a request is answered 429.
+            if not AS_JOB.get() or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(min(1.0, exc.retry_after or 1.0))
     if call.progress:

@@ -128,7 +128,7 @@ class Jobs:
         progress = ops.progress_for(items)
         progress.on_change = lambda p: report(p.done, p.total, p.eta_s)
         self.store.set_running(job["id"], progress.total, progress.unit)
-        call = ops.Call(request["accept"], cancel.wait, progress, patient=True)
+        call = ops.Call(request["accept"], cancel.wait, progress)
         as_job = AS_JOB.set(True)  # its model passes, tiles included: job_timeout_s
         try:
             # A JSON answer is stored as the bytes the synchronous route sends (jobs._body_of).
