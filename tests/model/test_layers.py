@@ -258,3 +258,21 @@ def test_a_misspelt_switch_in_the_environment_is_an_error(monkeypatch):
     assert switch.value == "fast"
     switch.set("auto")
     assert switch.value == "auto"
+
+
+@pytest.mark.parametrize("size, per_block", [(0.02, False), (1.0, True)])
+def test_blocked_backend_skips_the_peak_where_the_norms_bound_the_logits(monkeypatch, size, per_block):
+    """|q.k| <= |q| |k|: where that keeps a pair's logits under ROUGH_LOGITS_MAX (small q, as in
+    the shipped encoder), no pass over its scores looks for their peak; large logits still are."""
+    from torch.profiler import profile
+
+    monkeypatch.setattr(attn, "BLOCK_SCORES_BYTES", 64 * 64 * 2)  # a pair a block, as long sequences: 16
+    lengths = (64,) * 4
+    q, k, v = (t.bfloat16() for t in _qkv(sum(lengths), h=4, d=64, seed=5))
+    seg = Segments(lengths, q.device)
+    with profile() as prof:
+        out = _with_backend("blocked", q * size, k, v, seg, 0.125)
+    peaks = sum(e.count for e in prof.key_averages() if e.key == "aten::amax")
+    assert peaks == (2 + 16 if per_block else 2), peaks  # the norms' two, then one per block
+    exact = _with_backend("reference", *(t.double() for t in (q * size, k, v)), seg, 0.125)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 0.01
