@@ -23,7 +23,7 @@ from model.patchify import frames_to_sparse
 
 from . import transport
 from .engine import Engine, Lanes
-from .jobs import Job, JobResult, WorkPrice, attention_crossover
+from .jobs import Job, JobResult, WorkPrice, attention_crossover, linear_flops
 from .loader import ModelSpec, load_tokenizers
 
 log = logging.getLogger("atoken.worker")
@@ -71,7 +71,8 @@ def ready_info(engine: Engine, tokenizers: dict[str, ATokenizer]) -> dict:
     canary(engine)
     info = describe(tokenizers)
     crossover = attention_crossover(info["encoder"])
-    info["work"] = calibrate(engine, crossover) | {"attention_crossover": crossover}
+    floor = linear_flops(info["decoder"]) / linear_flops(info["encoder"])
+    info["work"] = calibrate(engine, crossover, floor) | {"attention_crossover": crossover}
     return info
 
 
@@ -80,7 +81,7 @@ CALIBRATION_PAIRS = 5  # each server start pays for them: 0.45 s here with the s
 CALIBRATION_S = 1.0  # at most this long for the timed passes, once past the first of each op
 
 
-def calibrate(engine: Engine, crossover: float) -> dict:
+def calibrate(engine: Engine, crossover: float, decoder_floor: float = 0.0) -> dict:
     """The worker's speed: `per_s`, `WorkPrice` units a second, from an image tokenized alone on
     every thread, and `decoder_pass`, what a decoder pass costs in encoder passes, from the same
     image reconstructed. Passes of the two ops alternate, after a first of each that makes the
@@ -88,7 +89,8 @@ def calibrate(engine: Engine, crossover: float) -> dict:
     probe polling): every thread of a pass waits for the slowest, so the rate is the fastest
     tokenize seen (the scheduler follows every batch after it), and the decoder's share the median
     of each pair's ratio, which a steady load slows alike (the ratio of the fastest of each
-    was off by 2x under a readiness probe polling every 50 ms)."""
+    was off by 2x under a readiness probe polling every 50 ms), at least `decoder_floor` (its
+    linear layers' FLOPs against the encoder's: under load the median read 0 once)."""
     image = torch.rand(CALIBRATION_SIDE, CALIBRATION_SIDE, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batch, _ = frames_to_sparse([image])
     encode, both = Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)
@@ -102,7 +104,7 @@ def calibrate(engine: Engine, crossover: float) -> dict:
             break
     ratios = sorted(b / e - 1 for e, b in pairs)
     return {"per_s": WorkPrice(crossover)(encode) / min(e for e, _ in pairs),
-            "decoder_pass": max(ratios[len(ratios) // 2], 0.0)}
+            "decoder_pass": max(ratios[len(ratios) // 2], decoder_floor)}
 
 
 def _timed(engine: Engine, job: Job) -> float:

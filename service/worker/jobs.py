@@ -197,6 +197,12 @@ class WorkPrice:
         return max(1, job.num_tokens) * max(passes, 1) * (1 + job.num_tokens / self.crossover)
 
 
+def linear_flops(transformer: dict) -> int:
+    """A token's FLOPs in the linear layers of a transformer (as /info shows its config)."""
+    d, m = transformer["model_channels"], transformer["mlp_channels"]
+    return 2 * (4 * d * d + 2 * d * m) * transformer["num_blocks"]
+
+
 def attention_crossover(encoder: dict | None) -> float:
     """The sequence length at which a token's attention costs what its linear layers cost. Per
     block, a token's linears take 2 (4 d^2 + 2 d m) FLOPs (qkv, output, the MLP's two), its

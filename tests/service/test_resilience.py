@@ -55,7 +55,8 @@ def test_work_that_could_not_finish_in_time_is_refused_before_it_runs():
     with LiveServer(worker="process", max_side=512) as live, live.client() as c:
         scheduler = live.runtime.scheduler
         work = c.get("/info").json()["model"]["work"]  # measured when the worker started
-        assert work["per_s"] > 0 and work["decoder_pass"] > 0 and work["attention_crossover"] == 2 * 256 + 1024
+        # the decoder is the encoder's size: a pass costs at least one of the encoder's
+        assert work["per_s"] > 0 and work["decoder_pass"] >= 1 and work["attention_crossover"] == 2 * 256 + 1024
         batches, rate = scheduler.batches, scheduler._rate
         scheduler._rate = 1.0
         try:

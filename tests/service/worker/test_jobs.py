@@ -83,10 +83,11 @@ def test_work_counts_attention_by_the_models_widths_and_decoder_passes_as_measur
     from dataclasses import asdict
 
     from model.config import get_variant
-    from service.worker.jobs import WorkPrice, attention_crossover
+    from service.worker.jobs import WorkPrice, attention_crossover, linear_flops
 
     assert attention_crossover(asdict(get_variant("so400m-c").encoder)) == 2 * 1152 + 4304
     assert attention_crossover(asdict(get_variant("tiny").encoder)) == 2 * 256 + 1024
+    assert linear_flops(asdict(get_variant("tiny").decoder)) == 2 * (4 * 256**2 + 2 * 256 * 1024) * 4
     batch = pixel_patches(np.zeros((1, 64, 64, 3), np.uint8))  # 16 tokens
     tokenize, reconstruct = Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)
     price = WorkPrice(crossover=16, decoder=1.5)
