@@ -213,12 +213,12 @@ class Scheduler:
     async def submit(self, jobs: list[Job], timeout_s: float, timeout_name: str = "request_timeout_s") -> list[JobResult]:
         """Queue the jobs and wait for all results; cancelled callers drop their queued work.
         `timeout_name`: the setting `timeout_s` comes from, named when it refuses them."""
-        work = self.work(jobs)
-        self.check_capacity(len(jobs), sum(j.cost for j in jobs), work)
-        self.check_time(work, timeout_s, timeout_name)
+        prices = [self._price(j) for j in jobs]
+        self.check_capacity(len(jobs), sum(j.cost for j in jobs), sum(prices))
+        self.check_time(sum(prices), timeout_s, timeout_name)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        pending = [Pending(j, loop.create_future(), loop, deadline, self._price(j)) for j in jobs]
+        pending = [Pending(j, loop.create_future(), loop, deadline, w) for j, w in zip(jobs, prices)]
         with self._cond:
             for p in pending:
                 self._queue.append(p)

@@ -172,7 +172,6 @@ class Job:
         return max(1, self.num_tokens * passes)
 
 
-
 @dataclass(frozen=True)
 class WorkPrice:
     """What a job's token passes cost in time on one worker, in units of a short sequence's
@@ -180,8 +179,8 @@ class WorkPrice:
 
     * attention: each token of an n-token sequence costs 1 + n / `crossover`, so a long 3D
       asset's time, unlike its memory, grows with the square of its tokens;
-    * `decoder`: a decoder pass, in encoder passes (measured: the shipped model's decoder, with
-      qk-norm and exact softmax, takes 1.5 of them)."""
+    * `decoder`: a decoder pass, in encoder passes (measured at start: the shipped model's
+      decoder, with qk-norm and exact softmax, takes 1.1-1.5 of them)."""
 
     crossover: float = float("inf")
     decoder: float = 1.0
