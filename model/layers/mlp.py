@@ -34,12 +34,23 @@ def fused_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def fused_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN can fuse on this CPU: its bfloat16 inner product needs AVX512 or
+    newer (on an AVX2-only CPU it fails to create the primitive at the first call)."""
+    if not fused_available():
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def _fuse(x: Tensor) -> bool:
     if _mode.value == "off" or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
-    if _mode.value == "on" and not fused_available():
-        raise ConfigError("ATOKEN_FUSED_MLP=on needs PyTorch built with oneDNN (mkldnn)")
-    return x.dtype in (torch.float32, torch.bfloat16) and fused_available()
+    fusable = x.dtype in fused_dtypes()
+    if _mode.value == "on" and not fusable and x.dtype in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"ATOKEN_FUSED_MLP=on needs oneDNN's fused {x.dtype} linear, which this "
+                          "PyTorch build or CPU lacks (bfloat16 needs AVX512 or newer)")
+    return fusable
 
 
 def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None, fused: bool) -> Tensor:
