@@ -244,13 +244,28 @@ def test_fused_mlp_falls_back_where_onednn_cannot_fuse_the_dtype(monkeypatch):
     layer = Mlp(8, 16).to(torch.bfloat16)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert not mlp._fuse(x) and mlp._fuse(x.float())
+        assert not mlp._fuse(x)
         plain = F.gelu(F.linear(x, layer.mlp[0].weight, layer.mlp[0].bias), approximate="tanh")
         assert torch.equal(layer(x), layer.mlp[2](plain))
         try:
             mlp.set_fused_mlp("on")
             with pytest.raises(ConfigError, match="bfloat16"):
                 layer(x)
+        finally:
+            mlp.set_fused_mlp("auto")
+
+
+def test_auto_fuses_bfloat16_only(monkeypatch):
+    # In float32 the plain projection and GELU are the faster pair (docs/performance.md).
+    monkeypatch.setattr(mlp, "fused_dtypes", lambda: (torch.float32, torch.bfloat16))
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        assert mlp._fuse(x.bfloat16()) and not mlp._fuse(x) and not mlp._fuse(x.half())
+        try:
+            mlp.set_fused_mlp("on")
+            assert mlp._fuse(x.bfloat16()) and mlp._fuse(x)
+            mlp.set_fused_mlp("off")
+            assert not mlp._fuse(x.bfloat16())
         finally:
             mlp.set_fused_mlp("auto")
 
