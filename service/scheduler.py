@@ -181,9 +181,11 @@ class Scheduler:
         deadline (429 at once, not 504 when the deadline comes)."""
         seconds = work / max(self._rate, 1e-9)
         if seconds > timeout_s:
+            # A request's remedy on a slow worker is the job API, whose deadline is its own.
+            as_job = " or the job API (POST /jobs/{op}, job_timeout_s)" if timeout_name == "request_timeout_s" else ""
             raise PayloadTooLarge(f"this request would take about {seconds:.0f} s of model time on this worker, "
                                   f"more than the deadline of {timeout_s:g} s ({timeout_name}); "
-                                  "send fewer tokens: a smaller asset, a lower resolution, fewer frames",
+                                  f"send fewer tokens (a smaller asset, a lower resolution, fewer frames){as_job}",
                                   limit=timeout_s)
         if self.drain_seconds(work) > timeout_s:
             raise Overloaded(f"the worker holds about {self.drain_seconds():.0f} s of model work: this request "

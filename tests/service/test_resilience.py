@@ -64,6 +64,7 @@ def test_work_that_could_not_finish_in_time_is_refused_before_it_runs():
             assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
             assert r.json()["error"]["limit"] == live.runtime.settings.request_timeout_s
             assert "(request_timeout_s)" in r.json()["error"]["message"]
+            assert "job API (POST /jobs/{op}" in r.json()["error"]["message"]  # the remedy, tried below
             assert scheduler.batches == batches
             job = c.post("/jobs/reconstruct", files=_files(JPG)).json()
             deadline = time.monotonic() + 60

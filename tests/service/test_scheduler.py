@@ -193,7 +193,10 @@ def test_work_that_could_not_finish_in_time_is_refused_before_it_runs():
         assert scheduler.drain_seconds(scheduler.work([long])) == pytest.approx(15.02, abs=0.01)
         with pytest.raises(PayloadTooLarge, match=r"deadline of 10 s \(request_timeout_s\)") as refused:
             asyncio.run(scheduler.submit([long], 10))
-        assert refused.value.limit == 10
+        assert refused.value.limit == 10 and "the job API (POST /jobs/{op}" in str(refused.value)
+        with pytest.raises(PayloadTooLarge, match=r"\(job_timeout_s\)") as refused:  # already a job
+            asyncio.run(scheduler.submit([long], 10, "job_timeout_s"))
+        assert "job API" not in str(refused.value)
         assert asyncio.run(scheduler.submit([short], 10))[0].error is None
         assert Timed.sizes == [1]  # only the short job ran
     finally:
