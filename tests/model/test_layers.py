@@ -244,7 +244,7 @@ def test_fused_mlp_falls_back_where_onednn_cannot_fuse_the_dtype(monkeypatch):
     layer = Mlp(8, 16).to(torch.bfloat16)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert not mlp._fuse(x)
+        assert mlp._path(x) == "plain"
         plain = F.gelu(F.linear(x, layer.mlp[0].weight, layer.mlp[0].bias), approximate="tanh")
         assert torch.equal(layer(x), layer.mlp[2](plain))
         try:
@@ -260,14 +260,34 @@ def test_auto_fuses_bfloat16_only(monkeypatch):
     monkeypatch.setattr(mlp, "fused_dtypes", lambda: (torch.float32, torch.bfloat16))
     x = torch.randn(3, 8)
     with torch.inference_mode():
-        assert mlp._fuse(x.bfloat16()) and not mlp._fuse(x) and not mlp._fuse(x.half())
+        assert [mlp._path(x.bfloat16()), mlp._path(x), mlp._path(x.half())] == ["onednn", "sigmoid", "plain"]
         try:
             mlp.set_fused_mlp("on")
-            assert mlp._fuse(x.bfloat16()) and mlp._fuse(x)
+            assert mlp._path(x.bfloat16()) == mlp._path(x) == "onednn"
             mlp.set_fused_mlp("off")
-            assert not mlp._fuse(x.bfloat16())
+            assert mlp._path(x.bfloat16()) == mlp._path(x) == "plain"
         finally:
             mlp.set_fused_mlp("auto")
+    assert mlp._path(x) == "plain"  # training: the plain path, whose gradient is PyTorch's
+
+
+def test_gelu_through_a_sigmoid_is_the_tanh_gelu():
+    torch.manual_seed(0)
+    y = torch.cat([torch.randn(4096) * 3, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e4, -1e4])])
+    exact = F.gelu(y.double(), approximate="tanh")
+    ours, torchs = mlp.gelu_tanh_by_sigmoid(y), F.gelu(y, approximate="tanh")
+    assert (ours.double() - exact).abs().max() <= 2 * (torchs.double() - exact).abs().max() + 1e-7
+    torch.testing.assert_close(ours, torchs, rtol=2e-6, atol=1e-6)
+    layer = Mlp(64, 256)
+    x = torch.randn(37, 64)
+    with torch.inference_mode():
+        assert mlp._path(x) == "sigmoid"
+        try:
+            mlp.set_fused_mlp("off")
+            plain = layer(x)
+        finally:
+            mlp.set_fused_mlp("auto")
+        torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_mlp_keeps_gradients():
