@@ -23,7 +23,7 @@ from model.patchify import frames_to_sparse
 
 from . import transport
 from .engine import Engine, Lanes
-from .jobs import Job, JobResult, WorkPrice, attention_crossover, linear_flops
+from .jobs import Job, JobResult, WorkPrice, attention_crossover, linear_flops, pixel_patches
 from .loader import ModelSpec, load_tokenizers
 
 log = logging.getLogger("atoken.worker")
@@ -77,7 +77,7 @@ def ready_info(engine: Engine, tokenizers: dict[str, ATokenizer]) -> dict:
 
 
 CALIBRATION_SIDE = 512  # a 1,024-token image: long enough that a GPU's pass is not all launches
-CALIBRATION_PAIRS = 5  # each server start pays for them: 0.45 s here with the shipped model
+CALIBRATION_PAIRS = 5  # each server start pays: 0.45 s (bf16, AMX) to 1.5 s (float32, AVX2) with the shipped model
 CALIBRATION_S = 1.0  # at most this long for the timed passes, once past the first of each op
 
 
@@ -91,9 +91,13 @@ def calibrate(engine: Engine, crossover: float, decoder_floor: float = 0.0) -> d
     of each pair's ratio, which a steady load slows alike (the ratio of the fastest of each
     was off by 2x under a readiness probe polling every 50 ms), at least `decoder_floor` (its
     linear layers' FLOPs against the encoder's: under load the median read 0 once)."""
-    image = torch.rand(CALIBRATION_SIDE, CALIBRATION_SIDE, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    batch, _ = frames_to_sparse([image])
-    encode, both = Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch)
+    # Timed as served: uint8 frame patches in, the frame's pixels out, which is also how a 3D
+    # asset's voxels travel (768 values a token each way). Float tubelets, full width in and
+    # out, would time the projections of three zero frames no image or asset has.
+    side = CALIBRATION_SIDE
+    pixels = torch.randint(0, 256, (1, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = pixel_patches(pixels.numpy())
+    encode, both = Job(0, "tokenize", batch=batch), Job(0, "reconstruct", batch=batch, pixels=True)
     for job in (encode, both):
         engine.run([job])  # makes the kernels for its shapes
     pairs = []

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 import pytest
 
 from service.worker.backends import ProcessBackend, WorkerDied
@@ -150,3 +151,24 @@ def _try(fn):
         return fn()
     except BaseException as exc:  # noqa: BLE001
         return exc
+
+
+def test_the_speed_is_timed_on_what_is_served():
+    """Calibration times an image as the front end sends it (uint8 frame patches, the frame's
+    pixels back; a 3D asset's voxels travel the same 768 values a token), not float tubelets
+    four frames wide: those would time projections of zero frames no request has."""
+    from service.worker import backends as module
+    from service.worker.engine import Engine
+    from service.worker.loader import load_tokenizers
+
+    tokenizers = load_tokenizers(SPEC)
+    engine = Engine(tokenizers, 1, 1)
+    seen = []
+    run = engine.run
+    engine.run = lambda jobs: seen.extend(jobs) or run(jobs)
+    work = module.calibrate(engine, module.attention_crossover(module.describe(tokenizers)["encoder"]), 1.0)
+    assert work["per_s"] > 0 and work["decoder_pass"] >= 1
+    assert {j.op for j in seen} == {"tokenize", "reconstruct"}
+    for job in seen:
+        assert job.batch.feats.dtype == torch.uint8 and job.batch.feats.shape == (1024, 768)
+        assert job.pixels == (job.op == "reconstruct") and job.tubelet_width in (0, 768)
