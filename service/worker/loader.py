@@ -63,20 +63,22 @@ def _cpu_flag(names: str) -> bool:
 
 
 @functools.cache
-def _warn_emulated_float16() -> None:
-    """Once a process: each token mode's model resolves its dtype."""
-    # Served as asked, but emulated: on the reference CPU (bf16 units, no fp16) a 256x256
-    # image took 86 ms on one thread against 18 in float32 and 7 in bfloat16.
-    log.warning("ATOKEN_DTYPE=float16 on a CPU without float16 units is emulated and several times slower "
-                "than float32; use auto, bfloat16 or float32")
+def _warn_emulated(dtype: str) -> None:
+    """Once a process and dtype: each token mode's model resolves its dtype."""
+    # Served as asked, but emulated: on a CPU with bf16 units and no fp16 a 256x256 image took
+    # 86 ms in float16 on one thread against 18 in float32 and 7 in bfloat16; on an AVX2 CPU
+    # (neither) 330-360 ms in bfloat16 against 38 in float32.
+    log.warning("ATOKEN_DTYPE=%s on a CPU without %s units is emulated and several times slower "
+                "than float32; use auto or float32", dtype, dtype)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """`auto`: bfloat16 where the hardware computes it natively (GPUs that support it, CPUs
     with bf16 units), float32 elsewhere. Accuracy against float32 is bounded in
     docs/performance.md and tests/service/worker/test_dtype.py."""
-    if dtype == "float16" and device == "cpu" and not cpu_has_fp16():
-        _warn_emulated_float16()
+    has_units = {"float16": cpu_has_fp16, "bfloat16": cpu_has_bf16}.get(dtype)
+    if device == "cpu" and has_units is not None and not has_units():
+        _warn_emulated(dtype)
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):

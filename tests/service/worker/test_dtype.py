@@ -25,19 +25,22 @@ def test_explicit_dtypes_are_kept():
         assert resolve_dtype(dtype, "cpu") == dtype
 
 
-def test_float16_on_a_cpu_without_its_units_is_served_with_a_warning_once(monkeypatch, caplog):
-    monkeypatch.setattr(loader, "cpu_has_fp16", lambda: False)
-    loader._warn_emulated_float16.cache_clear()
+@pytest.mark.parametrize("dtype, has_units", [("float16", "cpu_has_fp16"), ("bfloat16", "cpu_has_bf16")])
+def test_a_dtype_on_a_cpu_without_its_units_is_served_with_a_warning_once(monkeypatch, caplog, dtype, has_units):
+    monkeypatch.setattr(loader, has_units, lambda: False)
+    loader._warn_emulated.cache_clear()
     with caplog.at_level("WARNING", logger="atoken.worker"):
-        assert resolve_dtype("float16", "cpu") == "float16"
-        assert resolve_dtype("float16", "cpu") == "float16"  # the discrete model's load: no second warning
+        assert resolve_dtype(dtype, "cpu") == dtype
+        assert resolve_dtype(dtype, "cpu") == dtype  # the discrete model's load: no second warning
         assert resolve_dtype("float32", "cpu") == "float32"
-    assert [r.getMessage() for r in caplog.records if "float16" in r.getMessage()] == [
-        "ATOKEN_DTYPE=float16 on a CPU without float16 units is emulated and several times slower than float32; "
-        "use auto, bfloat16 or float32"]
+        assert resolve_dtype(dtype, "cuda") == dtype
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ATOKEN_DTYPE={dtype} on a CPU without {dtype} units is emulated and several times slower than float32; "
+        "use auto or float32"]
     caplog.clear()
-    monkeypatch.setattr(loader, "cpu_has_fp16", lambda: True)
-    resolve_dtype("float16", "cpu")
+    monkeypatch.setattr(loader, has_units, lambda: True)
+    loader._warn_emulated.cache_clear()
+    resolve_dtype(dtype, "cpu")
     assert not caplog.records
 
 
