@@ -160,11 +160,11 @@ async def in_order(runtime: Runtime, make: Callable[[], Awaitable[tuple[T, Job] 
 async def submit_tile(runtime: Runtime, job: Job) -> JobResult:
     """One tile's job through the scheduler; a full queue delays it (up to the model deadline:
     a request's, or a job's) instead of failing a long video half-way."""
-    timeout = runtime.model_deadline()
-    deadline = time.monotonic() + timeout[0]
+    timeout_s, timeout_name = runtime.model_deadline()
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return (await runtime.scheduler.submit([job], *timeout))[0]
+            return (await runtime.scheduler.submit([job], timeout_s, timeout_name))[0]
         except Overloaded as exc:
             if time.monotonic() > deadline:
                 raise

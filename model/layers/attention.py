@@ -161,22 +161,22 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> T
     # ROUGH_LOGITS_MAX, its rough scores serve without a pass over them for their peak, whose
     # blocks outgrow the cache (a box mesh's encoder pass 1.16x faster; the shipped encoder's
     # bound stays under 1.8). Short sequences' blocks stay in cache: there it gained nothing.
-    bounds = (_norms(q).amax(-1) * _norms(k).amax(-1) * (1 if exact_scale else scale)).tolist() if pairs == 1 else None
+    logit_scale = 1.0 if exact_scale else scale  # what a score q.k still needs to be a logit
+    bounds = (_norms(q).amax(-1) * _norms(k).amax(-1) * logit_scale).tolist() if pairs == 1 and softcap == 0 else None
     out = torch.empty_like(q)
     for i in range(0, n, pairs):
-        small = softcap == 0 and bounds is not None and bounds[i] <= ROUGH_LOGITS_MAX
+        small = bounds is not None and bounds[i] <= ROUGH_LOGITS_MAX
         for r in range(0, length, rows):
             scores = torch.bmm(q[i:i + pairs, r:r + rows], kt[i:i + pairs])
             peak = None if small else scores.amax(-1)
-            if peak is not None and (softcap > 0 or peak.abs().max().item() * (1 if exact_scale else scale)
-                                     > ROUGH_LOGITS_MAX):
+            if peak is not None and (softcap > 0 or peak.abs().max().item() * logit_scale > ROUGH_LOGITS_MAX):
                 if q_shift is None:
                     q_shift, k_shift = _with_shift_column(q, k)
                 block = q_shift[i:i + pairs, r:r + rows]
                 block[..., d] = -peak
                 scores = torch.bmm(block, k_shift[i:i + pairs])  # q.k - peak
             if softcap > 0:
-                scores = scores.float().sub_(block[..., d:d + 1]).mul_(1 if exact_scale else scale)
+                scores = scores.float().sub_(block[..., d:d + 1]).mul_(logit_scale)
                 scores = scores.div_(softcap).tanh_().mul_(softcap)
             elif not exact_scale:
                 scores = scores.mul_(scale)

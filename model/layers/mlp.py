@@ -34,15 +34,10 @@ def set_fused_mlp(mode: str) -> None:
 
 
 @functools.cache  # asked on every MLP call: the answer never changes in a process
-def fused_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-@functools.cache
 def fused_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes oneDNN can fuse on this CPU: its bfloat16 inner product needs AVX512 or
     newer (on an AVX2-only CPU it fails to create the primitive at the first call)."""
-    if not fused_available():
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return ()
     return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
