@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -48,11 +49,16 @@ def _stack(parts: list[np.ndarray], dtype, width: int = 0) -> np.ndarray:
     parts = [p for p in parts if p.shape[0]]
     if not parts:
         return np.zeros((1, 0, width), dtype)
+    if len(parts) == 1:  # a lone job's rows travel as they are (the request is written out once anyway)
+        return np.ascontiguousarray(parts[0], dtype)[None]
     return np.concatenate(parts).astype(dtype, copy=False)[None]
 
 
 def _unstack(arr: np.ndarray, rows: list[int]) -> list[np.ndarray]:
-    return np.split(arr[0], np.cumsum(rows)[:-1]) if rows else []
+    """[1, sum(rows), ...] -> a view per row count. Slices: np.split took 10 us a call, on
+    every request's every input and output at both ends."""
+    ends = list(accumulate(rows))
+    return [arr[0, end - n:end] for n, end in zip(rows, ends)]
 
 
 # ------------------------------------------------------------------------------- jobs in
