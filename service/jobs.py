@@ -59,6 +59,12 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """As the spooled files are (mkstemp: 0600); write_bytes follows the umask, 0644 by default."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+
+
 def owner_of(key: str | None) -> str:
     """Jobs belong to the API key that made them (a hash; the key itself is never stored)."""
     return hashlib.sha256(key.encode()).hexdigest()[:32] if key else ""
@@ -79,7 +85,9 @@ class JobStore:
     def __init__(self, config: JobsConfig):
         self.config = config
         self.dir = Path(config.directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Clients' uploads and results are theirs: readable by this service's user only. A
+        # directory that exists already keeps its mode (a volume shared on purpose).
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         # Held from reading the bytes used to writing the new files, so that two jobs admitted
         # or finishing at once cannot both fit in the same free space.
@@ -127,7 +135,7 @@ class JobStore:
                 if isinstance(data, DiskUpload):
                     shutil.move(data.path, self.input_path(job_id, k))  # on disk already: no copy in memory
                 else:
-                    self.input_path(job_id, k).write_bytes(data)
+                    _write_private(self.input_path(job_id, k), data)
             now = time.time()
             self._exec("INSERT INTO jobs (id, owner, op, status, created, expires, request, inputs, input_bytes, "
                        "total, unit) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
@@ -173,7 +181,7 @@ class JobStore:
             if source is not None:
                 shutil.move(source, target)
             else:
-                target.write_bytes(body or b"")
+                _write_private(target, body or b"")
             now = time.time()
             self._exec("UPDATE jobs SET status = 'succeeded', finished = ?, expires = ?, result_bytes = ?, "
                        "media_type = ?, headers = ?, eta_s = 0, done = total WHERE id = ?",

@@ -209,3 +209,15 @@ def test_images_are_served_while_a_long_video_runs(tmp_path, long_clip):
         state = c.get(job["links"]["self"]).json()
         assert state["status"] == "running" and state["progress"]["done"] < state["progress"]["total"], state
         c.delete(job["links"]["self"])
+
+
+def test_uploads_and_results_are_readable_by_the_service_user_only(tmp_path):
+    from service.jobs import JobsConfig, JobStore
+
+    store = JobStore(JobsConfig(tmp_path / "jobs"))
+    job = store.create("", "encode", [b"small upload, kept in memory"], {})
+    assert oct(store.input_path(job["id"], 0).stat().st_mode & 0o777) == "0o600"
+    store.succeed(job["id"], None, b'{"items": []}', "application/json", {})
+    assert oct(store.result_path(job["id"]).stat().st_mode & 0o777) == "0o600"
+    assert oct(store.dir.stat().st_mode & 0o777) == "0o700"
+    store.close()
