@@ -12,9 +12,12 @@ the server's batch token cap). Each is sent the same 256x256 PNG as a multipart 
 same client, on /encode and /reconstruct at concurrency 1, 8 and 32. The servers take turns
 cell by cell (route and concurrency), in an order that rotates from cell to cell and from
 repetition to repetition, so the ratios compare runs seconds apart rather than minutes: this
-shared machine drifts by 20-30% over minutes. A server waiting for its turn is frozen
-(SIGSTOP, its whole process tree), so it takes no CPU from the one measured; each turn starts
-with a short warm-up. For every cell: req/s, p50, the server's CPU ms per request (its
+shared machine drifts by 20-30% over minutes. Within a cell each server runs several short
+turns (--turns, 4), the servers alternating (A B B A ...), and the cell sums them: a slow
+spell of a few seconds then falls on both sides of a ratio instead of on one (with one turn
+of about 7 s each, ours-triton/ours at /encode concurrency 1 read 0.83 to 0.96 from one
+repetition to the next). A server waiting for its turn is frozen (SIGSTOP, its whole process
+tree), so it takes no CPU from the one measured; each turn starts with a short warm-up. For every cell: req/s, p50, the server's CPU ms per request (its
 process tree, from /proc), and the ratios per repetition; medians in the table. First, every
 server answers one request each and the answers are compared (embeddings, PNG pixels)."""
 
@@ -182,7 +185,7 @@ async def drive(url: str, route: str, image: bytes, concurrency: int, total: int
     bad = [s for s in statuses if s != 200]
     if bad:
         raise SystemExit(f"{url}{route}: {len(bad)} of {total} requests failed (status {bad[0]})")
-    return {"rps": total / elapsed, "p50_ms": statistics.median(latencies) * 1e3}
+    return {"n": total, "wall_s": elapsed, "latencies_ms": [x * 1e3 for x in latencies]}
 
 
 def total_for(route: str, concurrency: int) -> int:
@@ -204,14 +207,25 @@ def sample_answers(server: Server, image: bytes) -> dict:
     return sample
 
 
-def measure_server_cell(server: Server, image: bytes, route: str, level: int) -> dict:
-    """One cell on a thawed server: a warm-up at this concurrency, then the measured run."""
+def measure_server_cell(server: Server, image: bytes, route: str, level: int, total: int) -> dict:
+    """One turn on a thawed server: a warm-up at this concurrency, then `total` measured requests."""
     asyncio.run(drive(server.url, route, image, level, max(16, 2 * level)))
-    total = total_for(route, level)
     before, client_before = server.cpu_s(), time.process_time()
     row = asyncio.run(drive(server.url, route, image, level, total))
-    row["cpu_ms"] = (server.cpu_s() - before) / total * 1e3
-    row["client_cpu_ms"] = (time.process_time() - client_before) / total * 1e3
+    row["cpu_s"] = server.cpu_s() - before
+    row["client_cpu_s"] = time.process_time() - client_before
+    return row
+
+
+def merge_turns(turns: list[dict]) -> dict:
+    """A cell's turns -> its row: requests over the turns' summed wall time, CPU per request,
+    the median of every latency."""
+    n = sum(t["n"] for t in turns)
+    row = {"rps": n / sum(t["wall_s"] for t in turns),
+           "p50_ms": statistics.median([x for t in turns for x in t["latencies_ms"]])}
+    for key in ("cpu", "client_cpu", "model_cpu"):
+        if all(f"{key}_s" in t for t in turns):
+            row[f"{key}_ms"] = sum(t[f"{key}_s"] for t in turns) / n * 1e3
     return row
 
 
@@ -251,15 +265,17 @@ class InProcess:
                 render_json({"embedding": finite_list(r.embedding.numpy().astype(np.float32), "the embedding")})
         return model_cpu
 
-    def cell(self, image: bytes, route: str, level: int) -> dict:
+    def cell(self, image: bytes, route: str, level: int, total: int) -> dict:
+        """One turn: a warm-up, then batches of `level` items, about `total` in all; the latency
+        counted is a batch's time (the whole of it, as for a request of a full batch)."""
         op = ROUTES[route]
         self._pipeline(image, op, level)  # warm-up
-        rounds = max(1, total_for(route, level) // level)
+        rounds = max(1, total // level)
         t0, c0 = time.perf_counter(), time.process_time()
         model_cpu = sum(self._pipeline(image, op, level) for _ in range(rounds))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return {"rps": rounds * level / wall, "p50_ms": wall / rounds * 1e3, "cpu_ms": cpu / (rounds * level) * 1e3,
-                "model_cpu_ms": model_cpu / (rounds * level) * 1e3}
+        return {"n": rounds * level, "wall_s": wall, "latencies_ms": [wall / rounds * 1e3] * rounds,
+                "cpu_s": cpu, "model_cpu_s": model_cpu}
 
     def stop(self) -> None:
         self.backend.stop()
@@ -289,14 +305,33 @@ def start_servers(names: list[str], image: bytes, failures: list[str]) -> tuple[
     return running, samples
 
 
-def measure_cell(name: str, runner, image: bytes, route: str, level: int) -> dict:
+def measure_turn(name: str, runner, image: bytes, route: str, level: int, total: int) -> dict:
     if name == "in-process":
-        return runner.cell(image, route, level)
+        return runner.cell(image, route, level, total)
     runner.thaw()
     try:
-        return measure_server_cell(runner, image, route, level)
+        return measure_server_cell(runner, image, route, level, total)
     finally:
         runner.freeze()
+
+
+def measure_cells(names: list[str], running: dict, image: bytes, route: str, level: int, turns: int,
+                  failures: list[str], rep: int) -> dict[str, dict]:
+    """One cell for every server: `turns` turns each, the servers alternating, in the order
+    `names` gives; a server that fails a turn is left out of the cell."""
+    total = max(level, total_for(route, level) // turns)
+    got: dict[str, list[dict]] = {name: [] for name in names}
+    for turn in range(turns):
+        for name in (names if turn % 2 == 0 else names[::-1]):
+            if got[name] is None:
+                continue
+            try:
+                got[name].append(measure_turn(name, running[name], image, route, level, total))
+            except (Exception, SystemExit) as exc:  # noqa: BLE001
+                print(f"  {name} failed on {route} c={level}: {exc}", flush=True)
+                failures.append(f"{name}, repetition {rep + 1}, {route} c={level}: {exc}")
+                got[name] = None
+    return {name: merge_turns(t) for name, t in got.items() if t}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -316,6 +351,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/peers.md"))
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--before", type=Path, help="raw figures of an earlier run, shown beside these")
+    parser.add_argument("--turns", type=int, default=4,
+                        help="turns per server and cell, the servers alternating; the cell's requests split between them")
     args = parser.parse_args()
     image = test_image()
     failures: list[str] = []
@@ -328,13 +365,9 @@ def main() -> int:
             print(f"repetition {rep + 1}/{args.reps}", flush=True)
             for c, (route, level) in enumerate(cells):
                 shift = (rep + c) % len(names)
-                for name in names[shift:] + names[:shift]:
-                    try:
-                        row = measure_cell(name, running[name], image, route, level)
-                    except (Exception, SystemExit) as exc:  # noqa: BLE001
-                        print(f"  {name} failed on {route} c={level}: {exc}", flush=True)
-                        failures.append(f"{name}, repetition {rep + 1}, {route} c={level}: {exc}")
-                        continue
+                rows = measure_cells(names[shift:] + names[:shift], running, image, route, level, args.turns,
+                                     failures, rep)
+                for name, row in rows.items():
                     runs[name][rep][(route, level)] = row
                     print(f"  {name:<11} {route:<12} c={level:<3} {row['rps']:7.2f} req/s  p50 {row['p50_ms']:7.1f} ms  "
                           f"cpu {row['cpu_ms']:6.1f} ms/req", flush=True)
@@ -343,7 +376,7 @@ def main() -> int:
             runner.stop()
     parity = {name: compare(samples["ours"], s) for name, s in samples.items() if name != "ours" and "ours" in samples}
     raw = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-           "levels": args.levels, "parity": parity, "failures": failures,
+           "levels": args.levels, "turns": args.turns, "parity": parity, "failures": failures,
            "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1) + "\n")
