@@ -70,7 +70,7 @@ bench-bulk: venv
 # This service against LitServe serving the same model (the peer is installed here, not in dev).
 bench-peers: venv
 	$(PY) -m pip install -q -e '.[peers]'
-	$(PY) benchmarks/bench_peers.py --reps 5 --servers ours litserve-1 litserve-2 in-process ours-triton \
+	$(PY) benchmarks/bench_peers.py --reps 5 --max-steal 10 --servers ours litserve-1 litserve-2 in-process ours-triton \
 		--before docs/benchmarks/peers-before.json --json docs/benchmarks/peers.json --out docs/benchmarks/peers.md
 
 # The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
