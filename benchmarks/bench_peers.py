@@ -17,9 +17,11 @@ turns (--turns, 4), the servers alternating (A B B A ...), and the cell sums the
 spell of a few seconds then falls on both sides of a ratio instead of on one (with one turn
 of about 7 s each, ours-triton/ours at /encode concurrency 1 read 0.83 to 0.96 from one
 repetition to the next). A server waiting for its turn is frozen (SIGSTOP, its whole process
-tree), so it takes no CPU from the one measured; each turn starts with a short warm-up. For every cell: req/s, p50, the server's CPU ms per request (its
-process tree, from /proc), and the ratios per repetition; medians in the table. First, every
-server answers one request each and the answers are compared (embeddings, PNG pixels)."""
+tree), so it takes no CPU from the one measured; each turn starts with a short warm-up. For
+every cell: req/s, p50, the server's CPU ms per request (its process tree, from /proc), the
+CPU the hypervisor gave other guests meanwhile, and the ratios per repetition; medians in the
+table. First, every server answers one request each and the answers are compared
+(embeddings, PNG pixels)."""
 
 from __future__ import annotations
 
@@ -86,8 +88,8 @@ def _tree(pid: int) -> dict[int, float]:
 
 def stolen_s() -> float:
     """CPU seconds the hypervisor has given to other guests since boot, all CPUs (/proc/stat's
-    steal). On the shared VMs these figures come from it took up to 40% of a turn's CPU, and
-    it is what moves a cell most: the report gives it beside the rates."""
+    steal). On the VM of docs/benchmarks/peers-avx2.md it took from 2% to 45% of a turn's CPU,
+    and moved a server's rate with it (25 down to 11 requests/s), so the report gives it."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
         return int(fields[8]) / TICK
@@ -239,7 +241,7 @@ def merge_turns(turns: list[dict]) -> dict:
     for key in ("cpu", "client_cpu", "model_cpu"):
         if all(f"{key}_s" in t for t in turns):
             row[f"{key}_ms"] = sum(t[f"{key}_s"] for t in turns) / n * 1e3
-    row["steal_pct"] = 100 * sum(t["stolen_s"] for t in turns) / (sum(t["wall_s"] for t in turns) * os.cpu_count())
+    row["steal_pct"] = steal_pct(turns)
     return row
 
 
@@ -329,8 +331,9 @@ def measure_turn(name: str, runner, image: bytes, route: str, level: int, total:
         runner.freeze()
 
 
-def turn_steal_pct(turn: dict) -> float:
-    return 100 * turn["stolen_s"] / (turn["wall_s"] * os.cpu_count())
+def steal_pct(turns: list[dict]) -> float:
+    """The share of the machine's CPU the hypervisor took while `turns` ran."""
+    return 100 * sum(t["stolen_s"] for t in turns) / (sum(t["wall_s"] for t in turns) * os.cpu_count())
 
 
 def measure_cells(names: list[str], running: dict, image: bytes, route: str, level: int, turns: int,
@@ -349,7 +352,7 @@ def measure_cells(names: list[str], running: dict, image: bytes, route: str, lev
             try:
                 for attempt in range(RETRIES + 1):
                     row = measure_turn(name, running[name], image, route, level, total)
-                    if max_steal is None or turn_steal_pct(row) <= max_steal or attempt == RETRIES:
+                    if max_steal is None or steal_pct([row]) <= max_steal or attempt == RETRIES:
                         break
                     retried[name] += 1
                 got[name].append(row)
