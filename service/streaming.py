@@ -248,7 +248,6 @@ async def tokenize(runtime: Runtime, source: VideoSource, mode: str, write: Cons
     return run
 
 
-
 # ----------------------------------------------------------------------------- /decode
 TILE_FRAMES = TEMPORAL_TILE * vid.TUBELET  # video frames one tile of tokens decodes to
 
