@@ -50,7 +50,8 @@ def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
                                       answer_timeout_s=max(settings.request_timeout_s, settings.job_timeout_s)
                                       + ANSWER_MARGIN_S)
     slots = settings.model_spec.engine_lanes if settings.lane_batches else 1
-    return lambda: ProcessBackend(settings.model_spec, slots=slots)
+    calibration: dict = {}  # the first worker's measured speed, which the workers restarted after it reuse
+    return lambda: ProcessBackend(settings.model_spec, slots=slots, calibration=calibration)
 
 
 @dataclass

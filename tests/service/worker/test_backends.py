@@ -33,7 +33,9 @@ def _cpu_s(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def backends():
-    one, two = ProcessBackend(SPEC, slots=1), ProcessBackend(SPEC, slots=2)
+    calibration: dict = {}  # as one front end's workers share it: the second reuses the first's speed
+    one, two = ProcessBackend(SPEC, slots=1, calibration=calibration), ProcessBackend(SPEC, slots=2,
+                                                                                    calibration=calibration)
     one.start()
     two.start()
     yield one, two
@@ -172,3 +174,21 @@ def test_the_speed_is_timed_on_what_is_served():
     for job in seen:
         assert job.batch.feats.dtype == torch.uint8 and job.batch.feats.shape == (1024, 768)
         assert job.pixels == (job.op == "reconstruct") and job.tubelet_width in (0, 768)
+
+
+def test_a_worker_started_after_another_reuses_its_measured_speed(backends):
+    one, two = backends
+    assert one.calibration is two.calibration and one.calibration["work"] == one.info["work"]
+    assert two.info["work"] == one.info["work"]  # timed again, the rate would differ in its last digits
+
+
+def test_given_a_measured_speed_a_worker_does_not_time_passes_again(monkeypatch):
+    from service.worker import backends as module
+    from service.worker.engine import Engine
+    from service.worker.loader import load_tokenizers
+
+    tokenizers = load_tokenizers(SPEC)
+    engine = Engine(tokenizers, 1, 1)
+    work = {"per_s": 1234.5, "decoder_pass": 1.1, "attention_crossover": 3000.0}
+    monkeypatch.setattr(module, "calibrate", lambda *a, **k: pytest.fail("timed again"))
+    assert module.ready_info(engine, tokenizers, work)["work"] == work
