@@ -138,15 +138,19 @@ def canary(engine: Engine) -> None:
 class LocalBackend:
     """The model in this process; batches run on the calling thread (the dispatcher's)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, calibration: dict | None = None):
         self.spec = spec
+        self.calibration = calibration  # as for ProcessBackend: a speed measured before is reused
         self.engine: Engine | None = None
         self.info: dict = {}
 
     def start(self) -> dict:
         tokenizers = load_tokenizers(self.spec)
         self.engine = Engine(tokenizers, self.spec.engine_lanes, self.spec.threads)
-        self.info = ready_info(self.engine, tokenizers)
+        known = self.calibration.get("work") if self.calibration is not None else None
+        self.info = ready_info(self.engine, tokenizers, known)
+        if self.calibration is not None:
+            self.calibration.setdefault("work", self.info["work"])
         return self.info
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
