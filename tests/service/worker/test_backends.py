@@ -192,3 +192,25 @@ def test_given_a_measured_speed_a_worker_does_not_time_passes_again(monkeypatch)
     work = {"per_s": 1234.5, "decoder_pass": 1.1, "attention_crossover": 3000.0}
     monkeypatch.setattr(module, "calibrate", lambda *a, **k: pytest.fail("timed again"))
     assert module.ready_info(engine, tokenizers, work)["work"] == work
+
+
+def test_passes_slower_than_the_timing_budget_are_timed_once():
+    """Where the first pass of each op already outlasts the budget (a large model, an emulated
+    dtype), those passes are the measurement: no further pairs are run."""
+    from service.worker import backends as module
+
+    class Slow:
+        def __init__(self):
+            self.ops: list[str] = []
+
+        def run(self, jobs):
+            self.ops += [j.op for j in jobs]
+            time.sleep(module.CALIBRATION_S * (0.4 if jobs[0].op == "tokenize" else 0.8))
+            return []
+
+    slow = Slow()
+    work = module.calibrate(slow, 3000.0, 0.0)
+    assert slow.ops == ["tokenize", "reconstruct"]
+    assert work["decoder_pass"] == pytest.approx(1.0, abs=0.1)  # 0.8 / 0.4 - 1
+    per_s = module.WorkPrice(3000.0)(Job(0, "tokenize", batch=pixel_patches(np.zeros((1, 512, 512, 3), np.uint8))))
+    assert work["per_s"] == pytest.approx(per_s / (0.4 * module.CALIBRATION_S), rel=0.1)
