@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PARITY_DIR ?= ../shared/parity
 
-.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload bench-long-video bench-bulk bench-peers train-default train-discrete eval clean
+.PHONY: venv chromium vendor-js screenshot run test test-slow parity bench-model bench-splat bench-service bench-overload bench-long-video bench-bulk bench-peers bench-triton train-default train-discrete eval clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ bench-peers: venv
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) benchmarks/bench_peers.py --reps 5 --max-steal 10 --servers ours litserve-1 litserve-2 in-process ours-triton \
 		--before docs/benchmarks/peers-before.json --json docs/benchmarks/peers.json --out docs/benchmarks/peers.md
+
+# Triton mode against the process worker alone: more repetitions of the cells where they differ
+# by a few percent, in the time bench-peers spends on all its servers.
+bench-triton: venv
+	$(PY) benchmarks/bench_peers.py --reps 5 --max-steal 10 --servers ours ours-triton \
+		--json docs/benchmarks/triton.json --out docs/benchmarks/triton.md
 
 # The shipped default (docs/training.md), about 40 minutes on 2 CPU cores:
 # 1. images from the PCA warm start with the context decoder (neighbour heads carrying the

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe, steal_pct, stolen_s  # noqa: E402
 from service.bulk.run import RunConfig, tokenize_dataset  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests import assets  # noqa: E402
@@ -110,13 +110,14 @@ def wait_idle(fraction: float = 0.9, limit_s: float = 30.0) -> None:
 def run_engine(src: Path, engine: str, threads: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"bulk-{engine}-"))
     try:
-        start = time.perf_counter()
+        start, stolen = time.perf_counter(), stolen_s()
         summary = tokenize_dataset(RunConfig(str(src), str(out), shard_rows=250, engine=engine, threads=threads),
                                    Settings(variant=None))
-        wall = time.perf_counter() - start
+        wall, stolen = time.perf_counter() - start, stolen_s() - stolen
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "items": summary["items"], "tokens_per_s": summary["tokens_per_s"] * summary["seconds"] / wall}
+    return {"wall_s": wall, "items": summary["items"], "tokens_per_s": summary["tokens_per_s"] * summary["seconds"] / wall,
+            "steal_pct": steal_pct(stolen, wall)}
 
 
 def run_http(files: list[Path], concurrency: int, live: ServerProcess) -> dict:
@@ -130,13 +131,13 @@ def run_http(files: list[Path], concurrency: int, live: ServerProcess) -> dict:
         assert r.status_code == 200, r.text[:200]
         return r.json()["items"][0]["num_tokens"]
 
-    start = time.perf_counter()
+    start, stolen = time.perf_counter(), stolen_s()
     with ThreadPoolExecutor(concurrency) as pool:
         tokens = sum(pool.map(one, files))
-    wall = time.perf_counter() - start
+    wall, stolen = time.perf_counter() - start, stolen_s() - stolen
     for client in clients:
         client.close()
-    return {"wall_s": wall, "items": len(files), "tokens_per_s": tokens / wall}
+    return {"wall_s": wall, "items": len(files), "tokens_per_s": tokens / wall, "steal_pct": steal_pct(stolen, wall)}
 
 
 @contextmanager
@@ -193,6 +194,8 @@ def main() -> int:
                     print(f"{path}: {runs[path][-1]}", flush=True)
             os.killpg(live.proc.pid, signal.SIGCONT)  # to stop
         results = {path: median_run(r) for path, r in runs.items()}
+        for path in paths:
+            results[path]["steal"] = [r["steal_pct"] for r in runs[path]]
         for path in paths[1:]:
             results[path]["rounds"] = [round(loc["wall_s"] / r["wall_s"], 2)
                                        for r, loc in zip(runs[path], runs["local"])]
@@ -211,7 +214,7 @@ def write(path: str, results: dict, args, threads: int) -> None:
     lines = [
         "# Bulk tokenization: local engine, Ray engine, HTTP API",
         "",
-        f"`make bench-bulk` on {platform.machine()}, {threads} cores, {time.strftime('%Y-%m-%d')}: "
+        f"`make bench-bulk` on {describe()}, {time.strftime('%Y-%m-%d')}: "
         f"{args.images} distinct {args.size}x{args.size} PNGs (crops of packaged photographs), the shipped "
         "default model on the CPU, continuous tokens. Wall time includes loading the model, and for Ray "
         "its worker processes and actor; on a fresh instance also starting and stopping Ray itself. "
@@ -236,7 +239,11 @@ def write(path: str, results: dict, args, threads: int) -> None:
     lines += ["", "local / HTTP in each round: " + ", ".join(f"{1 / x:.2f}" for x in results[http]["rounds"]) + ".",
               "The client concurrency was the fastest on a 300-image sample (items/s: "
               + ", ".join(f"{c}: {v:.1f}" for c, v in results[http]["probe"].items()) + ").",
-              "", "Goals: local at least 1.5x the HTTP path; Ray within 0.8x of local on one machine."]
+              "", "CPU stolen by the hypervisor during each run, in each round (% of the machine's CPU; other "
+              "guests' share of a virtual machine's cores, /proc/stat's steal: a run while more is stolen reads slower):",
+              ""]
+    lines += [f"- {name}: " + ", ".join(f"{x:.0f}" for x in r["steal"]) for name, r in results.items()]
+    lines += ["", "Goals: local at least 1.5x the HTTP path; Ray within 0.8x of local on one machine."]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

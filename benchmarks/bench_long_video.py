@@ -8,8 +8,6 @@ request; the clips are built before the server starts. Writes a markdown table."
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -19,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from tests import assets  # noqa: E402
 from tests.service.process_server import ServerProcess  # noqa: E402
 
@@ -96,7 +95,7 @@ def write(path: str, rows, idle, busy, state, sizes) -> None:
     lines = [
         "# Long videos: constant memory, fair sharing",
         "",
-        f"`make bench-long-video` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"`make bench-long-video` on {describe()}, "
         f"{time.strftime('%Y-%m-%d')}. The shipped default model, CPU, `POST /reconstruct` (synchronous) on "
         "720p clips at 25 fps (Big Buck Bunny's 132 frames looped, an AAC track alongside), resized to "
         "512x288 for the model, decoded, run and muxed 16 frames at a time; the output is the full 720p "

@@ -38,6 +38,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from benchmarks.loadtest import test_image  # noqa: E402
 from tests import assets  # noqa: E402
 from tests.service.process_server import ServerProcess  # noqa: E402
@@ -259,7 +260,7 @@ def main() -> None:
     lines = [
         "# Overload, fairness and faults",
         "",
-        f"`make bench-overload` on {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"`make bench-overload` on {describe()}, Python "
         f"{platform.python_version()}; model `{model.get('variant')}` ({model.get('dtype')}), process worker, "
         "default limits. Client and server share the cores; the client is a minimal asyncio HTTP/1.1 "
         "writer with keep-alive connections and the request bytes built once, at nice 19. Figures vary between runs by about 10%.",

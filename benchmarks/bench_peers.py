@@ -30,7 +30,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -48,12 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadtest import test_image  # noqa: E402
+from benchmarks.machine import TICK, describe, stolen_s  # noqa: E402
+from benchmarks.machine import steal_pct as share_stolen  # noqa: E402
 
 ROUTES = {"/encode": "embed", "/reconstruct": "reconstruct"}
 SERVERS = ("ours", "litserve-1", "litserve-2", "in-process", "ours-triton")
 DEFAULT_SERVERS = SERVERS[:4]
 RATIOS = (("ours", "litserve-1"), ("ours", "litserve-2"), ("ours", "in-process"), ("ours-triton", "ours"))
-TICK = os.sysconf("SC_CLK_TCK")
 RETRIES = 3  # measurements of a turn at most, past the first, while too much CPU is stolen
 
 
@@ -84,17 +84,6 @@ def _tree(pid: int) -> dict[int, float]:
                 members.add(child)
                 frontier.append(child)
     return {p: times[p] for p in members if p in times}
-
-
-def stolen_s() -> float:
-    """CPU seconds the hypervisor has given to other guests since boot, all CPUs (/proc/stat's
-    steal). On the VM of docs/benchmarks/peers-avx2.md it took from 2% to 45% of a turn's CPU,
-    and moved a server's rate with it (25 down to 11 requests/s), so the report gives it."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return int(fields[8]) / TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -333,7 +322,7 @@ def measure_turn(name: str, runner, image: bytes, route: str, level: int, total:
 
 def steal_pct(turns: list[dict]) -> float:
     """The share of the machine's CPU the hypervisor took while `turns` ran."""
-    return 100 * sum(t["stolen_s"] for t in turns) / (sum(t["wall_s"] for t in turns) * os.cpu_count())
+    return share_stolen(sum(t["stolen_s"] for t in turns), sum(t["wall_s"] for t in turns))
 
 
 def measure_cells(names: list[str], running: dict, image: bytes, route: str, level: int, turns: int,
@@ -407,7 +396,7 @@ def main() -> int:
         for runner in running.values():
             runner.stop()
     parity = {name: compare(samples["ours"], s) for name, s in samples.items() if name != "ours" and "ours" in samples}
-    raw = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+    raw = {"machine": describe(), "date": time.strftime("%Y-%m-%d"),
            "levels": args.levels, "turns": args.turns, "max_steal": args.max_steal, "parity": parity, "failures": failures,
            "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
     if args.json:
@@ -468,30 +457,36 @@ def _outside_table(raw: dict, before: dict | None) -> list[str]:
 
 def report(raw: dict, before: dict | None) -> str:
     names = [n for n in SERVERS if n in raw["runs"]]
+    ratios = [(a, b) for a, b in RATIOS if a in names and b in names]  # only the pairs this run measured
     reps = len(next(iter(raw["runs"].values())))
-    lines = ["# Serving the same model: this service against LitServe", "",
-             f"`make bench-peers` on {raw['machine']}, {raw['date']}; {reps} repetitions; all servers loaded, "
+    litserve = any(n.startswith("litserve") for n in names)
+    title = ("this service against LitServe" if litserve else
+             "Triton mode against the process worker" if names == ["ours", "ours-triton"] else ", ".join(names))
+    lines = [f"# Serving the same model: {title}", "",
+             f"`make {'bench-peers' if litserve else 'bench-triton'}` on {raw['machine']}, {raw['date']}; {reps} "
+             "repetitions; all servers loaded, "
              "taking turns cell by cell in rotating order (a server waiting its turn is frozen with SIGSTOP), "
              "medians (per-repetition ratios in brackets). One 256x256 PNG per request, multipart upload, "
              f"{total_for('/encode', 1)} (/encode) or {total_for('/reconstruct', 1)} (/reconstruct) requests per "
              f"cell at concurrency 1, {total_for('/encode', 8)} or {total_for('/reconstruct', 8)} at 8 and 32, "
              "after a warm-up; "
-             "same async client (aiohttp) for every server, loopback; client, server and model share the cores. "
-             "LitServe serves the same model through the same pre/post-processing code "
-             "(`benchmarks/peers/litserve_app.py`; its recommended settings: max_batch_size 32, "
-             "batch_timeout 10 ms, fast_queue). In-process: the same stages in one thread, no HTTP.", "",
+             "same async client (aiohttp) for every server, loopback; client, server and model share the cores."
+             + (" LitServe serves the same model through the same pre/post-processing code "
+                "(`benchmarks/peers/litserve_app.py`; its recommended settings: max_batch_size 32, "
+                "batch_timeout 10 ms, fast_queue)." if litserve else "")
+             + (" In-process: the same stages in one thread, no HTTP." if "in-process" in names else ""), "",
              "## Throughput (requests/s)", "",
-             "| route | conc. | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in RATIOS) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in names) + " | " + " | ".join("---" for _ in RATIOS) + " |"]
+             "| route | conc. | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in names) + " | " + " | ".join("---" for _ in ratios) + " |"]
     for route in ROUTES:
         for level in raw["levels"]:
             cell = f"{route} {level}"
             row = [_fmt(_median(raw, n, cell, "rps")) for n in names]
-            ratios = []
-            for a, b in RATIOS:
+            shown = []
+            for a, b in ratios:
                 rs = _ratios(raw, a, b, cell)
-                ratios.append(f"**{statistics.median(rs):.2f}** ({', '.join(f'{r:.2f}' for r in rs)})" if rs else "-")
-            lines.append(f"| {route} | {level} | " + " | ".join(row) + " | " + " | ".join(ratios) + " |")
+                shown.append(f"**{statistics.median(rs):.2f}** ({', '.join(f'{r:.2f}' for r in rs)})" if rs else "-")
+            lines.append(f"| {route} | {level} | " + " | ".join(row) + " | " + " | ".join(shown) + " |")
     lines += ["", "## Server CPU per request (ms, whole process tree) and p50 latency (ms)", "",
               "| route | conc. | " + " | ".join(f"{n} CPU" for n in names) + " | " + " | ".join(f"{n} p50" for n in names)
               + " |", "| --- | ---: | " + " | ".join("---:" for _ in names * 2) + " |"]
@@ -516,12 +511,14 @@ def report(raw: dict, before: dict | None) -> str:
     client = [(cell, _median(raw, "ours", cell, "client_cpu_ms")) for cell in
               (f"{route} {level}" for route in ROUTES for level in raw["levels"])]
     if all(v is not None for _, v in client):
-        lines += ["", "The client's own CPU per request, against ours (it shares the cores; in-process has none): "
+        lines += ["", "The client's own CPU per request, against ours (it shares the cores"
+                  + ("; in-process has none" if "in-process" in names else "") + "): "
                   + ", ".join(f"{cell} {v:.2f} ms" for cell, v in client) + "."]
-    lines += ["", "## CPU per request outside the forward pass (ms)", "",
-              "Server CPU per request minus the model's own CPU per item (measured in-process on the same "
-              "batches, same repetition): HTTP, decoding, hand-off to the worker, encoding the answer.", ""]
-    lines += _outside_table(raw, before)
+    if "in-process" in names:  # the model's own CPU is measured there
+        lines += ["", "## CPU per request outside the forward pass (ms)", "",
+                  "Server CPU per request minus the model's own CPU per item (measured in-process on the same "
+                  "batches, same repetition): HTTP, decoding, hand-off to the worker, encoding the answer.", ""]
+        lines += _outside_table(raw, before)
     if raw.get("failures"):
         lines += ["", "## Failed runs", ""] + [f"- {f}" for f in raw["failures"]]
     if raw.get("parity"):
