@@ -459,12 +459,13 @@ def report(raw: dict, before: dict | None) -> str:
     names = [n for n in SERVERS if n in raw["runs"]]
     ratios = [(a, b) for a, b in RATIOS if a in names and b in names]  # only the pairs this run measured
     reps = len(next(iter(raw["runs"].values())))
-    litserve = any(n.startswith("litserve") for n in names)
+    litserve, triton_pair = any(n.startswith("litserve") for n in names), names == ["ours", "ours-triton"]
     title = ("this service against LitServe" if litserve else
-             "Triton mode against the process worker" if names == ["ours", "ours-triton"] else ", ".join(names))
+             "Triton mode against the process worker" if triton_pair else ", ".join(names))
+    command = ("make bench-peers" if litserve else "make bench-triton" if triton_pair
+               else "benchmarks/bench_peers.py --servers " + " ".join(names))
     lines = [f"# Serving the same model: {title}", "",
-             f"`make {'bench-peers' if litserve else 'bench-triton'}` on {raw['machine']}, {raw['date']}; {reps} "
-             "repetitions; all servers loaded, "
+             f"`{command}` on {raw['machine']}, {raw['date']}; {reps} repetitions; all servers loaded, "
              "taking turns cell by cell in rotating order (a server waiting its turn is frozen with SIGSTOP), "
              "medians (per-repetition ratios in brackets). One 256x256 PNG per request, multipart upload, "
              f"{total_for('/encode', 1)} (/encode) or {total_for('/reconstruct', 1)} (/reconstruct) requests per "
