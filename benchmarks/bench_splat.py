@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from service.media.splat import project_gaussians, rasterize_reference, tile_intersections
-from service.media.splat.preview import pixel_intrinsics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.machine
+
+from benchmarks.machine import describe  # noqa: E402
+from service.media.splat import project_gaussians, rasterize_reference, tile_intersections  # noqa: E402
+from service.media.splat.preview import pixel_intrinsics  # noqa: E402
 
 
 def scene(n: int, size: int, device: str):
@@ -74,7 +76,7 @@ def main() -> None:
             except ImportError:
                 print("gsplat not installed: no gsplat comparison")
     lines = ["# Splat compositing benchmark", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+             f"Machine: {describe()}, torch {torch.__version__}"
              + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU") + ".",
              "Projected splats of random scenes (scales 0.003-0.013, opacity 0.1-0.9), one 40-degree view. "
              "`G gauss*px/s` = Gaussians x pixels / time / 1e9 (the figure the issue asks for); "
