@@ -200,7 +200,7 @@ def main() -> int:
             results[path]["rounds"] = [round(loc["wall_s"] / r["wall_s"], 2)
                                        for r, loc in zip(runs[path], runs["local"])]
         results[http]["probe"] = probe
-    write(args.out, results, args, threads)
+    write(args.out, results, args)
     return 0
 
 
@@ -209,7 +209,7 @@ def median_run(runs: list[dict]) -> dict:
     return dict(sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2])
 
 
-def write(path: str, results: dict, args, threads: int) -> None:
+def write(path: str, results: dict, args) -> None:
     local = results["local"]["items"] / results["local"]["wall_s"]
     lines = [
         "# Bulk tokenization: local engine, Ray engine, HTTP API",
