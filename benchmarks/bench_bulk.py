@@ -24,7 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe, steal_pct, stolen_s  # noqa: E402
+from benchmarks.machine import cpu_ticks, describe, steal_pct, stolen_s  # noqa: E402
 from service.bulk.run import RunConfig, tokenize_dataset  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests import assets  # noqa: E402
@@ -96,8 +96,8 @@ def running_ray(cpus: int):
 def wait_idle(fraction: float = 0.9, limit_s: float = 30.0) -> None:
     """Until the CPUs are idle `fraction` of a second (or limit_s passes)."""
     def idle_total() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return values[3] + values[4], sum(values)
+        ticks = cpu_ticks()
+        return ticks[3] + ticks[4], sum(ticks)
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
         i0, t0 = idle_total()

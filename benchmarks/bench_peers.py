@@ -47,8 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadtest import test_image  # noqa: E402
-from benchmarks.machine import TICK, describe, stolen_s  # noqa: E402
-from benchmarks.machine import steal_pct as share_stolen  # noqa: E402
+from benchmarks.machine import TICK, describe, steal_pct, stolen_s  # noqa: E402
 
 ROUTES = {"/encode": "embed", "/reconstruct": "reconstruct"}
 SERVERS = ("ours", "litserve-1", "litserve-2", "in-process", "ours-triton")
@@ -230,7 +229,7 @@ def merge_turns(turns: list[dict]) -> dict:
     for key in ("cpu", "client_cpu", "model_cpu"):
         if all(f"{key}_s" in t for t in turns):
             row[f"{key}_ms"] = sum(t[f"{key}_s"] for t in turns) / n * 1e3
-    row["steal_pct"] = steal_pct(turns)
+    row["steal_pct"] = turns_steal_pct(turns)
     return row
 
 
@@ -320,9 +319,9 @@ def measure_turn(name: str, runner, image: bytes, route: str, level: int, total:
         runner.freeze()
 
 
-def steal_pct(turns: list[dict]) -> float:
+def turns_steal_pct(turns: list[dict]) -> float:
     """The share of the machine's CPU the hypervisor took while `turns` ran."""
-    return share_stolen(sum(t["stolen_s"] for t in turns), sum(t["wall_s"] for t in turns))
+    return steal_pct(sum(t["stolen_s"] for t in turns), sum(t["wall_s"] for t in turns))
 
 
 def measure_cells(names: list[str], running: dict, image: bytes, route: str, level: int, turns: int,
@@ -341,7 +340,7 @@ def measure_cells(names: list[str], running: dict, image: bytes, route: str, lev
             try:
                 for attempt in range(RETRIES + 1):
                     row = measure_turn(name, running[name], image, route, level, total)
-                    if max_steal is None or steal_pct([row]) <= max_steal or attempt == RETRIES:
+                    if max_steal is None or turns_steal_pct([row]) <= max_steal or attempt == RETRIES:
                         break
                     retried[name] += 1
                 got[name].append(row)

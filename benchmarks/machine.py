@@ -15,13 +15,19 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far, all CPUs together, in clock ticks: /proc/stat's first
+    line (user, nice, system, idle, iowait, irq, softirq, steal, ...); [] where unreadable."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
 def stolen_s() -> float:
     """CPU seconds stolen since boot, all CPUs together; 0 where the kernel does not say."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return int(fields[8]) / TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    ticks = cpu_ticks()
+    return ticks[7] / TICK if len(ticks) > 7 else 0.0
 
 
 def steal_pct(stolen: float, wall_s: float) -> float:
