@@ -215,7 +215,7 @@ def decode_row(args, settings) -> int:
     row = next((r for r in read_rows(args.out) if r["key"] == args.key), None)
     if row is None:
         raise RemoteError(404, f"no row with key {args.key!r} in {args.out}")
-    backend = LocalBackend(settings.model_spec)
+    backend = LocalBackend(settings.model_spec, timed=False)
     info = backend.start()
     field = "indices" if "indices" in row else "latents"
     values = row[field].astype("float32") if field == "latents" else row[field]

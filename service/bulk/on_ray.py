@@ -93,7 +93,7 @@ class RayModel:
         from .pipeline import torch_threads
 
         torch_threads(threads)
-        self.backend = LocalBackend(spec)
+        self.backend = LocalBackend(spec, timed=False)
         self.backend.start()
         self.args = (mode, embeddings, max_batch_tokens, np.dtype(dtype))
         self.options, self.limits = options, limits

@@ -188,7 +188,7 @@ class LocalEngine:
         from ..worker.backends import LocalBackend
 
         self.settings, self.cfg, self.options, self.threads = settings, cfg, options, threads
-        self.backend = LocalBackend(settings.model_spec)
+        self.backend = LocalBackend(settings.model_spec, timed=False)
         # Decoding at a lower priority (bulk_decode_nice), reading well ahead: it fills what the
         # model's threads leave of the cores (between operations, a lane waiting for its
         # partner) rather than taking cores from them (docs/bulk.md). Nice, not idle: faster

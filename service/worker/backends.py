@@ -65,19 +65,22 @@ def describe(tokenizers: dict[str, ATokenizer]) -> dict:
     return info
 
 
-def ready_info(engine: Engine, tokenizers: dict[str, ATokenizer], work: dict | None = None) -> dict:
+def ready_info(engine: Engine, tokenizers: dict[str, ATokenizer], work: dict | None = None, timed: bool = True) -> dict:
     """A started worker's last checks: the canary round trip, then timed passes. What /info
     shows, with the speed measured (`work`, see `calibrate`). Given `work`, the speed an earlier
     worker of the same front end measured, the passes are not timed again: a worker restarted
     after a crash serves the same model on the same machine, and readiness comes back that
-    much sooner (2.3 s after a kill instead of 4.5 on an AVX2 CPU)."""
+    much sooner (2.3 s after a kill instead of 4.5 on an AVX2 CPU). Not `timed`, for a caller
+    that batches by token count and reads no speed (bulk tokenization, the CLI), there is no
+    `work`: 1.5 s less before the first input on an AVX2 CPU."""
     canary(engine)
     info = describe(tokenizers)
-    if work is None:
+    if work is None and timed:
         crossover = attention_crossover(info["encoder"])
         floor = linear_flops(info["decoder"]) / linear_flops(info["encoder"])
         work = calibrate(engine, crossover, floor) | {"attention_crossover": crossover}
-    info["work"] = work
+    if work is not None:
+        info["work"] = work
     return info
 
 
@@ -141,10 +144,11 @@ def canary(engine: Engine) -> None:
 
 
 class LocalBackend:
-    """The model in this process; batches run on the calling thread (the dispatcher's)."""
+    """The model in this process; batches run on the calling thread (the dispatcher's). `timed`:
+    whether `start` measures the speed a scheduler reads (see `ready_info`)."""
 
-    def __init__(self, spec: ModelSpec, calibration: dict | None = None):
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, calibration: dict | None = None, timed: bool = True):
+        self.spec, self.timed = spec, timed
         self.calibration = {} if calibration is None else calibration  # as for ProcessBackend
         self.engine: Engine | None = None
         self.info: dict = {}
@@ -152,8 +156,9 @@ class LocalBackend:
     def start(self) -> dict:
         tokenizers = load_tokenizers(self.spec)
         self.engine = Engine(tokenizers, self.spec.engine_lanes, self.spec.threads)
-        self.info = ready_info(self.engine, tokenizers, self.calibration.get("work"))
-        self.calibration.setdefault("work", self.info["work"])
+        self.info = ready_info(self.engine, tokenizers, self.calibration.get("work"), self.timed)
+        if "work" in self.info:
+            self.calibration.setdefault("work", self.info["work"])
         return self.info
 
     def run(self, jobs: list[Job]) -> list[JobResult]:

@@ -236,3 +236,15 @@ def test_a_bulk_run_keeps_videos_over_the_request_budget(tmp_path, monkeypatch):
     cfg = RunConfig(str(src), str(tmp_path / "out"), threads=2)
     assert tokenize_dataset(cfg, Settings(**SETTINGS, max_video_pixels=10**6))["rows"] == 1  # 413 by the API
     assert seen[0].max_video_pixels == loose.max_frames * loose.max_pixels
+
+
+def test_a_bulk_run_does_not_time_the_model(tmp_path, monkeypatch):
+    """Bulk batches are capped by token count, never by a measured speed: the timed passes a
+    server's worker makes at start (1.5 s of an AVX2 CPU) would only delay the first input."""
+    from service.worker import backends
+
+    monkeypatch.setattr(backends, "calibrate", lambda *a, **k: pytest.fail("timed"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "chelsea.png").write_bytes(assets.image("chelsea.png").read_bytes())
+    assert _run(src, tmp_path / "out")["rows"] == 1

@@ -194,6 +194,17 @@ def test_given_a_measured_speed_a_worker_does_not_time_passes_again(monkeypatch)
     assert module.ready_info(engine, tokenizers, work)["work"] == work
 
 
+def test_an_untimed_backend_starts_without_timing_passes(monkeypatch):
+    """For callers that read no speed (bulk tokenization, the CLI): the canary still runs the
+    model, no passes are timed, and no `work` is reported or shared."""
+    from service.worker import backends as module
+
+    monkeypatch.setattr(module, "calibrate", lambda *a, **k: pytest.fail("timed"))
+    backend = module.LocalBackend(SPEC, timed=False)
+    assert "work" not in backend.start() and backend.calibration == {}
+    assert backend.run(_batch(0, 1, "tokenize"))[0].error is None
+
+
 def test_passes_slower_than_the_timing_budget_are_timed_once():
     """Where the first pass of each op already outlasts the budget (a large model, an emulated
     dtype), those passes are the measurement: no further pairs are run."""
