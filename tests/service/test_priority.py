@@ -3,6 +3,7 @@ the work."""
 
 import logging
 import os
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.priority import lower_thread_priority
+from tests.conftest import ROOT
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
 
@@ -30,11 +32,33 @@ def test_only_the_calling_thread_changes():
 
     before = _own_nice()
     with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(nice_then_read).result() == max(before, 10)
+        assert pool.submit(nice_then_read).result() == min(19, before + 10)
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(idle_then_read).result() == os.SCHED_IDLE
     assert _own_nice() == before
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
+
+
+@linux_only
+def test_levels_count_from_the_main_thread_never_above_it():
+    """Ray starts its workers at nice 15: a decoding thread 10 levels below the model's is at 19
+    there, not at 10, ahead of the model. Twice over, it stays where it is (a pool thread may
+    start another, which inherits its nice)."""
+    code = """
+import os, threading
+from concurrent.futures import ThreadPoolExecutor
+from service.priority import lower_thread_priority
+from tests.conftest import ROOT
+os.nice(15)
+def twice():
+    lower_thread_priority(10)
+    lower_thread_priority(10)
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+with ThreadPoolExecutor(1) as pool:
+    print(pool.submit(twice).result())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["19"], out.stderr
 
 
 @linux_only
