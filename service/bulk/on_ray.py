@@ -97,8 +97,8 @@ class RayModel:
         self.backend.start()
         self.args = (mode, embeddings, max_batch_tokens, np.dtype(dtype))
         self.options, self.limits = options, limits
-        # Entries a task left (beyond its budget) are prepared here, a thread ahead of the model
-        # at the local engine's decoding priority, holding at most the budget decoded
+        # Inputs are built (and entries a task left, beyond its budget, decoded) here, a thread
+        # ahead of the model at the local engine's decoding priority and read-ahead bound
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="atoken-prepare",
                                        initializer=lambda: lower_thread_priority(nice))
 
@@ -114,12 +114,14 @@ class RayModel:
         return out
 
     def _prepared(self, items: list) -> Iterator:
-        if not any(isinstance(x, Entry) for x in items):
-            return iter(items)
-        from .run import READ_AHEAD_ITEMS, ReadAhead
+        """A shard's items as the model reaches them, each built into its model input in the
+        pre-processing thread, as the local engine builds them: an image's patches made on
+        the model's thread would leave its lanes idle. Entries a task left are decoded there too."""
+        from .pipeline import built
+        from .run import READ_AHEAD_BATCHES, READ_AHEAD_ITEMS, ReadAhead, held_tokens
 
         def one(x):
-            return prepare(x, self.options, self.limits) if isinstance(x, Entry) else x
+            return built(prepare(x, self.options, self.limits) if isinstance(x, Entry) else x)
 
-        return iter(ReadAhead(self.pool, one, items, window=READ_AHEAD_ITEMS, parallel=1,
-                               weight=lambda x: _held(x) if isinstance(x, Prepared) else 0, budget=PREPARE_BYTES))
+        return iter(ReadAhead(self.pool, one, items, window=READ_AHEAD_ITEMS, parallel=1, weight=held_tokens,
+                              budget=READ_AHEAD_BATCHES * self.args[2]))

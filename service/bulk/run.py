@@ -212,7 +212,7 @@ class LocalEngine:
         # One read-ahead over every shard to do, so decoding runs on across shard boundaries.
         prepared = iter(ReadAhead(self.pool, lambda e: built(prepare(e, self.options, limits)),
                                    [e for k in todo for e in shards[k]], window=READ_AHEAD_ITEMS,
-                                   parallel=self.workers, weight=_tokens,
+                                   parallel=self.workers, weight=held_tokens,
                                    budget=READ_AHEAD_BATCHES * self.cfg.batch_tokens))
         for k in todo:
             runner = ShardRunner(self.backend, self.cfg.tokens, self.cfg.embeddings, self.cfg.batch_tokens,
@@ -227,7 +227,7 @@ READ_AHEAD_BATCHES = 3
 READ_AHEAD_ITEMS = 64
 
 
-def _tokens(item) -> int:
+def held_tokens(item) -> int:
     """What a decoded input holds, in token rows: its built model input, or for a video (its
     tiles decoded later) its compressed file counted as image token rows of the same bytes
     (up to ATOKEN_MAX_UPLOAD_BYTES, 64 MB, each: the window's 64 of them must not all wait at once)."""

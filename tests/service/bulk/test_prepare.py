@@ -118,3 +118,22 @@ def test_a_bad_input_is_the_error_the_api_gives(tmp_path):
     failed = prepare(_entry(tmp_path, "notes.png", b"not a picture"), Options(), LIMITS)
     assert isinstance(failed, Failed)
     assert (failed.status, failed.code) == (415, "unsupported_media_type")
+
+
+def test_the_model_actor_hands_its_model_built_inputs_in_order(tmp_path):
+    """The actor builds each input's model input ahead of the model, as the local engine does,
+    for inputs a task decoded and for entries it left, in input order: its model thread only
+    runs passes."""
+    from service.bulk.on_ray import RayModel
+    from service.settings import Settings
+
+    names = ("chelsea.png", "coffee.png", "camera.png")
+    entries = [_entry(tmp_path, name, assets.image(name).read_bytes()) for name in names]
+    items = [prepare(entries[0], Options(), LIMITS), entries[1], prepare(entries[2], Options(), LIMITS)]
+    actor = RayModel(Settings(variant="tiny", dtype="float32").model_spec, "continuous", False, 4096, "float32",
+                     1, Options(), LIMITS, 10)
+    out = list(actor._prepared(items))
+    assert [x.key for x in out] == list(names)
+    for item, entry in zip(out, entries):
+        batch, expected = item.sources[0][1], built(prepare(entry, Options(), LIMITS)).sources[0][1]
+        assert torch.equal(batch.feats, expected.feats) and torch.equal(batch.coords, expected.coords)

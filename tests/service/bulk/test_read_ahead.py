@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from service.bulk.prepare import prepare
-from service.bulk.run import ReadAhead, _tokens
+from service.bulk.run import ReadAhead, held_tokens
 from service.bulk.sources import Entry
 from service.inputs import Options
 from service.media.limits import MediaLimits
@@ -93,4 +93,4 @@ def test_a_video_waiting_to_run_weighs_its_file(tmp_path):
     path = tmp_path / "talk.mp4"
     path.write_bytes(data)
     video = prepare(Entry("talk.mp4", str(path), size=len(data)), Options(), MediaLimits(max_side=128))
-    assert _tokens(video) == -(-len(data) // 768) > 0
+    assert held_tokens(video) == -(-len(data) // 768) > 0
