@@ -130,9 +130,11 @@ def test_the_model_actor_hands_its_model_built_inputs_in_order(tmp_path):
     names = ("chelsea.png", "coffee.png", "camera.png")
     entries = [_entry(tmp_path, name, assets.image(name).read_bytes()) for name in names]
     items = [prepare(entries[0], Options(), LIMITS), entries[1], prepare(entries[2], Options(), LIMITS)]
+    # threads=0: leaves this test process's torch threads as they are
     actor = RayModel(Settings(variant="tiny", dtype="float32").model_spec, "continuous", False, 4096, "float32",
-                     1, Options(), LIMITS, 10)
+                     0, Options(), LIMITS, 10)
     out = list(actor._prepared(items))
+    actor.pool.shutdown()
     assert [x.key for x in out] == list(names)
     for item, entry in zip(out, entries):
         batch, expected = item.sources[0][1], built(prepare(entry, Options(), LIMITS)).sources[0][1]
