@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,60 @@ def test_a_bulk_run_does_not_time_the_model(tmp_path, monkeypatch):
     src.mkdir()
     (src / "chelsea.png").write_bytes(assets.image("chelsea.png").read_bytes())
     assert _run(src, tmp_path / "out")["rows"] == 1
+
+
+def _images(folder: Path, count: int) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        Image.open(assets.image("chelsea.png")).crop((i, 0, i + 64, 64)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_the_model_computes_the_next_shard_while_a_shard_is_written(tmp_path, monkeypatch):
+    """Writing a shard (Arrow, zstd, the disk) does not hold up the model: shard 0's write is
+    made to wait until the model has started on shard 1. Written in turn on the model's own
+    thread, it would wait in vain."""
+    from service.bulk import output, pipeline
+
+    next_shard_started, waited = threading.Event(), []
+    run_shard = pipeline.ShardRunner.run
+
+    def run(self, items):
+        runs.append(self)
+        if len(runs) == 2:
+            next_shard_started.set()
+        return run_shard(self, items)
+
+    def write_shard(self, index, table, errors):
+        if index == 0:
+            waited.append(next_shard_started.wait(timeout=20))
+        write(self, index, table, errors)
+
+    runs: list = []
+    write = output.Output.write_shard
+    monkeypatch.setattr(pipeline.ShardRunner, "run", run)
+    monkeypatch.setattr(output.Output, "write_shard", write_shard)
+    out = tmp_path / "out"
+    summary = _run(_images(tmp_path / "src", 3), out, shard_rows=1)
+    assert waited == [True]
+    assert summary["rows"] == 3 and json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_a_failed_write_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    """A shard that cannot be written (a full disk) ends the run at the next shard, with that
+    error; the shards before it are whole, and no later one is written."""
+    from service.bulk import output
+
+    write = output.Output.write_shard
+
+    def write_shard(self, index, table, errors):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        write(self, index, table, errors)
+
+    monkeypatch.setattr(output.Output, "write_shard", write_shard)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        _run(_images(tmp_path / "src", 4), out, shard_rows=1)
+    assert pq.read_table(out / "part-00000.parquet").num_rows == 1
+    assert not any(out.glob("part-0000[1-3].parquet"))
