@@ -104,9 +104,10 @@ def probe_image(data: bytes, limits: MediaLimits) -> Image.Image:
 def decode_image(data: bytes, limits: MediaLimits = MediaLimits(),
                  background: tuple[int, int, int] = (255, 255, 255), at_least: int | None = None) -> np.ndarray:
     """Bytes -> uint8 [H, W, 3]: EXIF orientation applied, any mode converted to RGB,
-    alpha composited over `background`; GIFs give their first frame. `at_least`: only a copy
-    to be resized down is wanted, with both sides at least this; a JPEG larger than that is
-    decoded at libjpeg's 1/2, 1/4 or 1/8 scale (its DCT scaling), whatever keeps it so."""
+    alpha composited over `background`; an animation or a multi-page TIFF gives its first
+    frame. `at_least`: only a copy to be resized down is wanted, with both sides at least
+    this; a JPEG larger than that is decoded at libjpeg's 1/2, 1/4 or 1/8 scale (its DCT
+    scaling), whatever keeps it so."""
     return _decoded(probe_image(data, limits), background, at_least)[0]
 
 

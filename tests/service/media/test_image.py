@@ -32,6 +32,16 @@ def test_gif_first_frame_and_multipage_tiff():
     assert tif.shape == (15, 10, 3)
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_an_animation_is_read_as_its_first_frame(fmt):
+    """An animated GIF or WebP is a still: its first frame, not a video of its frames."""
+    frames = [Image.new("RGB", (32, 24), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+    buf = BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    assert sniff(buf.getvalue())[0] == "image"
+    assert (decode_image(buf.getvalue()) == np.asarray(frames[0])).all()
+
+
 def test_alpha_is_composited_on_the_background():
     rgba = np.zeros((20, 20, 4), np.uint8)
     rgba[..., 3] = 0  # fully transparent
