@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,18 @@ def test_copied_paths_exist_and_are_not_ignored(dockerfile):
         for src in sources:
             assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} does not exist"
             assert src.split("/")[0] not in ignored, f"{dockerfile.name}: COPY {src} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_package_is_installed_with_what_its_metadata_names(dockerfile):
+    """`pip install .` in the image builds from what was copied: the README and the licence
+    files pyproject names must be there (a missing licence file only warns, and the wheel
+    ships without it)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    copied = {src for op, rest in instructions(dockerfile) if op == "COPY" and "--from=" not in rest
+              for src in rest.split()[:-1]}
+    for name in [project["readme"], *project["license-files"]]:
+        assert name in copied, f"{dockerfile.name} does not copy {name}, which pyproject.toml names"
 
 
 def test_entry_point_and_healthcheck_run():
