@@ -186,10 +186,10 @@ def tokenize_dataset(cfg: RunConfig, settings: Settings | None = None) -> dict:
 class ShardWriter:
     """Shards written in order on a thread of their own while the model computes the next one:
     Arrow conversion, zstd and the disk took 0.1-0.5 s of the model's thread per 250-image
-    shard on a 2-core CPU, where a GPU computes such a shard in a fraction of that. One write
-    at a time: `put` first waits for the one before, so a run holds at most two shards' rows,
-    and a failed write stops the run at the next shard with its error. At the decoding threads'
-    priority: on a CPU it fills what the model leaves of the cores."""
+    shard on a 2-core CPU, where a GPU would compute such a shard in a fraction of that. One
+    write at a time: `put` first waits for the one before, so a run holds at most two shards'
+    rows, and a failed write stops the run at the next shard with its error. At the decoding
+    threads' priority: on a CPU it fills what the model leaves of the cores."""
 
     def __init__(self, out: Output, shards: int, table_schema, nice: int):
         self.out, self.shards, self.table_schema = out, shards, table_schema
