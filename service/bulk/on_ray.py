@@ -123,5 +123,6 @@ class RayModel:
         def one(x):
             return built(prepare(x, self.options, self.limits) if isinstance(x, Entry) else x)
 
+        _, _, max_batch_tokens, _ = self.args
         return iter(ReadAhead(self.pool, one, items, window=READ_AHEAD_ITEMS, parallel=1, weight=held_tokens,
-                              budget=READ_AHEAD_BATCHES * self.args[2]))
+                              budget=READ_AHEAD_BATCHES * max_batch_tokens))
