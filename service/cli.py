@@ -196,12 +196,21 @@ def run_dataset(args, settings) -> int:
                                       "end": args.end}.items() if v is not None}
     cfg = RunConfig(args.src, args.out, args.tokens, args.embeddings, args.shard_rows, args.dtype, options,
                     args.engine, args.threads, args.progress, batch_tokens=args.batch_tokens)
-    summary = tokenize_dataset(cfg, settings)
-    print(f"{summary['items']} inputs in {summary['seconds']:.1f} s ({summary['items_per_s']:.1f} items/s, "
-          f"{summary['tokens_per_s']:.0f} tokens/s): {summary['rows']} rows, {summary['errors']} errors"
-          + (f", {summary['skipped_shards']} finished shards skipped" if summary["skipped_shards"] else ""),
-          file=sys.stderr)
+    print(dataset_summary(tokenize_dataset(cfg, settings)), file=sys.stderr)
     return 0
+
+
+def dataset_summary(summary: dict) -> str:
+    """tokenize-dataset's closing line, e.g. '1 input in 3.9 s (...): 1 row, 0 errors'."""
+    skipped = summary["skipped_shards"]
+    return (f"{_count(summary['items'], 'input')} in {summary['seconds']:.1f} s "
+            f"({summary['items_per_s']:.1f} items/s, {summary['tokens_per_s']:.0f} tokens/s): "
+            f"{_count(summary['rows'], 'row')}, {_count(summary['errors'], 'error')}"
+            + (f", {_count(skipped, 'finished shard')} skipped" if skipped else ""))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def decode_row(args, settings) -> int:

@@ -71,3 +71,15 @@ def test_cli_follows_a_job_on_a_server(tmp_path):
         assert _frames(out) == 60 and "PSNR" in proc.stdout and "4/4" in proc.stderr
         refused = _run("encode", str(clip), "--server", live.url, tmp_path=tmp_path)
         assert refused.returncode == 2 and "error (401)" in refused.stderr
+
+
+def test_the_dataset_summary_counts_in_the_singular_and_plural():
+    from service.cli import dataset_summary
+
+    one = {"items": 1, "seconds": 3.94, "items_per_s": 0.254, "tokens_per_s": 135.2, "rows": 1, "errors": 1,
+           "skipped_shards": 1}
+    assert dataset_summary(one) == ("1 input in 3.9 s (0.3 items/s, 135 tokens/s): 1 row, 1 error, "
+                                    "1 finished shard skipped")
+    many = {**one, "items": 5, "rows": 4, "errors": 0, "skipped_shards": 0}
+    assert dataset_summary(many).endswith("): 4 rows, 0 errors")
+    assert dataset_summary({**many, "skipped_shards": 2}).endswith(", 2 finished shards skipped")
