@@ -8,7 +8,7 @@ Servers, all started once and kept loaded:
   litserve-2   the same with two inference workers
   ours-triton  (with --servers) our front end with the model in Triton Inference Server
 and the same pipeline in-process (decode, model, encode; batches of the concurrency, cut to
-the server's batch token cap). Each is sent the same 256x256 PNG as a multipart upload by the
+the server's batch token cap). Each is sent the same 256x256 PNG (--size) as a multipart upload by the
 same client, on /encode and /reconstruct at concurrency 1, 8 and 32. The servers take turns
 cell by cell (route and concurrency), in an order that rotates from cell to cell and from
 repetition to repetition, so the ratios compare runs seconds apart rather than minutes: this
@@ -367,6 +367,9 @@ def main() -> int:
     parser.add_argument("--servers", nargs="+", default=list(DEFAULT_SERVERS), choices=SERVERS)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/peers.md"))
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--size", type=int, default=256,
+                        help="side of the square PNG sent (128: a quarter of the model's work per request, "
+                             "which shows on a slow CPU what fixed costs weigh on faster hardware)")
     parser.add_argument("--before", type=Path, help="raw figures of an earlier run, shown beside these")
     parser.add_argument("--turns", type=int, default=4,
                         help="turns per server and cell, the servers alternating; the cell's requests split between them")
@@ -374,7 +377,7 @@ def main() -> int:
                         help=f"measure a turn again (up to {RETRIES} times) when the hypervisor took more than this "
                              "%% of the CPU during it")
     args = parser.parse_args()
-    image = test_image()
+    image = test_image(args.size)
     failures: list[str] = []
     running, samples = start_servers(args.servers, image, failures)
     names = [n for n in args.servers if n in running]
@@ -395,7 +398,7 @@ def main() -> int:
         for runner in running.values():
             runner.stop()
     parity = {name: compare(samples["ours"], s) for name, s in samples.items() if name != "ours" and "ours" in samples}
-    raw = {"machine": describe(), "date": time.strftime("%Y-%m-%d"),
+    raw = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "size": args.size,
            "levels": args.levels, "turns": args.turns, "max_steal": args.max_steal, "parity": parity, "failures": failures,
            "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
     if args.json:
@@ -463,10 +466,13 @@ def report(raw: dict, before: dict | None) -> str:
              "Triton mode against the process worker" if triton_pair else ", ".join(names))
     command = ("make bench-peers" if litserve else "make bench-triton" if triton_pair
                else "benchmarks/bench_peers.py --servers " + " ".join(names))
+    size = raw.get("size", 256)  # raw figures written before the option read 256
+    if size != 256:  # not what the make targets run
+        command = f"benchmarks/bench_peers.py --servers {' '.join(names)} --size {size}"
     lines = [f"# Serving the same model: {title}", "",
              f"`{command}` on {raw['machine']}, {raw['date']}; {reps} repetitions; all servers loaded, "
              "taking turns cell by cell in rotating order (a server waiting its turn is frozen with SIGSTOP), "
-             "medians (per-repetition ratios in brackets). One 256x256 PNG per request, multipart upload, "
+             f"medians (per-repetition ratios in brackets). One {size}x{size} PNG per request, multipart upload, "
              f"{total_for('/encode', 1)} (/encode) or {total_for('/reconstruct', 1)} (/reconstruct) requests per "
              f"cell at concurrency 1, {total_for('/encode', 8)} or {total_for('/reconstruct', 8)} at 8 and 32, "
              "after a warm-up; "

@@ -31,12 +31,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
 
 
-def test_image() -> bytes:
+def test_image(size: int = 256) -> bytes:
+    """A 256x256 crop of a photograph as PNG, resized to size x size."""
     from tests import assets
 
-    pixels = np.asarray(Image.open(assets.image("astronaut.png")).convert("RGB"))[128:384, 128:384]
+    picture = Image.fromarray(np.asarray(Image.open(assets.image("astronaut.png")).convert("RGB"))[128:384, 128:384])
+    if size != 256:
+        picture = picture.resize((size, size), Image.BICUBIC)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
+    picture.save(buf, "PNG")
     return buf.getvalue()
 
 
