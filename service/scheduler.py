@@ -256,6 +256,7 @@ class Scheduler:
             slots = self._inflight  # a restart makes new slots; each batch frees the one it took
             if slots is not None:
                 slots.acquire()
+                self._hold_small_batch(slots)
             batch = self._form_batch(slots.free + 1 if slots is not None and slots.share else 1)
             if not batch:
                 if slots is not None:
@@ -266,11 +267,27 @@ class Scheduler:
                 continue
             self._batch_pool.submit(self._run_batch_in_slot, self.backend, batch, slots)
 
+    def _hold_small_batch(self, slots: _Slots) -> None:
+        """Follows the queue for a remote engine that joins batches itself (Triton): once
+        `slots.hold_after` batches are on the wire (one per lane at the server, running, and
+        those waiting behind them), another goes only when a full batch is queued or one comes
+        back. Until then the remote has work and a batch sent early would be joined there
+        anyway; waiting, the jobs arriving meanwhile travel as one request instead of several,
+        and each request costs CPU on both sides of the hop (docs/performance.md)."""
+        if slots.hold_after is None:
+            return
+        with self._cond:
+            while (self._running and slots.taken - 1 >= slots.hold_after
+                   and self._queued_cost < self.config.max_batch_tokens):
+                self._cond.wait(IDLE_POLL_S)
+
     def _run_batch_in_slot(self, backend: Backend, batch: list[Pending], slots: _Slots) -> None:
         try:
             self._run_batch(batch, backend)
         finally:
             slots.release()
+            with self._cond:
+                self._cond.notify_all()  # a batch held back for this slot's return may go
 
     def _start_backend(self) -> None:
         self.ready = False
@@ -288,7 +305,8 @@ class Scheduler:
                     self._rate = rate
                     self._done_work, self._done_s = rate * 0.1, 0.1
             slots = getattr(backend, "max_inflight_batches", 1)
-            self._inflight = _Slots(slots, getattr(backend, "share_slots", False)) if slots > 1 else None
+            self._inflight = (_Slots(slots, getattr(backend, "share_slots", False), getattr(backend, "hold_after", None))
+                              if slots > 1 else None)
             if slots > 1 and self._batch_pool is None:
                 self._batch_pool = ThreadPoolExecutor(slots, thread_name_prefix="atoken-batch")
             self.backend = backend
@@ -434,13 +452,18 @@ class Scheduler:
 class _Slots:
     """Batches a backend takes at once: a slot is taken before a batch forms and freed when its
     answer comes. `share`: the backend runs its batches side by side (the process worker's
-    lanes), so free slots split what is queued between them."""
+    lanes), so free slots split what is queued between them. `hold_after`: batches on the wire
+    past which a small one waits (`Scheduler._hold_small_batch`); None: never."""
 
-    def __init__(self, n: int, share: bool):
-        self.share = share
+    def __init__(self, n: int, share: bool, hold_after: int | None = None):
+        self.share, self.hold_after, self.n = share, hold_after, n
         self._semaphore = threading.BoundedSemaphore(n)
         self._lock = threading.Lock()
         self.free = n  # after the taken ones
+
+    @property
+    def taken(self) -> int:
+        return self.n - self.free
 
     def acquire(self) -> None:
         self._semaphore.acquire()

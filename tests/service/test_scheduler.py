@@ -113,6 +113,60 @@ def test_a_burst_on_idle_lanes_is_shared_between_them():
     assert _burst(Remote2, 9) == [9]
 
 
+class Following(_Engine):
+    """A remote engine with two lanes that takes up to 8 batches, and past 3 on the wire wants
+    small batches held back (TritonBackend.hold_after); records what it was sent."""
+
+    max_inflight_batches = 8
+    hold_after = 3
+
+    def __init__(self):
+        self.sizes, self.running, self.most = [], 0, 0
+        self.lock = threading.Lock()
+
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        with self.lock:
+            self.sizes.append(len(jobs))
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return [JobResult(j.id) for j in jobs]
+
+
+def _stream(max_batch_tokens: int, jobs: int, every_s: float) -> Following:
+    """`jobs` one-job requests, one every `every_s`, all answered."""
+    engine = Following()
+    scheduler = Scheduler(lambda: engine, BatchingConfig(max_batch_tokens=max_batch_tokens, max_wait_ms=0))
+    scheduler.start()
+    assert scheduler.wait_ready(5)
+
+    async def ask() -> list:
+        async def one(k: int):
+            await asyncio.sleep(k * every_s)
+            return await scheduler.submit([Job(scheduler.next_id(), "pool")], 10)
+        return await asyncio.gather(*(one(k) for k in range(jobs)))
+
+    try:
+        assert all(r[0].error is None for r in asyncio.run(ask()))
+    finally:
+        scheduler.stop()
+    assert sum(engine.sizes) == jobs
+    return engine
+
+
+def test_small_batches_wait_while_the_remote_has_work_and_full_ones_go():
+    """Jobs arriving one at a time while the remote is busy join one request instead of taking
+    a slot each (8 would be on the wire at once, one job in each); full batches never wait."""
+    trickle = _stream(max_batch_tokens=64, jobs=60, every_s=0.004)
+    assert trickle.most <= 3
+    assert len(trickle.sizes) < 30 and max(trickle.sizes) >= 4
+    burst = _stream(max_batch_tokens=2, jobs=48, every_s=0.0005)
+    assert burst.most > 3
+    assert max(burst.sizes) <= 2
+
+
 class OneLane(Lanes):
     max_inflight_batches = 1
     sizes: list[int] = []
