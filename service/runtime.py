@@ -46,7 +46,7 @@ def default_backend_factory(settings: Settings) -> Callable[[], Backend]:
 
         return lambda: TritonBackend(settings.triton_url, settings.triton_protocol,
                                       max_inflight_batches=settings.triton_inflight_batches,
-                                      batches_ahead=settings.triton_batches_ahead,
+                                      batches_ahead=settings.triton_batches_ahead, replicas=settings.triton_replicas,
                                       shared_memory=settings.triton_shared_memory,
                                       answer_timeout_s=max(settings.request_timeout_s, settings.job_timeout_s)
                                       + ANSWER_MARGIN_S)

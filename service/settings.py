@@ -48,15 +48,17 @@ class Settings(BaseSettings):
     worker: str = Field("process", description="process | thread | triton")
     triton_url: str | None = None
     triton_protocol: Literal["http", "grpc"] = "http"
-    # Batches one front end keeps at Triton at once. No one number is best on one 2-core machine
-    # (docs/performance.md): at /encode concurrency 8, 8 gave 0.98x the process worker and 2 gave
-    # 0.77x; at concurrency 32, 8 gave 0.75x (batches of 3 jobs instead of 5) and 2 gave 0.89x.
+    # Batches one front end keeps at Triton at once, at most. No fixed number was best on one
+    # 2-core machine (docs/performance.md): few starve the dynamic batcher under light load,
+    # many cut the jobs into small requests under heavy load; the next setting follows the queue.
     triton_inflight_batches: int = Field(8, ge=1, le=64)
     # Of those, batches waiting at Triton behind one per lane of its model: past them a front
     # end sends a batch only when a full one is queued or one comes back, so under load jobs
-    # travel in fewer, larger requests (docs/performance.md). At least the in-flight count,
-    # less the lanes: every batch goes at once, as before.
+    # travel in fewer, larger requests (docs/performance.md). 64: every batch goes at once.
     triton_batches_ahead: int = Field(1, ge=0, le=64)
+    # Triton servers behind ATOKEN_TRITON_URL (a Service over several pods): a front end keeps
+    # a batch per lane and those ahead for each of them (the Helm chart sets its replica count).
+    triton_replicas: int = Field(1, ge=1, le=64)
     # Inputs through system shared memory (service/triton_shm.py): auto = when the server's
     # address is loopback and it can map our regions (else the wire); on = required; off.
     triton_shared_memory: Literal["auto", "on", "off"] = "auto"

@@ -38,17 +38,17 @@ DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np
 
 class TritonBackend:
     def __init__(self, url: str | None, protocol: str = "http", model: str = MODEL, concurrency: int = 8,
-                 max_inflight_batches: int = 8, batches_ahead: int = 1, shared_memory: str = "auto",
-                 answer_timeout_s: float = 3660.0):
+                 max_inflight_batches: int = 8, batches_ahead: int = 1, replicas: int = 1,
+                 shared_memory: str = "auto", answer_timeout_s: float = 3660.0):
         if not url:
             raise ValueError("ATOKEN_TRITON_URL is required when ATOKEN_WORKER=triton")
         self.url, self.protocol, self.model = url, protocol, model
         self.concurrency = concurrency  # extra requests of one batch on the wire at once
         self.max_inflight_batches = max_inflight_batches
-        # Batches kept waiting at the server behind those its lanes run; past them a small
-        # batch waits for a full one or a return (Scheduler._hold_small_batch), set at start
-        # from the server's lanes.
-        self.batches_ahead = batches_ahead
+        # Batches kept waiting at each server (`replicas` behind the URL) behind those its lanes
+        # run; past them a small batch waits for a full one or a return
+        # (Scheduler._hold_small_batch): `hold_after`, set at start from the server's lanes.
+        self.batches_ahead, self.replicas = batches_ahead, replicas
         self.hold_after: int | None = None
         if shared_memory not in ("auto", "on", "off"):
             raise ValueError(f"shared_memory must be auto, on or off, not {shared_memory!r}")
@@ -83,7 +83,7 @@ class TritonBackend:
         self.info = unpack_json(out["ERROR"])["info"]
         inputs = "shared memory" if self.regions else "the wire"
         self.info["backend"] = f"triton ({self.protocol}://{self.url}, inputs through {inputs})"
-        hold_after = max(1, int(self.info.get("lanes", 1))) + self.batches_ahead
+        hold_after = self.replicas * (max(1, int(self.info.get("lanes", 1))) + self.batches_ahead)
         self.hold_after = hold_after if hold_after < self.max_inflight_batches else None
         return self.info
 

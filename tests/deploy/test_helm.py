@@ -30,7 +30,7 @@ VALUE_SETS = {
         "service": {"sessionAffinity": "ClientIP"},
     },
     "triton-grpc-init": {
-        "triton": {"enabled": True, "protocol": "grpc"},
+        "triton": {"enabled": True, "protocol": "grpc", "replicaCount": 3},
         "checkpoint": {"source": "init", "file": "model.safetensors",
                        "init": {"command": ["sh", "-c", "cp /seed/model.safetensors /models/"]}},
         "apiKeys": {"existingSecret": "team-keys"},
@@ -133,6 +133,8 @@ def test_triton_beside_the_front_end():
     docs = render(VALUE_SETS["triton-grpc-init"])
     cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert cm["ATOKEN_WORKER"] == "triton" and cm["ATOKEN_TRITON_URL"] == "rel-atoken-triton:8001"
+    # the front ends keep batches on the wire for every Triton pod behind the Service
+    assert cm["ATOKEN_TRITON_REPLICAS"] == "3" and _deployment(docs, "-triton")["spec"]["replicas"] == 3
     triton = _deployment(docs, "-triton")["spec"]["template"]["spec"]["containers"][0]
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert not any(d["kind"] == "Secret" for d in docs)  # existingSecret is referenced, not created

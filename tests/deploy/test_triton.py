@@ -233,8 +233,13 @@ def _many_batches_at_once_each_get_their_own_answers(url: str, lanes: int, repea
     local.start()
     remote = TritonBackend(url, max_inflight_batches=6)
     assert remote.start()["lanes"] == lanes
-    # past one batch a lane and one waiting, small batches wait (Scheduler._hold_small_batch)
+    # past one batch a lane and one waiting, small batches wait (Scheduler._hold_small_batch);
+    # for each server behind the address
     assert remote.hold_after == (lanes + 1 if lanes + 1 < 6 else None)
+    two = TritonBackend(url, max_inflight_batches=64, replicas=2)
+    two.start()
+    two.stop()
+    assert two.hold_after == 2 * (lanes + 1)
     items = _items()[:2]
     batches = [[Job(10 * b + k, op, batch=items[(b + k) % 2].batch) for k in range(1 + b % 3)]
                for b, op in enumerate(["embed", "reconstruct", "tokenize"] * repeat)]
