@@ -376,7 +376,14 @@ def main() -> int:
     parser.add_argument("--max-steal", type=float, default=None,
                         help=f"measure a turn again (up to {RETRIES} times) when the hypervisor took more than this "
                              "%% of the CPU during it")
+    parser.add_argument("--report", type=Path, metavar="RAW_JSON",
+                        help="measure nothing: write --out from the raw figures of an earlier run (its --json)")
     args = parser.parse_args()
+    before = json.loads(args.before.read_text()) if args.before else None
+    if args.report:
+        args.out.write_text(report(json.loads(args.report.read_text()), before))
+        print(f"wrote {args.out}")
+        return 0
     image = test_image(args.size)
     failures: list[str] = []
     running, samples = start_servers(args.servers, image, failures)
@@ -403,7 +410,6 @@ def main() -> int:
            "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1) + "\n")
-    before = json.loads(args.before.read_text()) if args.before else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(raw, before))
     print(f"wrote {args.out}")
@@ -534,16 +540,18 @@ def report(raw: dict, before: dict | None) -> str:
                          f"reconstruction PNG bytes {'identical' if p['png_bytes_equal'] else 'differ'} "
                          f"(max pixel difference {p['png_max_pixel_diff']}).")
     if before:
+        # The server the work changed, and the ratio that judges it.
+        a, b = ("ours-triton", "ours") if triton_pair else ("ours", "litserve-1")
         lines += ["", f"## Before this work ({before['date']}, same bench)", "",
-                  "| route | conc. | ours req/s before | after | ours CPU ms/req before | after | "
-                  "ours / litserve-1 before | after |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+                  f"| route | conc. | {a} req/s before | after | {a} CPU ms/req before | after | "
+                  f"{a} / {b} before | after |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for route in ROUTES:
             for level in raw["levels"]:
                 cell = f"{route} {level}"
-                rb, ra = _ratios(before, "ours", "litserve-1", cell), _ratios(raw, "ours", "litserve-1", cell)
-                lines.append(f"| {route} | {level} | {_fmt(_median(before, 'ours', cell, 'rps'))} | "
-                             f"{_fmt(_median(raw, 'ours', cell, 'rps'))} | {_fmt(_median(before, 'ours', cell, 'cpu_ms'), '.1f')} | "
-                             f"{_fmt(_median(raw, 'ours', cell, 'cpu_ms'), '.1f')} | "
+                rb, ra = _ratios(before, a, b, cell), _ratios(raw, a, b, cell)
+                lines.append(f"| {route} | {level} | {_fmt(_median(before, a, cell, 'rps'))} | "
+                             f"{_fmt(_median(raw, a, cell, 'rps'))} | {_fmt(_median(before, a, cell, 'cpu_ms'), '.1f')} | "
+                             f"{_fmt(_median(raw, a, cell, 'cpu_ms'), '.1f')} | "
                              f"{_fmt(statistics.median(rb) if rb else None)} | {_fmt(statistics.median(ra) if ra else None)} |")
     return "\n".join(lines) + "\n"
 
