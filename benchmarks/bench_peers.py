@@ -8,8 +8,9 @@ Servers, all started once and kept loaded:
   litserve-2   the same with two inference workers
   ours-triton  (with --servers) our front end with the model in Triton Inference Server
 and the same pipeline in-process (decode, model, encode; batches of the concurrency, cut to
-the server's batch token cap). Each is sent the same 256x256 PNG (--size) as a multipart upload by the
-same client, on /encode and /reconstruct at concurrency 1, 8 and 32. The servers take turns
+the server's batch token cap). Each is sent the same 256x256 PNG (--size) as a multipart
+upload by the same client, on /encode and /reconstruct at concurrency 1, 8 and 32
+(--levels); --report writes a report from an earlier run's raw figures. The servers take turns
 cell by cell (route and concurrency), in an order that rotates from cell to cell and from
 repetition to repetition, so the ratios compare runs seconds apart rather than minutes: this
 shared machine drifts by 20-30% over minutes. Within a cell each server runs several short
@@ -360,6 +361,14 @@ def compare(a: dict, b: dict) -> dict:
             "png_max_pixel_diff": int(np.abs(png_a - png_b).max())}
 
 
+def _side(text: str) -> int:
+    """--size: a whole number of 16-pixel patches the server takes uncropped, 16 to 4096."""
+    side = int(text)
+    if not 16 <= side <= 4096 or side % 16:
+        raise argparse.ArgumentTypeError(f"{side} is not a multiple of 16 from 16 to 4096")
+    return side
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -367,7 +376,7 @@ def main() -> int:
     parser.add_argument("--servers", nargs="+", default=list(DEFAULT_SERVERS), choices=SERVERS)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/peers.md"))
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    parser.add_argument("--size", type=int, default=256,
+    parser.add_argument("--size", type=_side, default=256,
                         help="side of the square PNG sent (128: a quarter of the model's work per request, "
                              "which shows on a slow CPU what fixed costs weigh on faster hardware)")
     parser.add_argument("--before", type=Path, help="raw figures of an earlier run, shown beside these")
