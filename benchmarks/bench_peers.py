@@ -362,10 +362,13 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def _side(text: str) -> int:
-    """--size: a whole number of 16-pixel patches the server takes uncropped, 16 to 4096."""
-    side = int(text)
-    if not 16 <= side <= 4096 or side % 16:
-        raise argparse.ArgumentTypeError(f"{side} is not a multiple of 16 from 16 to 4096")
+    """--size: a whole number of 16-pixel patches, within the side the servers take (ATOKEN_MAX_SIDE,
+    read from this environment, which they inherit): larger, every request would be refused."""
+    from service.settings import Settings
+
+    side, most = int(text), Settings().max_side
+    if not 16 <= side <= most or side % 16:
+        raise argparse.ArgumentTypeError(f"{side} is not a multiple of 16 from 16 to {most} (ATOKEN_MAX_SIDE)")
     return side
 
 
@@ -389,10 +392,17 @@ def main() -> int:
                         help="measure nothing: write --out from the raw figures of an earlier run (its --json)")
     args = parser.parse_args()
     before = json.loads(args.before.read_text()) if args.before else None
-    if args.report:
-        args.out.write_text(report(json.loads(args.report.read_text()), before))
-        print(f"wrote {args.out}")
-        return 0
+    raw = json.loads(args.report.read_text()) if args.report else measure(args)
+    if args.json and not args.report:
+        args.json.write_text(json.dumps(raw, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(raw, before))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every server in every cell, `args.reps` times: the raw figures."""
     image = test_image(args.size)
     failures: list[str] = []
     running, samples = start_servers(args.servers, image, failures)
@@ -414,15 +424,9 @@ def main() -> int:
         for runner in running.values():
             runner.stop()
     parity = {name: compare(samples["ours"], s) for name, s in samples.items() if name != "ours" and "ours" in samples}
-    raw = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "size": args.size,
-           "levels": args.levels, "turns": args.turns, "max_steal": args.max_steal, "parity": parity, "failures": failures,
-           "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
-    if args.json:
-        args.json.write_text(json.dumps(raw, indent=1) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(raw, before))
-    print(f"wrote {args.out}")
-    return 0
+    return {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "size": args.size,
+            "levels": args.levels, "turns": args.turns, "max_steal": args.max_steal, "parity": parity, "failures": failures,
+            "runs": {n: [{f"{r} {lv}": v for (r, lv), v in per_rep.items()} for per_rep in rs] for n, rs in runs.items()}}
 
 
 def _median(raw: dict, name: str, cell: str, key: str) -> float | None:
