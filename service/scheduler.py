@@ -286,8 +286,9 @@ class Scheduler:
             self._run_batch(batch, backend)
         finally:
             slots.release()
-            with self._cond:
-                self._cond.notify_all()  # a batch held back for this slot's return may go
+            if slots.hold_after is not None:
+                with self._cond:
+                    self._cond.notify_all()  # a batch held back for this slot's return may go
 
     def _start_backend(self) -> None:
         self.ready = False
